@@ -1,0 +1,154 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef SMTPMUX_CONFIG_H
+#define SMTPMUX_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+/*
+ * The configuration as the rest of smtpmux sees it: loaded from YAML with a
+ * libcyaml schema, then validated and completed (defaults, parsed
+ * addresses, loaded selectors) by config_load(). Nothing outside config.c
+ * knows the YAML layout. A struct config is immutable once loaded; reload
+ * builds a new one and drops the old one when no session uses it.
+ *
+ * Every key is documented in man/smtpmux.yaml.5; t/check_config.c fails when
+ * a schema key is missing there.
+ */
+
+enum tls_mode {
+	TLS_MODE_NONE = 0,
+	TLS_MODE_STARTTLS,
+	TLS_MODE_IMPLICIT
+};
+
+struct tls_server_ctx;
+struct tls_client_ctx;
+struct selector_inst;
+struct health_rec;
+struct health_user;
+
+/* One listening address. `listen:` entries are strings:
+ *   "HOST:PORT [tls=none|starttls|implicit] [require_tls]"
+ * with "[v6addr]:PORT" for IPv6. Default tls: implicit on port 465 and
+ * starttls elsewhere when `tls:` has a certificate, none otherwise. */
+struct listen_cfg {
+	char *text;                      /* as written, for logs */
+	char *host;
+	char *port;
+	struct sockaddr_storage ss;      /* resolved numerically at load */
+	socklen_t sslen;
+	enum tls_mode tls;
+	bool require_tls;
+};
+
+/* `limits:` */
+struct limits_cfg {
+	uint64_t max_message_size;       /* octets; default 26214400 (SIZE) */
+	unsigned max_recipients;         /* default 100 */
+	unsigned max_errors;             /* bad commands before 421; default 10 */
+	unsigned max_sessions;           /* per worker; default 1000 */
+	unsigned command_timeout;        /* s, waiting for a command; default 300 */
+	unsigned data_timeout;           /* s, between DATA chunks; default 300 */
+	uint64_t memory_threshold;       /* octets kept in memory before a temp file; default 1048576 */
+	unsigned upstream_connect_timeout;  /* s; default 30 */
+	unsigned upstream_timeout;       /* s, per downstream reply; default 300 */
+	unsigned upstream_data_timeout;  /* s, for the reply to the final dot; default 600 */
+	unsigned shutdown_timeout;       /* s, grace for sessions at stop/reload; default 60 */
+};
+
+/* `tls:` (inbound certificate and GnuTLS priority string) */
+struct tls_cfg {
+	char *cert;                      /* PEM file, NULL: no inbound TLS */
+	char *key;
+	char *priority;                  /* default "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2" */
+	struct tls_server_ctx *server;   /* built at load; NULL without cert */
+};
+
+/* `health:` (circuit breaker and throttling defaults) */
+struct health_cfg {
+	unsigned fail_threshold;         /* consecutive failures to open; default 3 */
+	unsigned cooldown;               /* s, first open period; default 30 */
+	unsigned max_cooldown;           /* s, doubling stops here; default 600 */
+	unsigned throttle_backoff;       /* s, after a rate-limit reply; default 60 */
+};
+
+struct downstream_cfg {
+	char *name;                      /* `name:`, default: addr */
+	char *addr;                      /* "host:port" as written */
+	char *host;
+	char *port;
+	char *user;                      /* NULL or "": no AUTH */
+	char *pass;
+	enum tls_mode tls;               /* default: implicit on 465, else starttls */
+	bool tls_explicit;               /* `tls:` was written in the config */
+	char *tls_ca;                    /* PEM bundle; NULL: system trust store */
+	bool tls_verify;                 /* default true */
+	struct tls_client_ctx *tls_client;  /* built at load */
+	unsigned weight;                 /* default 1 */
+	unsigned max_per_minute;         /* 0: unlimited */
+	unsigned max_per_hour;
+	unsigned max_per_day;
+	unsigned probe_interval;         /* s; 0: no active probe */
+	struct health_rec *health;       /* shared record, bound by health_bind() */
+};
+
+struct selector_param_cfg {
+	char *key;
+	char *value;
+};
+
+struct user_cfg {
+	char *email;
+	char *password;
+	char *selector_path;             /* `selector.path` or legacy `selector_algo_path` */
+	char *selector_resolved;         /* the file actually loaded */
+	struct selector_param_cfg *params;
+	size_t n_params;
+	struct selector_inst *selector;  /* loaded and initialised at load */
+	struct downstream_cfg *downstreams;
+	size_t n_downstreams;
+	struct health_user *health;      /* shared per-user record (sequence) */
+};
+
+struct config {
+	char *path;                      /* the file it was loaded from */
+	char *dir;                       /* its folder: base of relative paths */
+	struct listen_cfg *listen;       /* default: one entry, 127.0.0.1:1020 */
+	size_t n_listen;
+	unsigned workers;                /* default: number of online CPUs */
+	char *hostname;                  /* default: gethostname() */
+	bool allow_insecure_auth;        /* also set by env USE_INSECURE_AUTH=true */
+	char *run_user;                  /* `user:`, default "smtpmux" (used only as root) */
+	char *run_group;                 /* `group:`, default: the user's primary group */
+	bool run_as_root;                /* `run_as_root:`, default false */
+	char *tmp_dir;                   /* big message bodies; default $TMPDIR or /tmp */
+	char *log_file;                  /* NULL: syslog (or stderr with -f) */
+	char *status_listen;             /* "127.0.0.1:PORT" Prometheus endpoint; NULL: off */
+	struct limits_cfg limits;
+	struct tls_cfg tls;
+	struct health_cfg health;
+	struct user_cfg *users;
+	size_t n_users;
+	void *priv;                      /* config.c's own (libcyaml tree etc.) */
+};
+
+/*
+ * Loads, validates and completes a configuration. On error returns NULL and
+ * writes one line to err: "FILE:LINE: KEY: what is wrong", e.g.
+ *   "/etc/smtpmux/smtpmux.yaml:12: users[0].downstreams[1].addr: missing port"
+ * Loads the selectors and TLS credentials too, so a config that loads is
+ * one that can run.
+ */
+struct config *config_load(const char *path, char *err, size_t errlen);
+void config_free(struct config *cfg);
+
+/* Finds a user by `email`, case-insensitively; NULL when unknown. */
+const struct user_cfg *config_find_user(const struct config *cfg, const char *email);
+
+/* Default config file: SYSCONFDIR "/smtpmux/smtpmux.yaml". */
+const char *config_default_path(void);
+
+#endif

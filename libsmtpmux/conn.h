@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef SMTPMUX_CONN_H
+#define SMTPMUX_CONN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+
+#include "tls.h"
+
+/*
+ * One non-blocking connection: a socket, its read/write events, an input
+ * and an output evbuffer, and optionally a GnuTLS session. The SMTP code
+ * reads conn_input() and appends to conn_output() and never knows whether
+ * the bytes are encrypted.
+ *
+ * Callbacks run from the event loop. After on_error the connection is
+ * dead: the owner must conn_free() it (possibly from inside the callback).
+ * conn_free() from inside any callback is allowed.
+ */
+
+enum conn_event {
+	CONN_EOF,             /* peer closed */
+	CONN_TIMEOUT,         /* no input (or connect) within the timeout */
+	CONN_IO_ERROR,        /* read/write/connect failed; detail has strerror */
+	CONN_TLS_ERROR        /* handshake, verification or record error */
+};
+
+struct conn;
+
+struct conn_cbs {
+	void (*on_read)(struct conn *, void *arg);       /* new bytes in conn_input() */
+	void (*on_flushed)(struct conn *, void *arg);    /* conn_output() fully written; may be NULL */
+	void (*on_connected)(struct conn *, void *arg);  /* outbound connect done; may be NULL */
+	void (*on_tls_ready)(struct conn *, void *arg);  /* handshake (and verification) done */
+	void (*on_error)(struct conn *, void *arg, enum conn_event ev, const char *detail);
+};
+
+/* Wraps an accepted, connected socket (made non-blocking here). */
+struct conn *conn_new(struct event_base *base, int fd,
+    const struct conn_cbs *cbs, void *arg);
+
+/* Starts a non-blocking connect; on_connected or on_error follows. */
+struct conn *conn_connect(struct event_base *base, const struct sockaddr *sa,
+    socklen_t salen, unsigned timeout_ms, const struct conn_cbs *cbs, void *arg);
+
+void conn_free(struct conn *);
+
+/* Changes the callback argument (e.g. when ownership moves). */
+void conn_set_cbs(struct conn *, const struct conn_cbs *cbs, void *arg);
+
+/* Read timeout: on_error(CONN_TIMEOUT) after ms without input; 0 disables. */
+void conn_set_timeout(struct conn *, unsigned ms);
+
+struct evbuffer *conn_input(struct conn *);
+struct evbuffer *conn_output(struct conn *);
+
+/* Writes whatever is in conn_output(); call after appending to it. */
+void conn_flush(struct conn *);
+int conn_printf(struct conn *, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Stops / restarts reading from the peer (back-pressure). */
+void conn_pause_read(struct conn *);
+void conn_resume_read(struct conn *);
+
+/* Bytes already written to conn_output() but not yet sent. */
+size_t conn_pending_output(struct conn *);
+
+/*
+ * Starts a TLS handshake as server. Whatever is in conn_input() was sent
+ * before the handshake and is discarded (CVE-2011-0411); so is anything
+ * read later that precedes the ClientHello. Call once the 220 reply to
+ * STARTTLS is flushed (on_flushed), or right away for implicit TLS.
+ */
+int conn_start_tls_server(struct conn *, struct tls_server_ctx *);
+
+/*
+ * Starts a TLS handshake as client: sends SNI for servername (unless it is
+ * an IP literal), verifies the certificate against it per the context, and
+ * resumes a previous session with the same context when possible.
+ * conn_input() is discarded (response injection).
+ */
+int conn_start_tls_client(struct conn *, struct tls_client_ctx *, const char *servername);
+
+bool conn_is_tls(const struct conn *);
+/* "TLSv1.3 cipher=AES-256-GCM" or "" for logs; resumed sessions say so. */
+const char *conn_tls_desc(const struct conn *);
+
+/* Peer address as text ("127.0.0.1"), empty if unknown. */
+const char *conn_peer(const struct conn *);
+
+#endif

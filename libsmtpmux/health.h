@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef SMTPMUX_HEALTH_H
+#define SMTPMUX_HEALTH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include <smtpmux/selector.h>
+
+#include "config.h"
+
+/*
+ * Per-downstream health, counters and quotas shared by all processes.
+ *
+ * The master maps one anonymous shared segment before it forks anything;
+ * workers and the prober inherit it. Records are fixed-size, cache-line
+ * aligned, and updated only with C11 atomics, so a worker killed at any
+ * instruction leaves no lock held. A record is keyed by the downstream's
+ * identity (addr + user), so two users relaying through the same provider
+ * account share one record, and a reload finds its records again by key.
+ * In-flight counts are kept per worker slot so the master can drop the
+ * counts of a worker that died (health_worker_gone).
+ *
+ * The layout is documented in doc/design.md; HEALTH_LAYOUT_VERSION changes
+ * whenever it does.
+ */
+
+#define HEALTH_LAYOUT_VERSION 1
+#define HEALTH_MAX_DOWNSTREAMS 1024
+#define HEALTH_MAX_USERS 1024
+#define HEALTH_MAX_WORKER_SLOTS 128
+
+struct health;                       /* the mapped segment */
+struct health_rec;                   /* one downstream */
+struct health_user;                  /* one user: the shared message sequence */
+
+enum health_outcome {
+	HEALTH_OK,                       /* the downstream accepted the message */
+	HEALTH_FAIL,                     /* connect/TLS/protocol failure or 4xx/5xx */
+	HEALTH_THROTTLED                 /* a rate-limit / quota reply (smtp_reply_is_throttle) */
+};
+
+/* Master, before forking: maps the segment. NULL on failure (errno). */
+struct health *health_create(void);
+void health_destroy(struct health *);
+
+/*
+ * Master, for each configuration it loads: points every downstream_cfg
+ * ->health and user_cfg->health at its record, creating records for new
+ * keys and keeping the counters of known ones. Returns 0, or -1 with a
+ * message in err when the segment is full.
+ */
+int health_bind(struct health *, struct config *cfg, char *err, size_t errlen);
+
+/* The user's next message number; shared by all workers. */
+uint64_t health_user_next(struct health_user *);
+
+/*
+ * Fills a selector view of a downstream at time now (state, counters,
+ * remaining quota, availability). A circuit whose cooldown has passed shows
+ * as half-open.
+ */
+void health_view(const struct health_rec *, const struct downstream_cfg *,
+    const struct health_cfg *, time_t now, struct smtpmux_downstream_view *out);
+
+/*
+ * Before a delivery attempt: reserves one message in every quota window of
+ * the downstream and counts the attempt in flight for worker_slot. Returns
+ * false (reserving nothing) when any window is full: the downstream is then
+ * skipped for this message. Exact under concurrency: no window ever grants
+ * more than its limit.
+ */
+bool health_begin(struct health_rec *, const struct downstream_cfg *,
+    unsigned worker_slot, time_t now);
+
+/*
+ * After the attempt: updates counters, latency, the circuit breaker (open
+ * after fail_threshold consecutive failures for cooldown seconds, doubling
+ * up to max_cooldown while trial messages keep failing; closed by a
+ * success) or the throttle backoff, records the error text, and ends the
+ * in-flight count. A failed attempt gives its quota reservation back.
+ */
+void health_end(struct health_rec *, const struct downstream_cfg *,
+    const struct health_cfg *, unsigned worker_slot, time_t now,
+    enum health_outcome outcome, unsigned latency_ms, const char *error);
+
+/* Master: a worker died; forget its in-flight counts. */
+void health_worker_gone(struct health *, unsigned worker_slot);
+
+/* For status output: iterate over the records in use. */
+size_t health_count(const struct health *);
+struct health_snapshot {
+	char key[160];                   /* "addr user" */
+	char name[64];
+	struct smtpmux_downstream_view view;
+	char last_error[160];
+	time_t last_error_time;
+	uint32_t sent_minute, sent_hour, sent_day;
+	uint32_t limit_minute, limit_hour, limit_day;
+};
+int health_snapshot(const struct health *, size_t index, const struct health_cfg *,
+    time_t now, struct health_snapshot *out);
+
+#endif

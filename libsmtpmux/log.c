@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "log.h"
+
+/*
+ * Logging is process-wide by nature (syslog itself is), so its small state
+ * lives here rather than in every context struct.
+ */
+static struct {
+	enum log_target target;
+	enum log_level level;
+	char ident[32];
+	char role[32];
+	char *file;
+	FILE *fp;
+} log_state = { LOG_TO_STDERR, LOG_LEVEL_INFO, "smtpmuxd", "", NULL, NULL };
+
+int
+log_open(const char *ident, enum log_target target, const char *file)
+{
+	snprintf(log_state.ident, sizeof(log_state.ident), "%s", ident);
+	log_state.target = target;
+	if (target == LOG_TO_SYSLOG)
+		openlog(log_state.ident, LOG_PID | LOG_NDELAY, LOG_MAIL);
+	if (target == LOG_TO_FILE) {
+		free(log_state.file);
+		log_state.file = strdup(file);
+		if (log_state.file == NULL)
+			return -1;
+		return log_reopen();
+	}
+	return 0;
+}
+
+int
+log_reopen(void)
+{
+	FILE *fp;
+
+	if (log_state.target != LOG_TO_FILE)
+		return 0;
+	fp = fopen(log_state.file, "a");
+	if (fp == NULL)
+		return -1;
+	setvbuf(fp, NULL, _IOLBF, 0);
+	if (log_state.fp != NULL)
+		fclose(log_state.fp);
+	log_state.fp = fp;
+	return 0;
+}
+
+void
+log_set_level(enum log_level level)
+{
+	log_state.level = level;
+}
+
+enum log_level
+log_get_level(void)
+{
+	return log_state.level;
+}
+
+void
+log_set_role(const char *role)
+{
+	snprintf(log_state.role, sizeof(log_state.role), "%s", role);
+}
+
+void
+log_close(void)
+{
+	if (log_state.target == LOG_TO_SYSLOG)
+		closelog();
+	if (log_state.fp != NULL)
+		fclose(log_state.fp);
+	log_state.fp = NULL;
+	free(log_state.file);
+	log_state.file = NULL;
+}
+
+static void
+log_vwrite(enum log_level level, const char *fmt, va_list ap)
+{
+	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
+	static const char *const tag[] = { "error: ", "warning: ", "", "debug: " };
+	char msg[2048];
+	char stamp[32];
+	struct timespec ts;
+	struct tm tm;
+	FILE *out;
+	int saved = errno;
+
+	if (level > log_state.level)
+		return;
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	if (log_state.target == LOG_TO_SYSLOG) {
+		syslog(prio[level], "%s%s%s%s", log_state.role,
+		    log_state.role[0] ? ": " : "", tag[level], msg);
+		errno = saved;
+		return;
+	}
+	out = log_state.target == LOG_TO_FILE && log_state.fp ? log_state.fp : stderr;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	localtime_r(&ts.tv_sec, &tm);
+	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
+	fprintf(out, "%s.%03ld %s[%ld]: %s%s%s%s\n", stamp, ts.tv_nsec / 1000000L,
+	    log_state.ident, (long)getpid(), log_state.role,
+	    log_state.role[0] ? ": " : "", tag[level], msg);
+	errno = saved;
+}
+
+#define LOG_FN(name, level)                                    \
+	void name(const char *fmt, ...)                        \
+	{                                                      \
+		va_list ap;                                    \
+		va_start(ap, fmt);                             \
+		log_vwrite(level, fmt, ap);                    \
+		va_end(ap);                                    \
+	}
+LOG_FN(log_err, LOG_LEVEL_ERR)
+LOG_FN(log_warn, LOG_LEVEL_WARN)
+LOG_FN(log_info, LOG_LEVEL_INFO)
+LOG_FN(log_debug, LOG_LEVEL_DEBUG)
+
+static void
+log_libevent_cb(int severity, const char *msg)
+{
+	if (severity >= EVENT_LOG_WARN)
+		log_warn("libevent: %s", msg);
+	else
+		log_debug("libevent: %s", msg);
+}
+
+void
+log_hook_libevent(void)
+{
+	event_set_log_callback(log_libevent_cb);
+}
+
+const char *
+log_sanitize(char *dst, size_t dstlen, const char *src, size_t srclen)
+{
+	size_t i;
+
+	if (dstlen == 0)
+		return dst;
+	for (i = 0; i < srclen && i + 1 < dstlen; i++) {
+		unsigned char c = (unsigned char)src[i];
+		dst[i] = (c < 0x20 || c >= 0x7f) ? '?' : (char)c;
+	}
+	dst[i] = '\0';
+	return dst;
+}

@@ -1,0 +1,3 @@
+/* SPDX-License-Identifier: MIT */
+/* STUB: to be written */
+typedef int stub_relay;

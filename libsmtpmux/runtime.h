@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef SMTPMUX_RUNTIME_H
+#define SMTPMUX_RUNTIME_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include <event2/dns.h>
+#include <event2/event.h>
+
+struct config;
+struct health;
+
+/*
+ * What a worker's sessions and deliveries share: its event loop, its DNS
+ * resolver, the configuration it serves and the shared health segment.
+ * Owned by the worker context (smtpmuxd/worker.c); the tests build their
+ * own.
+ */
+struct runtime {
+	struct event_base *base;
+	struct evdns_base *dns;
+	const struct config *cfg;
+	struct health *health;           /* may be NULL in unit tests */
+	unsigned worker_slot;            /* this worker's in-flight slot */
+	uint32_t id_seq;                 /* for runtime_new_id() */
+};
+
+/*
+ * Writes a new queue id (12 upper-case hex digits, unique across the
+ * workers of a host: time, pid and a counter) into buf[13].
+ */
+static inline const char *
+runtime_new_id(struct runtime *rt, char buf[13], uint64_t usec_now, uint32_t pid)
+{
+	uint64_t v = ((usec_now / 1000) << 20) ^ ((uint64_t)pid << 12) ^ (rt->id_seq++ & 0xfff);
+
+	snprintf(buf, 13, "%012llX", (unsigned long long)(v & 0xffffffffffffULL));
+	return buf;
+}
+
+#endif
