@@ -127,6 +127,8 @@ struct config {
 	char *tmp_dir;                   /* big message bodies; default $TMPDIR or /tmp */
 	char *log_file;                  /* NULL: syslog (or stderr with -f) */
 	char *status_listen;             /* "127.0.0.1:PORT" Prometheus endpoint; NULL: off */
+	char *state_file;                /* shared health segment, read by `smtpmuxd -s status`;
+	                                    default RUNSTATEDIR "/smtpmux/smtpmuxd.state" */
 	struct limits_cfg limits;
 	struct tls_cfg tls;
 	struct health_cfg health;

@@ -42,8 +42,14 @@ enum health_outcome {
 	HEALTH_THROTTLED                 /* a rate-limit / quota reply (smtp_reply_is_throttle) */
 };
 
-/* Master, before forking: maps the segment. NULL on failure (errno). */
-struct health *health_create(void);
+/*
+ * Master, before forking: creates (or reuses, when its layout version and
+ * size match) the segment as a file mapped MAP_SHARED at path, so that
+ * `smtpmuxd -s status` can read it. NULL on failure (errno set).
+ */
+struct health *health_create(const char *path);
+/* For status readers: maps an existing segment read-only. */
+struct health *health_open_readonly(const char *path);
 void health_destroy(struct health *);
 
 /*
