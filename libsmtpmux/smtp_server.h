@@ -1,2 +1,85 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB */
+#ifndef SMTPMUX_SMTP_SERVER_H
+#define SMTPMUX_SMTP_SERVER_H
+
+#include <stdbool.h>
+
+#include <event2/buffer.h>
+
+#include "config.h"
+#include "relay.h"
+#include "runtime.h"
+
+/*
+ * The inbound SMTP session: a state machine over two buffers. It reads
+ * commands from `in`, appends replies to `out`, and asks its owner (the
+ * worker's connection glue, or a unit test) to do everything that touches
+ * a socket through struct smtp_session_io. It never blocks and never does
+ * I/O itself, so it is tested without sockets.
+ */
+
+struct smtp_session;
+
+struct smtp_session_io {
+	/* New replies are in `out`: send them. */
+	void (*flush)(void *ctx);
+	/* The 220 to STARTTLS is in `out`: once it is flushed, discard any
+	 * unread input and start the TLS handshake; then call
+	 * smtp_session_tls_ready() (or the owner closes on failure). */
+	void (*starttls)(void *ctx);
+	/* Close the connection once `out` is flushed (after 221 or 421). */
+	void (*close)(void *ctx);
+	/* Stop (true) or resume (false) reading input, e.g. while a message is
+	 * being relayed: pipelined commands wait in the socket. */
+	void (*pause)(void *ctx, bool paused);
+	/* Read timeout for the next input, in seconds. */
+	void (*set_timeout)(void *ctx, unsigned seconds);
+	/* Relaying (relay_start/relay_cancel in the daemon; tests may run real
+	 * relays too). */
+	struct relay *(*relay_start)(void *ctx, struct runtime *rt, const struct user_cfg *user,
+	    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+	    relay_done_fn done, void *arg);
+	void (*relay_cancel)(void *ctx, struct relay *);
+};
+
+struct smtp_session_params {
+	struct runtime *rt;              /* rt->cfg: users, limits, hostname */
+	const struct listen_cfg *listener;
+	const char *client_addr;         /* "127.0.0.1" */
+	bool tls_active;                 /* implicit TLS: already encrypted */
+	const char *tls_desc;            /* for logs, when tls_active */
+};
+
+struct smtp_session *smtp_session_new(const struct smtp_session_params *p,
+    struct evbuffer *in, struct evbuffer *out,
+    const struct smtp_session_io *io, void *ctx);
+
+/* Sends the 220 greeting. */
+void smtp_session_start(struct smtp_session *);
+
+/* Processes as much buffered input as the current state allows. */
+void smtp_session_input(struct smtp_session *);
+
+/* The STARTTLS handshake finished: forget EHLO/AUTH state (RFC 3207 4.2). */
+void smtp_session_tls_ready(struct smtp_session *, const char *tls_desc);
+
+/* The read timeout expired: 421 4.4.2 and close. */
+void smtp_session_timeout(struct smtp_session *);
+
+/* The server is stopping: 421 4.3.2 now if idle, else after the current
+ * transaction's reply. */
+void smtp_session_shutdown(struct smtp_session *);
+
+/* The client went away or the connection failed: cancel any relay (a
+ * message not yet answered is not delivered... see smtp_server.c). */
+void smtp_session_abort(struct smtp_session *);
+
+/* True while a message is being received or relayed. */
+bool smtp_session_busy(const struct smtp_session *);
+
+/* The session's id for log lines. */
+const char *smtp_session_id(const struct smtp_session *);
+
+void smtp_session_free(struct smtp_session *);
+
+#endif
