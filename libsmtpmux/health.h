@@ -14,8 +14,9 @@
 /*
  * Per-downstream health, counters and quotas shared by all processes.
  *
- * The master maps one anonymous shared segment before it forks anything;
- * workers and the prober inherit it. Records are fixed-size, cache-line
+ * The master maps one shared segment (a file, state_file) before it forks
+ * anything; workers and the prober inherit it, `smtpmuxd -s status` maps it
+ * read-only. Records are fixed-size, cache-line
  * aligned, and updated only with C11 atomics, so a worker killed at any
  * instruction leaves no lock held. A record is keyed by the downstream's
  * identity (addr + user), so two users relaying through the same provider
@@ -76,7 +77,10 @@ void health_view(const struct health_rec *, const struct downstream_cfg *,
  * the downstream and counts the attempt in flight for worker_slot. Returns
  * false (reserving nothing) when any window is full: the downstream is then
  * skipped for this message. Exact under concurrency: no window ever grants
- * more than its limit.
+ * more than its limit. Also false while the downstream is unavailable:
+ * circuit open, throttled, or half-open with its one trial attempt already
+ * claimed; when half-open, the attempt that gets true is the trial.
+ * worker_slot < HEALTH_MAX_WORKER_SLOTS - 1 (the last slot is the prober's).
  */
 bool health_begin(struct health_rec *, const struct downstream_cfg *,
     unsigned worker_slot, time_t now);
@@ -91,6 +95,28 @@ bool health_begin(struct health_rec *, const struct downstream_cfg *,
 void health_end(struct health_rec *, const struct downstream_cfg *,
     const struct health_cfg *, unsigned worker_slot, time_t now,
     enum health_outcome outcome, unsigned latency_ms, const char *error);
+/*
+ * health_end for an attempt that health_begin() started at `begun`: a
+ * failure gives its quota back only to windows that have not rolled over
+ * since, which keeps the limits exact even for an attempt that straddles a
+ * window boundary. health_end() is health_end_since() with begun == now.
+ */
+void health_end_since(struct health_rec *, const struct downstream_cfg *,
+    const struct health_cfg *, unsigned worker_slot, time_t begun, time_t now,
+    enum health_outcome outcome, unsigned latency_ms, const char *error);
+
+/*
+ * The prober's verdict on a downstream (EHLO answered or not). Updates the
+ * circuit, the latency and the last error, never quotas, counters or
+ * in-flight counts: a good probe closes an open circuit, a failed one counts
+ * toward fail_threshold (or re-opens a half-open circuit).
+ */
+void health_probe_result(struct health_rec *, const struct downstream_cfg *,
+    const struct health_cfg *, time_t now, bool ok, unsigned latency_ms,
+    const char *error);
+
+/* "up", "down", "half-open", "throttled" for enum smtpmux_downstream_state. */
+const char *health_state_name(uint32_t state);
 
 /* Master: a worker died; forget its in-flight counts. */
 void health_worker_gone(struct health *, unsigned worker_slot);
@@ -98,7 +124,8 @@ void health_worker_gone(struct health *, unsigned worker_slot);
 /* For status output: iterate over the records in use. */
 size_t health_count(const struct health *);
 struct health_snapshot {
-	char key[160];                   /* "addr user" */
+	char key[160];                   /* "addr user", or "addr" without AUTH */
+	char addr[160];                  /* "host:port" */
 	char name[64];
 	struct smtpmux_downstream_view view;
 	char last_error[160];
@@ -106,6 +133,12 @@ struct health_snapshot {
 	uint32_t sent_minute, sent_hour, sent_day;
 	uint32_t limit_minute, limit_hour, limit_day;
 };
+/*
+ * Fills out for record index (view.name and view.addr point into out).
+ * Returns 0 for a record bound by the latest health_bind(), 1 for one only
+ * older configurations used (kept so that its counters come back with its
+ * key), -1 when index >= health_count().
+ */
 int health_snapshot(const struct health *, size_t index, const struct health_cfg *,
     time_t now, struct health_snapshot *out);
 

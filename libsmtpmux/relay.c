@@ -1,3 +1,400 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB: to be written */
-typedef int stub_relay;
+#define _GNU_SOURCE                      /* strcasestr */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/time.h>
+#include <time.h>
+
+#include <event2/event.h>
+
+#include "health.h"
+#include "log.h"
+#include "relay.h"
+#include "selector_host.h"
+
+/*
+ * A relay walks the order the selector chose and makes one attempt at a
+ * time. The verdict the client hears:
+ *   - 250 as soon as one downstream answered the final dot with 2xx;
+ *   - 451 4.4.1 when any attempt failed temporarily, was throttled (quota
+ *     replies are often 5xx and must fail over, not bounce), failed before
+ *     the transaction (connect, TLS, greeting, EHLO, AUTH: a problem of the
+ *     downstream, not of the message), or when a downstream was skipped for
+ *     its quota or no downstream was tried at all;
+ *   - otherwise every downstream refused the message itself (5xx to MAIL,
+ *     RCPT, DATA or the dot): the last such code, with generic text.
+ */
+
+struct relay {
+	struct runtime *rt;
+	const struct user_cfg *user;
+	const struct upstream_msg *msg;
+	uint64_t size;
+	relay_done_fn done;
+	void *arg;
+
+	size_t *order;
+	size_t n_order, next;
+	struct event *kick;                  /* next step runs from the loop */
+
+	struct upstream *up;                 /* attempt in progress */
+	const struct downstream_cfg *cur;
+	time_t cur_started;
+
+	unsigned attempts;
+	bool retry_later;                    /* some failure was not the message's fault */
+	bool have_perm;
+	struct upstream_result perm;         /* last message-level refusal */
+	const struct downstream_cfg *perm_ds;
+	struct timeval t0;
+};
+
+static void relay_step(evutil_socket_t, short, void *);
+
+/* --- health ------------------------------------------------------------------ */
+
+static const struct health_cfg *
+health_cfg_of(const struct relay *r)
+{
+	static const struct health_cfg dflt = { 3, 30, 600, 60 };
+
+	return r->rt->cfg != NULL ? &r->rt->cfg->health : &dflt;
+}
+
+static bool
+has_health(const struct relay *r, const struct downstream_cfg *ds)
+{
+	return r->rt->health != NULL && ds->health != NULL;
+}
+
+static void
+fill_view(const struct relay *r, const struct downstream_cfg *ds, time_t now,
+    struct smtpmux_downstream_view *v)
+{
+	if (has_health(r, ds)) {
+		health_view(ds->health, ds, health_cfg_of(r), now, v);
+		return;
+	}
+	/* No shared segment (unit tests): everything is up and unlimited. */
+	memset(v, 0, sizeof(*v));
+	v->name = ds->name;
+	v->addr = ds->addr;
+	v->weight = ds->weight ? ds->weight : 1;
+	v->state = SMTPMUX_DS_UP;
+	v->quota_left = -1;
+	v->available = 1;
+}
+
+/* --- logging ------------------------------------------------------------------- */
+
+static unsigned
+ms_since(const struct timeval *t0)
+{
+	struct timeval now, d;
+
+	gettimeofday(&now, NULL);
+	timersub(&now, t0, &d);
+	return d.tv_sec < 0 ? 0 : (unsigned)d.tv_sec * 1000 + (unsigned)(d.tv_usec / 1000);
+}
+
+static const char *
+status_word(enum upstream_status s)
+{
+	return s == UPSTREAM_OK ? "sent" : s == UPSTREAM_TEMPFAIL ? "deferred" : "bounced";
+}
+
+static const char *
+clean(char *dst, size_t len, const char *src)
+{
+	return log_sanitize(dst, len, src != NULL ? src : "", src != NULL ? strlen(src) : 0);
+}
+
+static void
+log_attempt(const struct relay *r, const struct downstream_cfg *ds,
+    const struct upstream_result *res)
+{
+	char text[SMTP_REPLY_TEXT_MAX], tls[sizeof(res->tls_desc)];
+
+	log_info("id=%s relay=%s[%s] attempt=%u stage=%s status=%s delay=%u.%03u "
+	    "tls=%s (%d%s%s %s)", r->msg->id, ds->name, ds->addr, r->attempts,
+	    res->stage, status_word(res->status), res->latency_ms / 1000,
+	    res->latency_ms % 1000,
+	    res->tls_desc[0] ? clean(tls, sizeof(tls), res->tls_desc) : "none",
+	    res->code, res->enhanced[0] ? " " : "", res->enhanced,
+	    clean(text, sizeof(text), res->text));
+}
+
+static void
+log_skipped(const struct relay *r, const struct downstream_cfg *ds)
+{
+	log_info("id=%s relay=%s[%s] attempt=%u stage=connect status=skipped delay=0.000 "
+	    "tls=none (0 over quota)", r->msg->id, ds->name, ds->addr, r->attempts + 1);
+}
+
+/* "<a>,<b>,..." truncated with ",..." so that one line stays readable. */
+static void
+format_rcpts(const struct upstream_msg *msg, char *out, size_t outlen)
+{
+	char one[SMTP_PATH_MAX + 1];
+	size_t used = 0, i;
+	int n;
+
+	out[0] = '\0';
+	for (i = 0; i < msg->n_rcpts; i++) {
+		clean(one, sizeof(one), msg->rcpts[i]);
+		if (used + strlen(one) + 8 >= outlen) {
+			snprintf(out + used, outlen - used, "%s...", i > 0 ? "," : "");
+			return;
+		}
+		n = snprintf(out + used, outlen - used, "%s<%s>", i > 0 ? "," : "", one);
+		used += (size_t)n;
+	}
+}
+
+static void
+log_final(const struct relay *r, const struct relay_result *res, const char *status)
+{
+	char from[SMTP_PATH_MAX + 1], to[512], text[SMTP_REPLY_TEXT_MAX], user[128];
+	unsigned ms = ms_since(&r->t0);
+
+	format_rcpts(r->msg, to, sizeof(to));
+	log_info("id=%s user=%s from=<%s> to=%s nrcpt=%zu size=%llu relay=%s attempts=%u "
+	    "status=%s delay=%u.%03u (%d %s %s)", r->msg->id,
+	    clean(user, sizeof(user), r->user->email), clean(from, sizeof(from), r->msg->mail_from),
+	    to, r->msg->n_rcpts, (unsigned long long)r->size,
+	    res->relay[0] ? res->relay : "none", r->attempts, status, ms / 1000, ms % 1000,
+	    res->code, res->enhanced, clean(text, sizeof(text), res->text));
+}
+
+/* --- verdict ---------------------------------------------------------------------- */
+
+/* Failures at these stages are about the message, not about the downstream. */
+static bool
+message_stage(const char *stage)
+{
+	return stage != NULL && (strcmp(stage, "mail") == 0 || strcmp(stage, "rcpt") == 0 ||
+	    strcmp(stage, "data") == 0 || strcmp(stage, "dot") == 0);
+}
+
+/*
+ * Replaces every occurrence of secret in s with "***", case-insensitively:
+ * a downstream may echo the account name in its reply text.
+ */
+static void
+mask(char *s, size_t size, const char *secret)
+{
+	size_t n, rest;
+	char *p;
+
+	if (secret == NULL || (n = strlen(secret)) < 3)
+		return;
+	for (p = s; (p = strcasestr(p, secret)) != NULL; p += 3) {
+		rest = strlen(p + n) + 1;
+		if ((size_t)(p - s) + 3 + rest > size)
+			break;
+		memmove(p + 3, p + n, rest);
+		memcpy(p, "***", 3);
+	}
+}
+
+static void
+perm_text(const struct relay *r, char *out, size_t len)
+{
+	char text[200];
+
+	clean(text, sizeof(text), r->perm.text);
+	mask(text, sizeof(text), r->perm_ds->pass);
+	mask(text, sizeof(text), r->perm_ds->user);
+	snprintf(out, len, "Message rejected by downstream: %s", text);
+}
+
+static void
+finish(struct relay *r, bool ok)
+{
+	struct relay_result res;
+	relay_done_fn done = r->done;
+	void *arg = r->arg;
+	const char *status;
+
+	memset(&res, 0, sizeof(res));
+	if (ok) {
+		res.ok = true;
+		res.code = 250;
+		snprintf(res.enhanced, sizeof(res.enhanced), "2.0.0");
+		snprintf(res.text, sizeof(res.text), "Ok: queued as %s", r->msg->id);
+		snprintf(res.relay, sizeof(res.relay), "%s", r->cur->name);
+		status = "sent";
+	} else if (r->retry_later || !r->have_perm) {
+		res.code = 451;
+		snprintf(res.enhanced, sizeof(res.enhanced), "4.4.1");
+		snprintf(res.text, sizeof(res.text), "Requested action aborted: "
+		    "no downstream accepted the message, try again later");
+		status = "deferred";
+	} else {
+		res.code = r->perm.code >= 500 && r->perm.code < 600 ? r->perm.code : 554;
+		snprintf(res.enhanced, sizeof(res.enhanced), "%s",
+		    r->perm.enhanced[0] == '5' ? r->perm.enhanced : "5.0.0");
+		perm_text(r, res.text, sizeof(res.text));
+		status = "bounced";
+	}
+	log_final(r, &res, status);
+	free(r->order);
+	event_free(r->kick);
+	free(r);
+	done(arg, &res);
+}
+
+/* --- attempts ---------------------------------------------------------------------- */
+
+static void
+attempt_done(void *arg, const struct upstream_result *res)
+{
+	struct relay *r = arg;
+	const struct downstream_cfg *ds = r->cur;
+	enum health_outcome outcome;
+	struct timeval now = { 0, 0 };
+
+	r->up = NULL;
+	outcome = res->status == UPSTREAM_OK ? HEALTH_OK :
+	    res->throttle ? HEALTH_THROTTLED : HEALTH_FAIL;
+	if (has_health(r, ds))
+		health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot, time(NULL),
+		    outcome, res->latency_ms, res->status == UPSTREAM_OK ? NULL : res->text);
+	log_attempt(r, ds, res);
+	if (res->status == UPSTREAM_OK) {
+		finish(r, true);
+		return;
+	}
+	if (res->status == UPSTREAM_TEMPFAIL || res->throttle || !message_stage(res->stage))
+		r->retry_later = true;
+	else {
+		r->have_perm = true;
+		r->perm = *res;
+		r->perm_ds = ds;
+	}
+	/* From the loop: we are inside the attempt's callback. */
+	evtimer_add(r->kick, &now);
+}
+
+/* Starts the next attempt the quotas allow, or ends the relay. */
+static void
+relay_step(evutil_socket_t fd, short what, void *arg)
+{
+	struct relay *r = arg;
+	const struct downstream_cfg *ds;
+
+	(void)fd;
+	(void)what;
+	while (r->next < r->n_order) {
+		ds = &r->user->downstreams[r->order[r->next++]];
+		if (has_health(r, ds) &&
+		    !health_begin(ds->health, ds, r->rt->worker_slot, time(NULL))) {
+			log_skipped(r, ds);
+			r->retry_later = true;       /* the quota comes back; so may the message */
+			continue;
+		}
+		r->attempts++;
+		r->cur = ds;
+		r->up = upstream_start(r->rt, ds, r->msg, attempt_done, r);
+		if (r->up != NULL)
+			return;
+		log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
+		    r->msg->id, ds->name, ds->addr);
+		if (has_health(r, ds))       /* our failure, not the downstream's */
+			health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
+			    time(NULL), HEALTH_OK, 0, NULL);
+		r->retry_later = true;
+	}
+	finish(r, false);
+}
+
+static size_t
+order_downstreams(struct relay *r, const char *client_addr)
+{
+	const struct user_cfg *u = r->user;
+	struct smtpmux_downstream_view *views;
+	struct smtpmux_envelope env;
+	time_t now = time(NULL);
+	size_t i, n;
+
+	if ((views = calloc(u->n_downstreams, sizeof(*views))) == NULL)
+		return 0;
+	for (i = 0; i < u->n_downstreams; i++)
+		fill_view(r, &u->downstreams[i], now, &views[i]);
+	memset(&env, 0, sizeof(env));
+	env.user = u->email;
+	env.mail_from = r->msg->mail_from;
+	env.rcpts = r->msg->rcpts;
+	env.n_rcpts = r->msg->n_rcpts;
+	env.size = r->size;
+	env.client_addr = client_addr != NULL ? client_addr : "";
+	env.sequence = r->rt->health != NULL && u->health != NULL ?
+	    health_user_next(u->health) : 0;
+	if (u->selector != NULL)
+		n = selector_order(u->selector, &env, views, u->n_downstreams, r->order);
+	else {
+		/* No selector loaded (unit tests): configuration order. */
+		for (i = 0; i < u->n_downstreams; i++)
+			r->order[i] = i;
+		n = u->n_downstreams;
+		smtpmux_order_available(views, r->order, n);
+	}
+	free(views);
+	return n;
+}
+
+struct relay *
+relay_start(struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+    relay_done_fn done, void *arg)
+{
+	struct relay *r;
+	struct timeval now = { 0, 0 };
+
+	if ((r = calloc(1, sizeof(*r))) == NULL)
+		return NULL;
+	r->rt = rt;
+	r->user = user;
+	r->msg = msg;
+	r->size = size;
+	r->done = done;
+	r->arg = arg;
+	gettimeofday(&r->t0, NULL);
+	if ((r->order = calloc(user->n_downstreams + 1, sizeof(*r->order))) == NULL ||
+	    (r->kick = evtimer_new(rt->base, relay_step, r)) == NULL) {
+		free(r->order);
+		free(r);
+		return NULL;
+	}
+	r->n_order = order_downstreams(r, client_addr);
+	/* Even "nothing to try" is answered from the loop, never inside relay_start(). */
+	evtimer_add(r->kick, &now);
+	return r;
+}
+
+void
+relay_cancel(struct relay *r)
+{
+	const struct downstream_cfg *ds;
+
+	if (r == NULL)
+		return;
+	ds = r->cur;
+	if (r->up != NULL) {
+		upstream_cancel(r->up);
+		/*
+		 * A cancelled attempt says nothing about the downstream: see the
+		 * comment on release semantics in the report of health_end.
+		 */
+		if (has_health(r, ds))
+			health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
+			    time(NULL), HEALTH_OK, 0, NULL);
+		log_info("id=%s relay=%s[%s] attempt=%u status=cancelled", r->msg->id,
+		    ds->name, ds->addr, r->attempts);
+	}
+	free(r->order);
+	event_free(r->kick);
+	free(r);
+}

@@ -22,6 +22,11 @@
  * beyond max_size set too_big (552 5.3.4), and stop being stored.
  */
 
+/*
+ * Zero-initialised or smtp_data_reader_init()ed; state is private.
+ * Dot-unstuffing applies after CRLF and, to mirror the writer, after a bare
+ * CR or LF too (such messages are rejected anyway).
+ */
 struct smtp_data_reader {
 	int state;
 	size_t line_len;
@@ -46,11 +51,16 @@ bool smtp_data_read(struct smtp_data_reader *r, const char *in, size_t len,
  * Writing (outbound): dot-stuffs a message for the DATA phase. Call with
  * successive chunks; then smtp_data_writer_finish() appends the end (a
  * CRLF first if the message does not end with one, then ".\r\n").
+ * A dot is stuffed after any CR or LF, not only after CRLF, so that even a
+ * body with bare line ends cannot form "\n.\n" for a lenient downstream;
+ * the reader above removes exactly those dots again, so writer then reader
+ * gives back the original bytes (plus CRLF if the body did not end so).
  */
 struct smtp_data_writer {
-	bool at_line_start;
-	bool last_cr;
-	bool empty;
+	bool at_line_start;              /* start, or the last octet was CR or LF */
+	bool last_cr;                    /* the last octet was CR */
+	bool empty;                      /* nothing written yet */
+	bool ends_crlf;                  /* the last two octets were CR LF */
 };
 
 void smtp_data_writer_init(struct smtp_data_writer *w);

@@ -1,3 +1,1189 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB: to be written */
-typedef int stub_smtp_server;
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "auth.h"
+#include "log.h"
+#include "msgbody.h"
+#include "smtp_data.h"
+#include "smtp_parse.h"
+#include "smtp_server.h"
+
+/*
+ * The inbound session. One state enum, one input loop (smtp_session_input)
+ * that takes complete lines (or DATA octets) from `in` and dispatches them
+ * to a handler per verb; every handler appends its reply to `out`.
+ *
+ * Contract with the owner (worker glue or test): the io callbacks must not
+ * free the session synchronously; the owner frees it later, from its own
+ * event callbacks. relay_start may call `done` before it returns: that is
+ * handled.
+ *
+ * Nothing is relayed unless the client authenticated; the client hears 250
+ * only once a downstream accepted the message.
+ */
+
+enum sess_state {
+	SESS_CONNECTED,          /* greeting not sent yet */
+	SESS_GREETED,            /* between transactions (HELO/EHLO in s->helo) */
+	SESS_AUTH_PLAIN,         /* sent "334 ", waiting for the PLAIN response */
+	SESS_AUTH_LOGIN_USER,    /* sent "334 VXNlcm5hbWU6" */
+	SESS_AUTH_LOGIN_PASS,    /* sent "334 UGFzc3dvcmQ6" */
+	SESS_MAIL,               /* MAIL accepted, no recipient yet */
+	SESS_RCPT,               /* at least one recipient */
+	SESS_DATA,               /* reading the message */
+	SESS_RELAYING,           /* message handed to the relay; input paused */
+	SESS_TLS_WAIT,           /* 220 to STARTTLS sent; the owner handshakes */
+	SESS_CLOSING             /* 221 or 421 sent; terminal */
+};
+
+enum helo_kind { HELO_NONE, HELO_HELO, HELO_EHLO };
+
+/* Counter slots: one per verb (SMTP_VERB_UNKNOWN, 0, counts bad lines). */
+#define N_VERBS (SMTP_VERB_BDAT + 1)
+
+/* Command text limit without CRLF (RFC 5321 4.5.3.1.4); AUTH lines may be
+ * longer (RFC 4954 4), so lines are read up to SMTP_AUTH_LINE_MAX and the
+ * shorter limit is applied once the verb is known. */
+#define CMD_TEXT_MAX (SMTP_CMD_LINE_MAX - 2)
+
+struct txn {
+	char *mail_from;
+	char **rcpts;
+	size_t n_rcpts;
+	size_t cap_rcpts;
+	enum smtp_body body_type;
+	char qid[13];
+	struct msgbody *body;
+	struct smtp_data_reader reader;
+	bool store_failed;
+	struct upstream_msg umsg;        /* must outlive the relay */
+	struct relay *relay;
+	bool in_relay_start;             /* done() may come before relay_start returns */
+	bool early_done;
+	struct relay_result early;
+};
+
+struct smtp_session {
+	struct runtime *rt;
+	const struct config *cfg;
+	const struct listen_cfg *listener;
+	struct evbuffer *in, *out;
+	struct evbuffer *scratch;        /* unstuffed DATA octets on their way to the body */
+	const struct smtp_session_io *io;
+	void *ctx;
+
+	char id[13];
+	char client[64];
+	char tls_desc[96];
+	bool tls_active;
+
+	enum sess_state state;
+	enum helo_kind helo;
+	char helo_name[SMTP_DOMAIN_MAX + 1];
+	const struct user_cfg *user;     /* NULL until AUTH succeeds */
+	char login_user[AUTH_FIELD_MAX + 1];
+
+	bool started;
+	bool discarding;                 /* dropping the rest of an overlong line */
+	bool need_flush;
+	bool shutdown_pending;
+	unsigned errors;
+
+	/* Postfix-style "ehlo=1 auth=0/1" counters. */
+	enum smtp_verb pending_verb;     /* whose outcome the next final reply decides */
+	bool verb_pending;
+	unsigned n_total[N_VERBS];
+	unsigned n_ok[N_VERBS];
+
+	struct txn tx;
+	char line[SMTP_AUTH_LINE_MAX + 1];
+};
+
+static void smtp_session_process(struct smtp_session *s);
+
+/* ---------------------------------------------------------------- utils */
+
+static const char *
+hostname(const struct smtp_session *s)
+{
+	return s->cfg->hostname != NULL ? s->cfg->hostname : "localhost";
+}
+
+static const char *
+clean(char *dst, size_t dstlen, const char *src)
+{
+	return log_sanitize(dst, dstlen, src, strlen(src));
+}
+
+static void
+set_state(struct smtp_session *s, enum sess_state st)
+{
+	/* CLOSING is terminal: a handler that replied 421 through the error
+	 * budget must not be revived by its own later state change. */
+	if (s->state != SESS_CLOSING)
+		s->state = st;
+}
+
+static bool
+in_transaction(const struct smtp_session *s)
+{
+	return s->state == SESS_MAIL || s->state == SESS_RCPT;
+}
+
+static bool
+require_tls_pending(const struct smtp_session *s)
+{
+	return s->listener != NULL && s->listener->require_tls && !s->tls_active;
+}
+
+static bool
+starttls_offered(const struct smtp_session *s)
+{
+	return s->listener != NULL && s->listener->tls == TLS_MODE_STARTTLS && !s->tls_active;
+}
+
+static bool
+auth_offered(const struct smtp_session *s)
+{
+	if (s->tls_active)
+		return true;
+	return s->cfg->allow_insecure_auth && !require_tls_pending(s);
+}
+
+static void
+flush(struct smtp_session *s)
+{
+	s->need_flush = false;
+	s->io->flush(s->ctx);
+}
+
+/* ---------------------------------------------------------------- replies */
+
+static void
+count_outcome(struct smtp_session *s, int code)
+{
+	/* 334 and 354 are intermediate: the command's fate is decided later. */
+	if (!s->verb_pending || code == 334 || code == 354)
+		return;
+	if (code < 400)
+		s->n_ok[s->pending_verb]++;
+	s->verb_pending = false;
+}
+
+static void
+vreply(struct smtp_session *s, int code, const char *enhanced, const char *fmt, va_list ap)
+{
+	char text[SMTP_REPLY_TEXT_MAX];
+
+	vsnprintf(text, sizeof(text), fmt, ap);
+	if (enhanced != NULL)
+		evbuffer_add_printf(s->out, "%d %s %s\r\n", code, enhanced, text);
+	else
+		evbuffer_add_printf(s->out, "%d %s\r\n", code, text);
+	s->need_flush = true;
+	count_outcome(s, code);
+}
+
+static void reply(struct smtp_session *, int, const char *, const char *, ...)
+    __attribute__((format(printf, 4, 5)));
+static void reply_error(struct smtp_session *, int, const char *, const char *, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+reply(struct smtp_session *s, int code, const char *enhanced, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vreply(s, code, enhanced, fmt, ap);
+	va_end(ap);
+}
+
+/* Sends 421 and asks the owner to close once it is written. */
+static void
+reply_close(struct smtp_session *s, const char *enhanced, const char *why)
+{
+	reply(s, 421, enhanced, "%s %s", hostname(s), why);
+	s->state = SESS_CLOSING;
+	flush(s);
+	s->io->close(s->ctx);
+}
+
+/* An error caused by the client: counts toward limits.max_errors (0: no
+ * limit), so a client probing commands or passwords is cut off. */
+static void
+reply_error(struct smtp_session *s, int code, const char *enhanced, const char *fmt, ...)
+{
+	unsigned max = s->cfg->limits.max_errors;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vreply(s, code, enhanced, fmt, ap);
+	va_end(ap);
+	if (max == 0 || ++s->errors <= max)
+		return;
+	log_info("%s: too many errors from [%s]", s->id, s->client);
+	reply_close(s, "4.7.0", "Too many errors");
+}
+
+/* ---------------------------------------------------------------- transaction */
+
+static void
+txn_reset(struct smtp_session *s)
+{
+	struct txn *tx = &s->tx;
+
+	free(tx->mail_from);
+	for (size_t i = 0; i < tx->n_rcpts; i++)
+		free(tx->rcpts[i]);
+	free(tx->rcpts);
+	msgbody_free(tx->body);
+	evbuffer_drain(s->scratch, evbuffer_get_length(s->scratch));
+	memset(tx, 0, sizeof(*tx));
+	if (in_transaction(s))
+		set_state(s, SESS_GREETED);
+}
+
+static int
+txn_add_rcpt(struct txn *tx, const char *path)
+{
+	char *copy;
+
+	if (tx->n_rcpts == tx->cap_rcpts) {
+		size_t cap = tx->cap_rcpts == 0 ? 4 : tx->cap_rcpts * 2;
+		char **grown = realloc(tx->rcpts, cap * sizeof(*grown));
+
+		if (grown == NULL)
+			return -1;
+		tx->rcpts = grown;
+		tx->cap_rcpts = cap;
+	}
+	copy = strdup(path);
+	if (copy == NULL)
+		return -1;
+	tx->rcpts[tx->n_rcpts++] = copy;
+	return 0;
+}
+
+static void
+set_id(struct runtime *rt, char buf[13])
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	runtime_new_id(rt, buf, (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u,
+	    (uint32_t)getpid());
+}
+
+/* ---------------------------------------------------------------- HELO/EHLO */
+
+static void
+remember_helo(struct smtp_session *s, const struct smtp_cmd *cmd, enum helo_kind kind)
+{
+	/* RFC 5321 4.1.4: HELO/EHLO resets a transaction like RSET. */
+	txn_reset(s);
+	s->helo = kind;
+	snprintf(s->helo_name, sizeof(s->helo_name), "%s", cmd->domain);
+}
+
+static void
+cmd_helo(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	remember_helo(s, cmd, HELO_HELO);
+	reply(s, 250, NULL, "%s", hostname(s));
+}
+
+static void
+cmd_ehlo(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	const char *ext[8];
+	size_t n = 0;
+	char size[32];
+
+	remember_helo(s, cmd, HELO_EHLO);
+	snprintf(size, sizeof(size), "SIZE %" PRIu64, s->cfg->limits.max_message_size);
+	ext[n++] = "PIPELINING";
+	ext[n++] = size;
+	ext[n++] = "8BITMIME";
+	ext[n++] = "ENHANCEDSTATUSCODES";
+	if (starttls_offered(s))
+		ext[n++] = "STARTTLS";
+	if (auth_offered(s))
+		ext[n++] = "AUTH PLAIN LOGIN";
+	/* RFC 2034: no enhanced codes in the EHLO reply. */
+	evbuffer_add_printf(s->out, "250-%s\r\n", hostname(s));
+	for (size_t i = 0; i + 1 < n; i++)
+		evbuffer_add_printf(s->out, "250-%s\r\n", ext[i]);
+	reply(s, 250, NULL, "%s", ext[n - 1]);
+}
+
+/* ---------------------------------------------------------------- AUTH */
+
+static void
+auth_succeeded(struct smtp_session *s, const struct user_cfg *u, const char *mech)
+{
+	char user[AUTH_FIELD_MAX + 1];
+
+	s->user = u;
+	log_info("%s: auth ok user=%s mech=%s client=[%s]", s->id,
+	    clean(user, sizeof(user), u->email), mech, s->client);
+	reply(s, 235, "2.7.0", "Authentication successful");
+}
+
+static void
+auth_failed(struct smtp_session *s, const char *name)
+{
+	char user[AUTH_FIELD_MAX + 1];
+
+	log_warn("%s: auth failed user=%s client=[%s]", s->id,
+	    clean(user, sizeof(user), name), s->client);
+	reply_error(s, 535, "5.7.8", "Authentication credentials invalid");
+}
+
+/* Checks a user name and password. An unknown user still costs one
+ * password comparison, so timing does not reveal which users exist. */
+static void
+auth_check(struct smtp_session *s, const char *name, const char *pass, const char *mech)
+{
+	const struct user_cfg *u = config_find_user(s->cfg, name);
+	const char *expected = u != NULL && u->password != NULL ? u->password : "";
+	bool equal = auth_password_equal(pass, expected);
+
+	if (u != NULL && u->password != NULL && equal)
+		auth_succeeded(s, u, mech);
+	else
+		auth_failed(s, name);
+}
+
+static void
+auth_decode_failed(struct smtp_session *s, enum auth_status st)
+{
+	if (st == AUTH_CANCELLED)
+		reply_error(s, 501, "5.7.0", "Authentication cancelled");
+	else if (st == AUTH_BAD_BASE64)
+		reply_error(s, 501, "5.5.2", "Invalid base64 data");
+	else
+		reply_error(s, 501, "5.5.2", "Malformed authentication response");
+}
+
+static void
+auth_plain_response(struct smtp_session *s, const char *b64, size_t len)
+{
+	struct auth_plain ap;
+	enum auth_status st = auth_plain_decode(b64, len, &ap);
+
+	set_state(s, SESS_GREETED);
+	if (st != AUTH_OK)
+		auth_decode_failed(s, st);
+	else if (ap.authzid[0] != '\0' && strcasecmp(ap.authzid, ap.authcid) != 0)
+		/* No proxy authorisation: an app may only send as itself. */
+		auth_failed(s, ap.authcid);
+	else
+		auth_check(s, ap.authcid, ap.passwd, "PLAIN");
+	auth_wipe(&ap, sizeof(ap));
+}
+
+static void
+auth_login_user(struct smtp_session *s, const char *b64, size_t len)
+{
+	enum auth_status st = auth_login_decode(b64, len, s->login_user, sizeof(s->login_user));
+
+	if (st != AUTH_OK) {
+		set_state(s, SESS_GREETED);
+		auth_decode_failed(s, st);
+		return;
+	}
+	set_state(s, SESS_AUTH_LOGIN_PASS);
+	reply(s, 334, NULL, "UGFzc3dvcmQ6");
+	flush(s);
+}
+
+static void
+auth_login_pass(struct smtp_session *s, const char *b64, size_t len)
+{
+	char pass[AUTH_FIELD_MAX + 1];
+	enum auth_status st = auth_login_decode(b64, len, pass, sizeof(pass));
+
+	set_state(s, SESS_GREETED);
+	if (st != AUTH_OK)
+		auth_decode_failed(s, st);
+	else
+		auth_check(s, s->login_user, pass, "LOGIN");
+	auth_wipe(pass, sizeof(pass));
+	auth_wipe(s->login_user, sizeof(s->login_user));
+}
+
+/* The sequence rules for AUTH; false when an error reply was sent. */
+static bool
+auth_permitted(struct smtp_session *s)
+{
+	if (require_tls_pending(s))
+		reply_error(s, 530, "5.7.0", "Must issue a STARTTLS command first");
+	else if (s->helo != HELO_EHLO)
+		reply_error(s, 503, "5.5.1", "Send EHLO first");
+	else if (s->user != NULL)
+		reply_error(s, 503, "5.5.1", "Already authenticated");
+	else if (in_transaction(s))
+		reply_error(s, 503, "5.5.1", "AUTH not permitted during a mail transaction");
+	else if (!auth_offered(s))
+		reply_error(s, 538, "5.7.11", "Encryption required for requested authentication mechanism");
+	else
+		return true;
+	return false;
+}
+
+/* RFC 4954 4: "=" is an initial response of zero length. */
+static size_t
+initial_len(const struct smtp_cmd *cmd)
+{
+	return cmd->initial_len == 1 && cmd->initial[0] == '=' ? 0 : cmd->initial_len;
+}
+
+static void
+cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	if (!auth_permitted(s))
+		return;
+	if (strcmp(cmd->mech, "PLAIN") == 0) {
+		if (cmd->initial != NULL) {
+			auth_plain_response(s, cmd->initial, initial_len(cmd));
+			return;
+		}
+		set_state(s, SESS_AUTH_PLAIN);
+		reply(s, 334, NULL, "%s", "");
+	} else if (strcmp(cmd->mech, "LOGIN") == 0) {
+		/* Some clients send the user name as an initial response. */
+		if (cmd->initial != NULL) {
+			auth_login_user(s, cmd->initial, initial_len(cmd));
+			return;
+		}
+		set_state(s, SESS_AUTH_LOGIN_USER);
+		reply(s, 334, NULL, "VXNlcm5hbWU6");
+	} else {
+		reply_error(s, 504, "5.5.4", "Unrecognized authentication mechanism");
+		return;
+	}
+	flush(s);
+}
+
+/* A line while a 334 challenge is outstanding: a SASL response. */
+static void
+auth_continue(struct smtp_session *s, const char *line, size_t len)
+{
+	enum sess_state st = s->state;
+
+	if (len == 1 && line[0] == '*') {
+		set_state(s, SESS_GREETED);
+		auth_wipe(s->login_user, sizeof(s->login_user));
+		auth_decode_failed(s, AUTH_CANCELLED);
+	} else if (st == SESS_AUTH_PLAIN) {
+		auth_plain_response(s, line, len);
+	} else if (st == SESS_AUTH_LOGIN_USER) {
+		auth_login_user(s, line, len);
+	} else {
+		auth_login_pass(s, line, len);
+	}
+}
+
+/* ---------------------------------------------------------------- MAIL/RCPT */
+
+static void
+cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	uint64_t max = s->cfg->limits.max_message_size;
+
+	if (require_tls_pending(s))
+		reply_error(s, 530, "5.7.0", "Must issue a STARTTLS command first");
+	else if (s->user == NULL)
+		/* Never an open relay: every transaction is authenticated. */
+		reply_error(s, 530, "5.7.0", "Authentication required");
+	else if (in_transaction(s))
+		reply_error(s, 503, "5.5.1", "Nested MAIL command");
+	else if (cmd->has_size && max != 0 && cmd->size > max)
+		reply_error(s, 552, "5.3.4", "Message size exceeds fixed maximum message size");
+	else if ((s->tx.mail_from = strdup(cmd->path)) == NULL)
+		reply(s, 451, "4.3.0", "Out of memory");
+	else {
+		s->tx.body_type = cmd->body;
+		set_state(s, SESS_MAIL);
+		reply(s, 250, "2.1.0", "Ok");
+	}
+}
+
+static void
+cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	unsigned max = s->cfg->limits.max_recipients;
+
+	if (!in_transaction(s))
+		reply_error(s, 503, "5.5.1", "Need MAIL command");
+	else if (cmd->path[0] == '\0')
+		reply_error(s, 501, "5.1.3", "Bad recipient address syntax");
+	else if (max != 0 && s->tx.n_rcpts >= max)
+		reply_error(s, 452, "4.5.3", "Too many recipients");
+	else if (txn_add_rcpt(&s->tx, cmd->path) < 0)
+		reply(s, 451, "4.3.0", "Out of memory");
+	else {
+		set_state(s, SESS_RCPT);
+		reply(s, 250, "2.1.5", "Ok");
+	}
+}
+
+/* ---------------------------------------------------------------- DATA */
+
+static const char *
+with_protocol(const struct smtp_session *s)
+{
+	/* RFC 3848 */
+	static const char *const names[2][2] = {
+		{ "ESMTP", "ESMTPA" }, { "ESMTPS", "ESMTPSA" }
+	};
+
+	if (s->helo == HELO_HELO && s->user == NULL)
+		return "SMTP";
+	return names[s->tls_active][s->user != NULL];
+}
+
+/* RFC 5322 date in UTC; names by hand so the locale cannot change them. */
+static void
+rfc5322_date(char *buf, size_t len)
+{
+	static const char *const days[] = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" };
+	static const char *const months[] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
+		"Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
+	time_t now = time(NULL);
+	struct tm tm;
+
+	gmtime_r(&now, &tm);
+	snprintf(buf, len, "%s, %02d %s %04d %02d:%02d:%02d +0000", days[tm.tm_wday],
+	    tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+/*
+ * RFC 5321 4.4: a relay adds a trace header. It goes first into the body,
+ * before the client's octets, as msgbody only appends. "for" is given
+ * only for a single recipient, so recipients do not learn of each other.
+ */
+static int
+add_received(struct smtp_session *s)
+{
+	char date[64], rcpt[SMTP_PATH_MAX + 16] = "", hdr[1024];
+	const char *v6 = strchr(s->client, ':') != NULL ? "IPv6:" : "";
+	int n;
+
+	rfc5322_date(date, sizeof(date));
+	if (s->tx.n_rcpts == 1)
+		snprintf(rcpt, sizeof(rcpt), "\r\n\tfor <%s>", s->tx.rcpts[0]);
+	n = snprintf(hdr, sizeof(hdr),
+	    "Received: from %s ([%s%s])\r\n\tby %s (smtpmux) with %s id %s%s;\r\n\t%s\r\n",
+	    s->helo_name[0] != '\0' ? s->helo_name : "unknown", v6, s->client,
+	    hostname(s), with_protocol(s), s->tx.qid, rcpt, date);
+	if (n < 0 || (size_t)n >= sizeof(hdr))
+		return -1;
+	return msgbody_append(s->tx.body, hdr, (size_t)n);
+}
+
+static int
+data_begin(struct smtp_session *s)
+{
+	const struct limits_cfg *lim = &s->cfg->limits;
+
+	set_id(s->rt, s->tx.qid);
+	s->tx.body = msgbody_new(lim->memory_threshold, s->cfg->tmp_dir);
+	if (s->tx.body == NULL || add_received(s) < 0) {
+		log_err("%s: cannot store a message body: %s", s->id, strerror(errno));
+		return -1;
+	}
+	smtp_data_reader_init(&s->tx.reader, lim->max_message_size);
+	return 0;
+}
+
+static void
+cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	if (s->state == SESS_MAIL) {
+		reply_error(s, 503, "5.5.1", "Need RCPT command");
+	} else if (s->state != SESS_RCPT) {
+		reply_error(s, 503, "5.5.1", "Need MAIL command");
+	} else if (data_begin(s) < 0) {
+		txn_reset(s);
+		reply(s, 451, "4.3.0", "Local error in processing");
+	} else {
+		set_state(s, SESS_DATA);
+		reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
+		flush(s);
+		s->io->set_timeout(s->ctx, s->cfg->limits.data_timeout);
+	}
+}
+
+/* Moves the unstuffed octets from the scratch buffer into the body. */
+static void
+store_body_chunk(struct smtp_session *s)
+{
+	struct evbuffer_iovec v;
+
+	while (evbuffer_peek(s->scratch, -1, NULL, &v, 1) > 0) {
+		if (!s->tx.store_failed && msgbody_append(s->tx.body, v.iov_base, v.iov_len) < 0) {
+			log_err("%s: cannot store the message body: %s", s->id, strerror(errno));
+			s->tx.store_failed = true;
+		}
+		evbuffer_drain(s->scratch, v.iov_len);
+	}
+}
+
+static void
+after_transaction(struct smtp_session *s)
+{
+	s->io->set_timeout(s->ctx, s->cfg->limits.command_timeout);
+	flush(s);
+	if (s->shutdown_pending && s->state != SESS_CLOSING)
+		reply_close(s, "4.3.2", "Service shutting down");
+}
+
+static void
+relay_finished(struct smtp_session *s, const struct relay_result *res)
+{
+	char text[SMTP_REPLY_TEXT_MAX], from[SMTP_PATH_MAX + 1];
+	bool valid = res->code >= 400 && res->code < 600;
+
+	s->tx.relay = NULL;
+	log_info("%s: id=%s from=<%s> nrcpt=%zu size=%" PRIu64 " status=%s (%d %s)",
+	    s->id, s->tx.qid, clean(from, sizeof(from), s->tx.mail_from), s->tx.n_rcpts,
+	    msgbody_size(s->tx.body), res->ok ? "sent" : "rejected", res->code,
+	    res->ok ? res->relay : res->text);
+	set_state(s, SESS_GREETED);
+	if (res->ok)
+		reply(s, 250, "2.0.0", "Ok: queued as %s", s->tx.qid);
+	else if (!valid)
+		reply(s, 451, "4.3.0", "Delivery failed, try again later");
+	else
+		reply(s, res->code, res->enhanced[0] != '\0' ? res->enhanced
+		    : res->code < 500 ? "4.0.0" : "5.0.0", "%s",
+		    clean(text, sizeof(text), res->text));
+	txn_reset(s);
+	s->io->pause(s->ctx, false);
+	after_transaction(s);
+}
+
+static void
+relay_done(void *arg, const struct relay_result *res)
+{
+	struct smtp_session *s = arg;
+
+	if (s->tx.in_relay_start) {
+		s->tx.early = *res;
+		s->tx.early_done = true;
+		return;
+	}
+	relay_finished(s, res);
+	/* Commands pipelined after the message waited in `in` until now. */
+	smtp_session_process(s);
+}
+
+static void
+relay_message(struct smtp_session *s)
+{
+	struct txn *tx = &s->tx;
+	struct relay *r;
+
+	tx->umsg = (struct upstream_msg){
+		.id = tx->qid, .mail_from = tx->mail_from,
+		.rcpts = (const char *const *)tx->rcpts, .n_rcpts = tx->n_rcpts,
+		.body = tx->body_type, .data = tx->body,
+	};
+	set_state(s, SESS_RELAYING);
+	s->io->pause(s->ctx, true);
+	/* The client is rightly silent now; the relay has its own timeouts. */
+	s->io->set_timeout(s->ctx, 0);
+	tx->in_relay_start = true;
+	r = s->io->relay_start(s->ctx, s->rt, s->user, &tx->umsg, msgbody_size(tx->body),
+	    s->client, relay_done, s);
+	tx->in_relay_start = false;
+	if (tx->early_done) {
+		relay_finished(s, &tx->early);
+	} else if (r == NULL) {
+		struct relay_result fail = { .code = 451, .enhanced = "4.3.0" };
+
+		snprintf(fail.text, sizeof(fail.text), "Local error in processing");
+		relay_finished(s, &fail);
+	} else {
+		tx->relay = r;
+	}
+}
+
+/* Why a message is refused at its end, or NULL when it may be relayed. */
+static void
+end_of_data(struct smtp_session *s)
+{
+	const struct smtp_data_reader *r = &s->tx.reader;
+	char from[SMTP_PATH_MAX + 1];
+
+	set_state(s, SESS_GREETED);
+	if (r->too_big) {
+		reply_error(s, 552, "5.3.4", "Message size exceeds fixed limit");
+	} else if (r->bare_lf || r->bare_cr) {
+		/* SMTP smuggling: a downstream that accepts a bare LF or CR as a
+		 * line end could read a second message in this one. */
+		log_warn("%s: rejected message from=<%s> client=[%s]: bare %s in DATA",
+		    s->id, clean(from, sizeof(from), s->tx.mail_from), s->client,
+		    r->bare_lf ? "LF" : "CR");
+		reply_error(s, 550, "5.5.2", "Message contains bare CR or LF");
+	} else if (r->too_long) {
+		/*
+		 * RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with
+		 * its CRLF. 500 5.5.6 is a command reply and not among the
+		 * end-of-data replies of 4.3.2 (250, 450-452, 550, 552, 554); the
+		 * message itself violates the protocol and will fail the same
+		 * way on every retry, so a permanent 550 with X.5.2 (protocol
+		 * syntax error, RFC 3463) tells the app exactly that. 552 5.3.4
+		 * would wrongly suggest the message is merely too big.
+		 */
+		reply_error(s, 550, "5.5.2", "Message contains a line longer than 1000 octets");
+	} else if (s->tx.store_failed) {
+		reply(s, 451, "4.3.0", "Local error in processing");
+	} else {
+		relay_message(s);
+		return;
+	}
+	txn_reset(s);
+	after_transaction(s);
+}
+
+/* Feeds one contiguous chunk of `in` to the DATA reader; false when no
+ * progress is possible without more input. */
+static bool
+read_data(struct smtp_session *s)
+{
+	struct evbuffer_iovec v;
+	size_t used = 0;
+	bool done;
+
+	if (evbuffer_peek(s->in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
+		return false;
+	done = smtp_data_read(&s->tx.reader, v.iov_base, v.iov_len, &used, s->scratch);
+	evbuffer_drain(s->in, used);
+	store_body_chunk(s);
+	if (done)
+		end_of_data(s);
+	return done || used > 0;
+}
+
+/* ---------------------------------------------------------------- others */
+
+static void
+cmd_rset(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	txn_reset(s);
+	reply(s, 250, "2.0.0", "Ok");
+}
+
+static void
+cmd_noop(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	reply(s, 250, "2.0.0", "Ok");
+}
+
+static void
+cmd_quit(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	txn_reset(s);
+	reply(s, 221, "2.0.0", "Bye");
+	s->state = SESS_CLOSING;
+	flush(s);
+	s->io->close(s->ctx);
+}
+
+static void
+cmd_help(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	reply(s, 214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT");
+}
+
+static void
+cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	/* RFC 5321 3.5.3: nothing about users is disclosed. */
+	reply(s, 252, "2.5.2", "Cannot VRFY user, but will accept message");
+}
+
+static void
+cmd_not_implemented(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	/* EXPN (no lists) and BDAT (CHUNKING is not offered). */
+	reply_error(s, 502, "5.5.1", "Command not implemented");
+}
+
+static void
+cmd_starttls(struct smtp_session *s, const struct smtp_cmd *cmd)
+{
+	if (cmd->arg_len > 0)
+		reply_error(s, 501, "5.5.4", "Syntax error (no parameters allowed)");
+	else if (s->tls_active)
+		reply_error(s, 554, "5.5.1", "TLS already active");
+	else if (!starttls_offered(s))
+		reply_error(s, 502, "5.5.1", "STARTTLS not available");
+	else if (in_transaction(s))
+		reply_error(s, 503, "5.5.1", "STARTTLS not permitted during a mail transaction");
+	else {
+		reply(s, 220, "2.0.0", "Ready to start TLS");
+		/* CVE-2011-0411: nothing after this line may be read as a
+		 * command; the loop stops here and the owner discards `in`. */
+		s->state = SESS_TLS_WAIT;
+		flush(s);
+		s->io->starttls(s->ctx);
+	}
+}
+
+typedef void cmd_handler(struct smtp_session *, const struct smtp_cmd *);
+
+static cmd_handler *const handlers[N_VERBS] = {
+	[SMTP_VERB_HELO] = cmd_helo,
+	[SMTP_VERB_EHLO] = cmd_ehlo,
+	[SMTP_VERB_MAIL] = cmd_mail,
+	[SMTP_VERB_RCPT] = cmd_rcpt,
+	[SMTP_VERB_DATA] = cmd_data,
+	[SMTP_VERB_RSET] = cmd_rset,
+	[SMTP_VERB_NOOP] = cmd_noop,
+	[SMTP_VERB_QUIT] = cmd_quit,
+	[SMTP_VERB_HELP] = cmd_help,
+	[SMTP_VERB_VRFY] = cmd_vrfy,
+	[SMTP_VERB_EXPN] = cmd_not_implemented,
+	[SMTP_VERB_AUTH] = cmd_auth,
+	[SMTP_VERB_STARTTLS] = cmd_starttls,
+	[SMTP_VERB_BDAT] = cmd_not_implemented,
+};
+
+/* ---------------------------------------------------------------- input */
+
+static void
+count_command(struct smtp_session *s, enum smtp_verb verb)
+{
+	if ((unsigned)verb >= N_VERBS)
+		verb = SMTP_VERB_UNKNOWN;
+	s->n_total[verb]++;
+	s->pending_verb = verb;
+	s->verb_pending = true;
+}
+
+static void
+line_too_long(struct smtp_session *s)
+{
+	count_command(s, SMTP_VERB_UNKNOWN);
+	reply_error(s, 500, "5.5.6", "Line too long");
+}
+
+static void
+handle_command(struct smtp_session *s, const char *line, size_t len)
+{
+	struct smtp_cmd cmd;
+	struct smtp_error err = { 500, "5.5.2", "Syntax error" };
+	bool parsed;
+
+	memset(&cmd, 0, sizeof(cmd));
+	parsed = smtp_parse_command(line, len, &cmd, &err) == 0;
+	if (len > CMD_TEXT_MAX && !(parsed && cmd.verb == SMTP_VERB_AUTH)) {
+		line_too_long(s);
+		return;
+	}
+	count_command(s, parsed ? cmd.verb : SMTP_VERB_UNKNOWN);
+	if (!parsed)
+		reply_error(s, err.code, err.enhanced, "%s", err.text);
+	else if ((unsigned)cmd.verb < N_VERBS && handlers[cmd.verb] != NULL)
+		handlers[cmd.verb](s, &cmd);
+	else
+		reply_error(s, 500, "5.5.2", "Command unrecognized");
+}
+
+static bool
+in_auth_exchange(const struct smtp_session *s)
+{
+	return s->state == SESS_AUTH_PLAIN || s->state == SESS_AUTH_LOGIN_USER ||
+	    s->state == SESS_AUTH_LOGIN_PASS;
+}
+
+/* Takes one line off `in`; false when no complete line is there yet. The
+ * line is copied out first so callbacks may touch `in` freely. */
+static bool
+read_line(struct smtp_session *s)
+{
+	size_t avail = evbuffer_get_length(s->in), want, consumed = 0;
+	const char *buf;
+	long len;
+
+	want = avail < SMTP_AUTH_LINE_MAX + 2 ? avail : SMTP_AUTH_LINE_MAX + 2;
+	buf = (const char *)evbuffer_pullup(s->in, (ssize_t)want);
+	len = smtp_next_line(buf, want, SMTP_AUTH_LINE_MAX, &consumed);
+	if (len == -1)
+		return false;
+	if (len < 0 || (size_t)len > SMTP_AUTH_LINE_MAX) {
+		s->discarding = true;
+		line_too_long(s);
+		return true;
+	}
+	memcpy(s->line, buf, (size_t)len);
+	s->line[len] = '\0';
+	evbuffer_drain(s->in, consumed);
+	if (in_auth_exchange(s)) {
+		auth_continue(s, s->line, (size_t)len);
+		auth_wipe(s->line, (size_t)len);
+	} else {
+		handle_command(s, s->line, (size_t)len);
+	}
+	return true;
+}
+
+/* Drops the rest of an overlong line, up to and including its LF. */
+static bool
+discard_line(struct smtp_session *s)
+{
+	struct evbuffer_ptr p = evbuffer_search(s->in, "\n", 1, NULL);
+
+	if (p.pos < 0) {
+		evbuffer_drain(s->in, evbuffer_get_length(s->in));
+	} else {
+		evbuffer_drain(s->in, (size_t)p.pos + 1);
+		s->discarding = false;
+	}
+	return true;
+}
+
+static bool
+accepts_input(const struct smtp_session *s)
+{
+	switch (s->state) {
+	case SESS_CONNECTED:
+	case SESS_RELAYING:
+	case SESS_TLS_WAIT:
+	case SESS_CLOSING:
+		return false;
+	default:
+		return true;
+	}
+}
+
+/* The input loop without re-entrancy concerns: every reply is queued in
+ * order; one flush when no complete command is left. */
+static void
+smtp_session_process(struct smtp_session *s)
+{
+	while (accepts_input(s) && evbuffer_get_length(s->in) > 0) {
+		bool progress;
+
+		if (s->state == SESS_DATA)
+			progress = read_data(s);
+		else if (s->discarding)
+			progress = discard_line(s);
+		else
+			progress = read_line(s);
+		if (!progress)
+			break;
+	}
+	if (s->need_flush && s->state != SESS_CLOSING)
+		flush(s);
+}
+
+/* ---------------------------------------------------------------- API */
+
+struct smtp_session *
+smtp_session_new(const struct smtp_session_params *p, struct evbuffer *in,
+    struct evbuffer *out, const struct smtp_session_io *io, void *ctx)
+{
+	struct smtp_session *s = calloc(1, sizeof(*s));
+
+	if (s == NULL)
+		return NULL;
+	s->scratch = evbuffer_new();
+	if (s->scratch == NULL) {
+		free(s);
+		return NULL;
+	}
+	s->rt = p->rt;
+	s->cfg = p->rt->cfg;
+	s->listener = p->listener;
+	s->in = in;
+	s->out = out;
+	s->io = io;
+	s->ctx = ctx;
+	s->tls_active = p->tls_active;
+	snprintf(s->client, sizeof(s->client), "%s", p->client_addr != NULL ? p->client_addr : "");
+	snprintf(s->tls_desc, sizeof(s->tls_desc), "%s",
+	    p->tls_active && p->tls_desc != NULL ? p->tls_desc : "");
+	set_id(s->rt, s->id);
+	s->state = SESS_CONNECTED;
+	return s;
+}
+
+void
+smtp_session_start(struct smtp_session *s)
+{
+	if (s->started)
+		return;
+	s->started = true;
+	log_info("%s: connect from [%s]%s%s", s->id, s->client,
+	    s->tls_active ? " tls=" : "", s->tls_desc);
+	/* RFC 2034: no enhanced code in the greeting. */
+	reply(s, 220, NULL, "%s ESMTP smtpmux", hostname(s));
+	s->state = SESS_GREETED;
+	s->io->set_timeout(s->ctx, s->cfg->limits.command_timeout);
+	flush(s);
+	smtp_session_process(s);
+}
+
+void
+smtp_session_input(struct smtp_session *s)
+{
+	smtp_session_process(s);
+}
+
+void
+smtp_session_tls_ready(struct smtp_session *s, const char *tls_desc)
+{
+	if (s->state != SESS_TLS_WAIT)
+		return;
+	s->tls_active = true;
+	snprintf(s->tls_desc, sizeof(s->tls_desc), "%s", tls_desc != NULL ? tls_desc : "");
+	log_info("%s: starttls client=[%s] %s", s->id, s->client, s->tls_desc);
+	/* RFC 3207 4.2: forget everything learnt before TLS. */
+	txn_reset(s);
+	s->helo = HELO_NONE;
+	s->helo_name[0] = '\0';
+	s->user = NULL;
+	s->state = SESS_GREETED;
+	if (s->shutdown_pending) {
+		reply_close(s, "4.3.2", "Service shutting down");
+		return;
+	}
+	s->io->set_timeout(s->ctx, s->cfg->limits.command_timeout);
+	smtp_session_process(s);
+}
+
+void
+smtp_session_timeout(struct smtp_session *s)
+{
+	switch (s->state) {
+	case SESS_RELAYING:      /* the client waits for our reply: not its fault */
+	case SESS_CLOSING:
+		return;
+	case SESS_TLS_WAIT:      /* no plaintext reply inside a handshake */
+	case SESS_CONNECTED:
+		s->state = SESS_CLOSING;
+		s->io->close(s->ctx);
+		return;
+	default:
+		break;
+	}
+	log_info("%s: timeout after %s from [%s]", s->id,
+	    s->state == SESS_DATA ? "DATA" : "command", s->client);
+	txn_reset(s);
+	reply_close(s, "4.4.2", "Timeout");
+}
+
+void
+smtp_session_shutdown(struct smtp_session *s)
+{
+	if (s->state == SESS_CLOSING)
+		return;
+	if (smtp_session_busy(s) || s->state == SESS_TLS_WAIT) {
+		/* Answered after the current message, or after the handshake. */
+		s->shutdown_pending = true;
+		return;
+	}
+	if (s->state == SESS_CONNECTED) {
+		s->state = SESS_CLOSING;
+		s->io->close(s->ctx);
+		return;
+	}
+	txn_reset(s);
+	reply_close(s, "4.3.2", "Service shutting down");
+}
+
+/*
+ * The client is gone. A relay in progress is cancelled: the client never
+ * heard 250, so it will send the message again (a downstream that already
+ * took it may then deliver it twice, the RFC 1047 race that no SMTP hop
+ * avoids). A message still being received is simply dropped.
+ */
+void
+smtp_session_abort(struct smtp_session *s)
+{
+	if (s->tx.relay != NULL) {
+		log_info("%s: id=%s relay cancelled: client [%s] disconnected", s->id,
+		    s->tx.qid, s->client);
+		s->io->relay_cancel(s->ctx, s->tx.relay);
+		s->tx.relay = NULL;
+	} else if (s->state == SESS_DATA) {
+		log_info("%s: lost connection after DATA from [%s]", s->id, s->client);
+	}
+	txn_reset(s);
+	s->state = SESS_CLOSING;
+}
+
+bool
+smtp_session_busy(const struct smtp_session *s)
+{
+	return s->state == SESS_DATA || s->state == SESS_RELAYING;
+}
+
+const char *
+smtp_session_id(const struct smtp_session *s)
+{
+	return s->id;
+}
+
+static void
+log_disconnect(const struct smtp_session *s)
+{
+	static const struct { enum smtp_verb verb; const char *name; } order[] = {
+		{ SMTP_VERB_HELO, "helo" }, { SMTP_VERB_EHLO, "ehlo" },
+		{ SMTP_VERB_STARTTLS, "starttls" }, { SMTP_VERB_AUTH, "auth" },
+		{ SMTP_VERB_MAIL, "mail" }, { SMTP_VERB_RCPT, "rcpt" },
+		{ SMTP_VERB_DATA, "data" }, { SMTP_VERB_BDAT, "bdat" },
+		{ SMTP_VERB_RSET, "rset" }, { SMTP_VERB_NOOP, "noop" },
+		{ SMTP_VERB_VRFY, "vrfy" }, { SMTP_VERB_EXPN, "expn" },
+		{ SMTP_VERB_HELP, "help" }, { SMTP_VERB_QUIT, "quit" },
+		{ SMTP_VERB_UNKNOWN, "unknown" },
+	};
+	char text[512];
+	size_t len = 0;
+	unsigned total = 0, ok = 0;
+
+	text[0] = '\0';
+	for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++) {
+		unsigned t = s->n_total[order[i].verb], k = s->n_ok[order[i].verb];
+
+		total += t;
+		ok += k;
+		if (t == 0 || len >= sizeof(text))
+			continue;
+		len += (size_t)(k == t ? snprintf(text + len, sizeof(text) - len, " %s=%u", order[i].name, t)
+		    : snprintf(text + len, sizeof(text) - len, " %s=%u/%u", order[i].name, k, t));
+	}
+	if (ok == total)
+		log_info("%s: disconnect from [%s]%s commands=%u", s->id, s->client, text, total);
+	else
+		log_info("%s: disconnect from [%s]%s commands=%u/%u", s->id, s->client, text, ok, total);
+}
+
+void
+smtp_session_free(struct smtp_session *s)
+{
+	if (s == NULL)
+		return;
+	if (s->tx.relay != NULL)
+		s->io->relay_cancel(s->ctx, s->tx.relay);
+	s->tx.relay = NULL;
+	if (s->started)
+		log_disconnect(s);
+	txn_reset(s);
+	auth_wipe(s->login_user, sizeof(s->login_user));
+	evbuffer_free(s->scratch);
+	free(s);
+}

@@ -1,2 +1,45 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB */
+#ifndef SMTPMUXD_STATUS_H
+#define SMTPMUXD_STATUS_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include <time.h>
+
+#include <event2/event.h>
+
+#include "config.h"
+#include "health.h"
+
+/*
+ * What the shared health segment says, for people and for Prometheus.
+ */
+
+/*
+ * `smtpmuxd -s status`: one table row per downstream of the running
+ * configuration (state, failures, in flight, latency, messages sent in each
+ * quota window against its limit, totals, last error).
+ */
+void status_print(FILE *out, const struct health *h, const struct health_cfg *hc, time_t now);
+
+/*
+ * The Prometheus text exposition of every downstream, appended to out (an
+ * evbuffer). Returns 0, or -1 when out of memory.
+ */
+struct evbuffer;
+int status_metrics(struct evbuffer *out, const struct health *h,
+    const struct health_cfg *hc, time_t now);
+
+/*
+ * `status_listen:`: serves GET /metrics on listen_addr ("127.0.0.1:9100",
+ * "[::1]:9100"; numeric, port 0 picks a free one) in base's loop; any other
+ * path is 404. NULL with a message in err on failure.
+ */
+struct status_http;
+struct status_http *status_http_start(struct event_base *base, const char *listen_addr,
+    struct health *h, const struct health_cfg *hc, char *err, size_t errlen);
+/* The port actually bound (useful with port 0). */
+unsigned status_http_port(const struct status_http *);
+void status_http_free(struct status_http *);
+
+#endif

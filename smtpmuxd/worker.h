@@ -1,2 +1,40 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB */
+#ifndef SMTPMUXD_WORKER_H
+#define SMTPMUXD_WORKER_H
+
+#include <signal.h>
+#include <sys/types.h>
+
+#include "config.h"
+#include "health.h"
+#include "privdrop.h"
+
+/*
+ * A worker process: one libevent loop accepting on every listener and
+ * running SMTP sessions. The master forks it; the worker owns its copy of
+ * the configuration (inherited by fork) and frees it when it exits.
+ *
+ * Signals: SIGTERM = graceful stop (stop accepting, let sessions finish
+ * within limits.shutdown_timeout, then drop them and exit); SIGUSR1 =
+ * reopen the log file. SIGHUP and SIGINT are ignored: they reach the whole
+ * process group from a terminal, and only the master acts on them.
+ */
+
+#define WORKER_STOP_SIGNAL SIGTERM
+
+struct worker_params {
+	struct config *cfg;              /* freed by the worker at exit */
+	struct health *health;
+	const int *listen_fds;           /* parallel to cfg->listen */
+	unsigned slot;                   /* health in-flight slot */
+	unsigned generation;
+	pid_t master_pid;
+	const struct privdrop *priv;
+	const sigset_t *sigmask;         /* to restore once the worker handles signals */
+};
+
+/* In the child right after fork (signals blocked): serves until stopped.
+ * Returns the exit status for the process. */
+int worker_run(const struct worker_params *p);
+
+#endif

@@ -1,0 +1,315 @@
+# SPDX-License-Identifier: MIT
+"""Test harness: the real smtpmuxd, real SMTP servers as downstreams, real clients.
+
+Everything listens on 127.0.0.1 on ports the kernel hands out, and every
+process or server a test starts is stopped by the test's cleanup.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+
+SRCDIR = os.environ.get("SRCDIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+BUILDDIR = os.environ.get("BUILDDIR", SRCDIR)
+SMTPMUXD = os.path.join(BUILDDIR, "smtpmuxd", "smtpmuxd")
+SELECTORS = os.path.join(BUILDDIR, "selectors")
+
+# Generous upper bounds for readiness polling; a passing run never waits this long.
+READY_TIMEOUT = 20.0
+
+
+def free_port():
+    """A port nothing listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=READY_TIMEOUT, what="condition"):
+    """Polls predicate until it is true; a readiness check, not a sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+def read_banner(port, timeout=2.0):
+    """Returns the greeting line of the server on port, or None."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            return s.makefile("rb").readline().decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+# --- downstream SMTP servers (aiosmtpd) --------------------------------------
+
+class RecordingHandler:
+    """Stores every message; optional faults model provider failures."""
+
+    def __init__(self, fault=None):
+        self.fault = fault
+        self.messages = []
+        self.lock = threading.Lock()
+        self.auth_seen = []
+        self.rcpt_attempts = 0
+        self.data_delay = 0.0       # seconds before answering the final dot
+        self.data_started = threading.Event()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.lock:
+            self.rcpt_attempts += 1
+        if self.fault == "rcpt_451":
+            return "451 4.3.0 Try again later"
+        if self.fault == "throttle":
+            return "451 4.7.0 Rate limit exceeded, slow down"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_started.set()
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.fault == "drop_data":
+            # The provider vanishes before answering the final dot.
+            server.transport.abort()
+            return "421 4.4.2 gone"
+        if self.fault == "reject_550":
+            return "550 5.7.1 Message rejected"
+        if self.fault == "quota_550":
+            return "550 5.4.5 Daily user sending quota exceeded"
+        with self.lock:
+            self.messages.append({
+                "from": envelope.mail_from,
+                "rcpts": list(envelope.rcpt_tos),
+                "data": envelope.original_content,
+                "tls": session.ssl is not None,
+            })
+        return "250 2.0.0 OK stored"
+
+    def count(self):
+        with self.lock:
+            return len(self.messages)
+
+
+class Downstream:
+    """An aiosmtpd server on a free loopback port."""
+
+    def __init__(self, fault=None, auth=None, tls_context=None, require_starttls=False):
+        self.handler = RecordingHandler(fault)
+        self.port = free_port()
+        kwargs = {}
+        if auth is not None:
+            user, password = auth
+
+            def authenticator(server, session, envelope, mechanism, data):
+                ok = data.login == user.encode() and data.password == password.encode()
+                self.handler.auth_seen.append((mechanism, data.login, session.ssl is not None))
+                return AuthResult(success=ok)
+
+            kwargs.update(authenticator=authenticator, auth_require_tls=tls_context is not None,
+                          auth_required=True)
+        if tls_context is not None:
+            kwargs.update(tls_context=tls_context, require_starttls=require_starttls)
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     ready_timeout=READY_TIMEOUT, **kwargs)
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    def start(self):
+        self.controller.start()
+        return self
+
+    def stop(self):
+        self.controller.stop()
+
+
+# --- the daemon ---------------------------------------------------------------
+
+def user_entry(email, password, downstreams, selector="round_robin.so"):
+    return {
+        "email": email,
+        "password": password,
+        "selector_algo_path": selector,
+        "downstreams": downstreams,
+    }
+
+
+def plain_downstream(ds, **extra):
+    entry = {"addr": ds.addr if isinstance(ds, Downstream) else ds, "tls": "none"}
+    entry.update(extra)
+    return entry
+
+
+class Daemon:
+    """smtpmuxd in the foreground with a generated config (JSON is YAML)."""
+
+    def __init__(self, tmpdir, config, env=None):
+        self.tmpdir = tmpdir
+        self.port = free_port()
+        self.config = dict(config)
+        self.config.setdefault("listen", ["127.0.0.1:%d" % self.port])
+        self.config.setdefault("workers", 2)
+        self.config.setdefault("hostname", "smtpmux.test")
+        self.config.setdefault("state_file", os.path.join(tmpdir, "smtpmuxd.state"))
+        self.config_path = os.path.join(tmpdir, "smtpmux.yaml")
+        self.log_path = os.path.join(tmpdir, "smtpmuxd.log")
+        self.env = dict(os.environ, SMTPMUX_SELECTOR_PATH=SELECTORS)
+        self.env.pop("USE_INSECURE_AUTH", None)
+        if env:
+            self.env.update(env)
+        self.proc = None
+        self.write_config(self.config)
+
+    def write_config(self, config=None, text=None):
+        with open(self.config_path, "w") as f:
+            f.write(text if text is not None else json.dumps(config, indent=2) + "\n")
+
+    def command(self):
+        cmd = [SMTPMUXD, "-f", "-c", self.config_path]
+        if os.environ.get("SMTPMUX_VALGRIND"):
+            cmd = ["valgrind", "--quiet", "--trace-children=yes", "--leak-check=full",
+                   "--errors-for-leak-kinds=definite", "--error-exitcode=99",
+                   "--log-file=%s.vg.%%p" % self.log_path] + cmd
+        return cmd
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(lambda: self.proc.poll() is not None or
+                   (read_banner(self.port) or "").startswith("220"),
+                   what="smtpmuxd to greet on port %d" % self.port)
+        if self.proc.poll() is not None:
+            raise AssertionError("smtpmuxd exited with %s:\n%s" % (self.proc.returncode, self.log_text()))
+        return self
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_log(self, needle, count=1, timeout=READY_TIMEOUT):
+        return wait_until(lambda: self.log_text().count(needle) >= count, timeout,
+                          "log line %r" % needle)
+
+    def children(self):
+        path = "/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)
+        with open(path) as f:
+            return [int(p) for p in f.read().split()]
+
+    def reload(self, config=None, text=None):
+        """SIGHUP with a new config; returns once the master has acted on it."""
+        before_ok = self.log_text().count("reload: generation=")
+        before_bad = self.log_text().count("reload failed")
+        self.write_config(config, text)
+        self.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: self.log_text().count("reload: generation=") > before_ok or
+                   self.log_text().count("reload failed") > before_bad,
+                   what="reload to finish")
+        return self.log_text().count("reload failed") == before_bad
+
+    def stop(self, sig=signal.SIGTERM, timeout=READY_TIMEOUT):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("smtpmuxd did not stop on %s" % sig)
+        finally:
+            self.log.close()
+
+
+# --- clients -----------------------------------------------------------------
+
+def make_message(subject="test", body="Hello.\r\n", sender="app@example.com", to="rcpt@example.org"):
+    return ("From: <%s>\r\nTo: <%s>\r\nSubject: %s\r\nMessage-ID: <%s@smtpmux.test>\r\n\r\n%s"
+            % (sender, to, subject, subject.replace(" ", "."), body)).encode()
+
+
+def send(port, user, password, rcpts=("rcpt@example.org",), msg=None, sender="app@example.com",
+         starttls=False, ssl_context=None, implicit=False):
+    """Sends one message with smtplib; returns the final reply (code, text)."""
+    msg = msg if msg is not None else make_message()
+    if implicit:
+        client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=60, context=ssl_context)
+    else:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=60)
+    try:
+        client.ehlo("client.test")
+        if starttls:
+            client.starttls(context=ssl_context)
+            client.ehlo("client.test")
+        if user is not None:
+            client.login(user, password)
+        client.mail(sender)
+        for r in rcpts:
+            code, text = client.rcpt(r)
+            if code >= 400:
+                return code, text
+        code, text = client.data(msg)
+        return code, text
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def swaks(port, *args):
+    """Runs swaks against the daemon; returns (exit status, transcript)."""
+    cmd = ["swaks", "--server", "127.0.0.1:%d" % port, "--silent", "0", "--hide-informational"] + list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return res.returncode, res.stdout + res.stderr
+
+
+class DaemonTestCase(unittest.TestCase):
+    """Creates a temp dir per test and stops everything the test started."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="smtpmux-it-")
+        self.tmpdir = self._tmp.name
+        self.addCleanup(self._tmp.cleanup)
+
+    def downstream(self, **kwargs):
+        ds = Downstream(**kwargs).start()
+        self.addCleanup(ds.stop)
+        return ds
+
+    def daemon(self, config, env=None, start=True):
+        d = Daemon(self.tmpdir, config, env)
+        self.addCleanup(self._stop_daemon, d)
+        return d.start() if start else d
+
+    def _stop_daemon(self, d):
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        if os.environ.get("SMTPMUX_VALGRIND"):
+            for name in os.listdir(self.tmpdir):
+                if ".vg." in name:
+                    with open(os.path.join(self.tmpdir, name)) as f:
+                        report = f.read()
+                    self.assertNotIn("definitely lost", report, name)

@@ -1,0 +1,233 @@
+# SPDX-License-Identifier: MIT
+"""The core path: authenticate, relay, fail over, reload, survive worker deaths."""
+
+import os
+import signal
+import smtplib
+import subprocess
+import threading
+import unittest
+
+from harness import (DaemonTestCase, free_port, make_message, plain_downstream, send,
+                     swaks, user_entry, wait_until, read_banner)
+
+USER, PASSWORD = "app@example.com", "s3cret-password"
+
+
+class RelayTest(DaemonTestCase):
+
+    def start_pair(self, fault_a=None, fault_b=None, selector="round_robin.so", extra=None):
+        self.a = self.downstream(fault=fault_a)
+        self.b = self.downstream(fault=fault_b)
+        config = {
+            "allow_insecure_auth": True,
+            "users": [user_entry(USER, PASSWORD, [plain_downstream(self.a, name="A"),
+                                                  plain_downstream(self.b, name="B")], selector)],
+        }
+        config.update(extra or {})
+        return self.daemon(config)
+
+    def test_round_robin_alternates(self):
+        d = self.start_pair()
+        for i in range(6):
+            code, _ = send(d.port, USER, PASSWORD, msg=make_message("rr %d" % i))
+            self.assertEqual(code, 250)
+        self.assertEqual(self.a.handler.count(), 3)
+        self.assertEqual(self.b.handler.count(), 3)
+        # Strict alternation, across both workers: the sequence is shared.
+        subjects_a = sorted(m["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for m in self.a.messages)
+        subjects_b = sorted(m["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for m in self.b.messages)
+        parity_a = {int(s.split()[1]) % 2 for s in subjects_a}
+        parity_b = {int(s.split()[1]) % 2 for s in subjects_b}
+        self.assertEqual(len(parity_a), 1)
+        self.assertEqual(len(parity_b), 1)
+        self.assertNotEqual(parity_a, parity_b)
+
+    def test_queued_as_id_is_logged(self):
+        d = self.start_pair(selector="failover.so")
+        code, text = send(d.port, USER, PASSWORD)
+        self.assertEqual(code, 250)
+        self.assertIn(b"queued as", text)
+        queue_id = text.split(b"queued as ")[1].split()[0].decode()
+        d.wait_log("id=%s" % queue_id)
+        log = d.log_text()
+        self.assertIn("status=sent", log)
+        self.assertNotIn(PASSWORD, log)
+
+    def test_failover_when_first_is_down(self):
+        dead = free_port()
+        b = self.downstream()
+        d = self.daemon({
+            "allow_insecure_auth": True,
+            "users": [user_entry(USER, PASSWORD, [plain_downstream("127.0.0.1:%d" % dead, name="dead"),
+                                                  plain_downstream(b, name="B")], "failover.so")],
+        })
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(b.handler.count(), 1)
+
+    def test_failover_on_451_to_rcpt(self):
+        d = self.start_pair(fault_a="rcpt_451", selector="failover.so")
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(self.a.handler.count(), 0)
+        self.assertEqual(self.b.handler.count(), 1)
+
+    def test_failover_when_connection_drops_in_data(self):
+        d = self.start_pair(fault_a="drop_data", selector="failover.so")
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(self.b.handler.count(), 1)
+
+    def test_all_down_gives_4xx_and_delivers_nothing(self):
+        d = self.start_pair(fault_a="rcpt_451", fault_b="rcpt_451")
+        code, text = send(d.port, USER, PASSWORD)
+        self.assertEqual(code, 451)
+        self.assertIn(b"4.4.1", text)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 0)
+
+    def test_all_reject_gives_5xx(self):
+        d = self.start_pair(fault_a="reject_550", fault_b="reject_550")
+        code, _ = send(d.port, USER, PASSWORD)
+        self.assertEqual(code // 100, 5)
+
+    def test_mail_without_auth_is_refused(self):
+        d = self.start_pair()
+        client = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+        self.addCleanup(client.close)
+        client.ehlo("client.test")
+        code, text = client.mail("app@example.com")
+        self.assertEqual(code, 530)
+        self.assertIn(b"5.7.0", text)
+
+    def test_wrong_password_is_refused(self):
+        d = self.start_pair()
+        status, out = swaks(d.port, "--auth", "PLAIN", "--auth-user", USER, "--auth-password", "wrong",
+                            "--to", "rcpt@example.org")
+        self.assertNotEqual(status, 0)
+        self.assertIn("535", out)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 0)
+        self.assertNotIn("wrong", d.log_text())
+
+    def test_swaks_auth_login(self):
+        d = self.start_pair()
+        status, out = swaks(d.port, "--auth", "LOGIN", "--auth-user", USER, "--auth-password", PASSWORD,
+                            "--to", "rcpt@example.org")
+        self.assertEqual(status, 0, out)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 1)
+
+    def test_ten_megabyte_message_arrives_identical(self):
+        d = self.start_pair(selector="failover.so")
+        line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+        body = line * (10 * 1024 * 1024 // len(line) + 1)
+        msg = make_message("big") + body
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        got = self.a.messages[0]["data"]
+        # The relay prepends one Received: trace header and changes nothing else.
+        self.assertTrue(got.startswith(b"Received: "))
+        self.assertEqual(got[got.index(b"\r\nFrom: ") + 2:], msg)
+
+    def test_dot_lines_arrive_identical(self):
+        d = self.start_pair(selector="failover.so")
+        body = b"".join(b"." * (i % 5 + 1) + b" line %d\r\n" % i for i in range(500)) + b".\r\n..\r\n"
+        msg = make_message("dots") + body
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        got = self.a.messages[0]["data"]
+        self.assertEqual(got[got.index(b"\r\nFrom: ") + 2:], msg)
+
+    def test_fifty_concurrent_clients(self):
+        d = self.start_pair()
+        results = []
+
+        def client(i):
+            results.append(send(d.port, USER, PASSWORD, msg=make_message("c %d" % i))[0])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        self.assertEqual(results, [250] * 50)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 50)
+        self.assertEqual(self.a.handler.count(), 25)
+
+    def test_reload_adds_downstream_without_failed_send(self):
+        a = self.downstream()
+        b = self.downstream()
+        config = {"allow_insecure_auth": True,
+                  "users": [user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], "failover.so")]}
+        d = self.daemon(config)
+        stop = threading.Event()
+        codes = []
+
+        def loop():
+            i = 0
+            while not stop.is_set():
+                try:
+                    codes.append(send(d.port, USER, PASSWORD, msg=make_message("loop %d" % i))[0])
+                except (smtplib.SMTPException, OSError) as e:
+                    codes.append(repr(e))
+                i += 1
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            wait_until(lambda: len(codes) >= 3, what="client loop to send")
+            config["users"][0]["downstreams"] = [plain_downstream(b, name="B"), plain_downstream(a, name="A")]
+            self.assertTrue(d.reload(config))
+            wait_until(lambda: b.handler.count() >= 3, what="new downstream to receive mail")
+        finally:
+            stop.set()
+            t.join(60)
+        self.assertTrue(codes)
+        self.assertEqual([c for c in codes if c != 250], [])
+
+    def test_reload_with_broken_config_keeps_serving(self):
+        d = self.start_pair()
+        good = open(d.config_path).read()
+        self.assertFalse(d.reload(text=good.replace('"users"', '"usres"')))
+        self.assertRegex(d.log_text(), r"reload failed.*smtpmux\.yaml:\d+")
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+
+    def test_killed_worker_is_respawned(self):
+        d = self.start_pair()
+        workers = d.children()
+        self.assertGreaterEqual(len(workers), 2)
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: workers[0] not in d.children() and len(d.children()) == len(workers),
+                   what="worker respawn")
+        for i in range(4):
+            self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("after %d" % i))[0], 250)
+        self.assertRegex(d.log_text(), r"killed by signal 9|signal 9")
+
+    def test_sigterm_exits_zero(self):
+        d = self.start_pair()
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(d.stop(), 0)
+
+    def test_prototype_config_loads_unchanged(self):
+        with open(os.path.join(self.tmpdir, "proto.yaml"), "w") as f:
+            f.write('users:\n'
+                    '  - email: "test@user.com"\n'
+                    '    password: "password123"\n'
+                    '    selector_algo_path: "selectors/round_robin.so"\n'
+                    '    downstreams:\n'
+                    '      - addr: "127.0.0.1:2526"\n'
+                    '        user: "any"\n'
+                    '        pass: "any"\n')
+        from harness import SMTPMUXD, SELECTORS
+        res = subprocess.run([SMTPMUXD, "-t", "-c", os.path.join(self.tmpdir, "proto.yaml")],
+                             env=dict(os.environ, SMTPMUX_SELECTOR_PATH=os.path.dirname(SELECTORS)),
+                             capture_output=True, text=True)
+        self.assertEqual(res.returncode, 0, res.stderr)
+
+    def test_broken_config_names_file_line_and_key(self):
+        path = os.path.join(self.tmpdir, "bad.yaml")
+        with open(path, "w") as f:
+            f.write("users:\n  - email: a@b\n    password: x\n    downstreams:\n      - addr: \"nohost\"\n")
+        from harness import SMTPMUXD
+        res = subprocess.run([SMTPMUXD, "-t", "-c", path], capture_output=True, text=True)
+        self.assertEqual(res.returncode, 1)
+        self.assertIn("%s:5:" % path, res.stderr)
+        self.assertIn("users[0].downstreams[0].addr", res.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
