@@ -74,8 +74,12 @@ copy_field(char *dst, const unsigned char *src, size_t len)
 static enum auth_status
 split_plain(const unsigned char *p, size_t len, struct auth_plain *out)
 {
-	const unsigned char *nul1 = memchr(p, '\0', len), *nul2, *end = p + len;
+	const unsigned char *nul1, *nul2, *end;
 
+	if (len == 0)
+		return AUTH_BAD_FORMAT;         /* and p may be NULL */
+	end = p + len;
+	nul1 = memchr(p, '\0', len);
 	if (nul1 == NULL)
 		return AUTH_BAD_FORMAT;
 	nul2 = memchr(nul1 + 1, '\0', (size_t)(end - nul1 - 1));

@@ -465,6 +465,39 @@ fail_wrong_type(struct loader *ld, const char *path)
 	return fail(ld, path, NULL, "expected %s, got %s", want, got);
 }
 
+/*
+ * libcyaml takes any word but a few as true, so "allow_insecure_auth:
+ * nope" would enable it; booleans must be one of these words.
+ */
+static bool
+bool_word(const char *v)
+{
+	static const char *const words[] = { "true", "false", "yes", "no", "on", "off" };
+
+	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+		if (strcasecmp(v, words[i]) == 0)
+			return true;
+	return false;
+}
+
+static int
+check_bools(struct loader *ld, const struct config_node *n)
+{
+	const cyaml_schema_value_t *sv;
+
+	if (n->kind == CONFIG_NODE_SCALAR) {
+		sv = schema_at(n->path);
+		if (sv != NULL && sv->type == CYAML_BOOL && !bool_word(n->value))
+			return fail_wrong_type(ld, n->path);
+		return 0;
+	}
+	for (const struct config_node *c = config_lines_child(ld->lines, n, NULL); c;
+	    c = config_lines_child(ld->lines, n, c))
+		if (check_bools(ld, c) == -1)
+			return -1;
+	return 0;
+}
+
 /* Turns libcyaml's error and backtrace into "FILE:LINE: KEY: ...". */
 static int
 fail_cyaml(struct loader *ld, cyaml_err_t rc)
@@ -955,7 +988,7 @@ check_user(struct loader *ld, const struct config *cfg, size_t i, const struct r
 	if ((u->downstreams = calloc(raw->n_downstreams, sizeof(*u->downstreams))) == NULL)
 		return fail_oom(ld);
 	for (size_t j = 0; j < raw->n_downstreams; j++) {
-		char ds_base[64];
+		char ds_base[96];
 
 		snprintf(ds_base, sizeof(ds_base), "%s.downstreams[%zu]", base, j);
 		u->n_downstreams++;
@@ -994,8 +1027,8 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 /* ---- loading what the configuration names ---- */
 
 static int
-build_selector(struct loader *ld, const char *base, const struct raw_user *raw,
-    struct user_cfg *u)
+build_selector(struct loader *ld, const struct config *cfg, const char *base,
+    const struct raw_user *raw, struct user_cfg *u)
 {
 	struct smtpmux_selector_param *params = NULL;
 	char why[256];
@@ -1009,10 +1042,311 @@ build_selector(struct loader *ld, const char *base, const struct raw_user *raw,
 		params[i].value = u->params[i].value;
 	}
 	why[0] = '\0';
-	u->selector = selector_load(u->selector_path, ld_dir_unused(ld), params, u->n_params,
+	u->selector = selector_load(u->selector_path, cfg->dir, params, u->n_params,
 	    &u->selector_resolved, why, sizeof(why));
 	free(params);
 	if (u->selector == NULL)
-		return fail(ld, base, key, "%s", why[0] ? why : "cannot load selector");
+		return fail(ld, base, key, "%s", why[0] ? why : "cannot load the selector");
 	return 0;
+}
+
+/* Each downstream keeps its own client credentials (and resumption data). */
+static int
+build_downstream_tls(struct loader *ld, const char *base, struct downstream_cfg *ds)
+{
+	char why[256];
+
+	if (ds->tls == TLS_MODE_NONE)
+		return 0;
+	why[0] = '\0';
+	ds->tls_client = tls_client_new(ds->tls_ca, ds->tls_verify, TLS_DEFAULT_PRIORITY,
+	    why, sizeof(why));
+	if (ds->tls_client == NULL)
+		return fail(ld, base, ds->tls_ca ? "tls_ca" : "tls", "%s",
+		    why[0] ? why : "cannot set up TLS");
+	return 0;
+}
+
+static int
+build_server_tls(struct loader *ld, struct config *cfg)
+{
+	char why[256];
+
+	if (cfg->tls.cert == NULL)
+		return 0;
+	why[0] = '\0';
+	cfg->tls.server = tls_server_new(cfg->tls.cert, cfg->tls.key, cfg->tls.priority,
+	    why, sizeof(why));
+	if (cfg->tls.server == NULL)
+		return fail(ld, "tls", "cert", "%s", why[0] ? why : "cannot load the certificate");
+	return 0;
+}
+
+static int
+config_build(struct loader *ld, const struct raw_config *raw, struct config *cfg)
+{
+	if (build_server_tls(ld, cfg) == -1)
+		return -1;
+	for (size_t i = 0; i < cfg->n_users; i++) {
+		struct user_cfg *u = &cfg->users[i];
+		char base[32];
+
+		snprintf(base, sizeof(base), "users[%zu]", i);
+		if (build_selector(ld, cfg, base, &raw->users[i], u) == -1)
+			return -1;
+		for (size_t j = 0; j < u->n_downstreams; j++) {
+			char ds_base[96];
+
+			snprintf(ds_base, sizeof(ds_base), "%s.downstreams[%zu]", base, j);
+			if (build_downstream_tls(ld, ds_base, &u->downstreams[j]) == -1)
+				return -1;
+		}
+	}
+	return 0;
+}
+
+/* Logged once the configuration is accepted, for the administrator to see. */
+static void
+config_warn(const struct config *cfg)
+{
+	for (size_t i = 0; i < cfg->n_users; i++) {
+		const struct user_cfg *u = &cfg->users[i];
+
+		for (size_t j = 0; j < u->n_downstreams; j++) {
+			const struct downstream_cfg *ds = &u->downstreams[j];
+
+			if (ds->tls != TLS_MODE_NONE && !ds->tls_verify)
+				log_warn("config: user=%s downstream=%s: tls_verify is false, "
+				    "the certificate of %s is not checked", u->email, ds->name,
+				    ds->addr);
+		}
+	}
+}
+
+/* ---- the file ---- */
+
+static char *
+file_read(struct loader *ld, size_t *lenp)
+{
+	FILE *fp = fopen(ld->file, "r");
+	char *data;
+	size_t len;
+
+	if (fp == NULL) {
+		snprintf(ld->err, ld->errlen, "%s: cannot open: %s", ld->file, strerror(errno));
+		return NULL;
+	}
+	if ((data = malloc(CONFIG_MAX_SIZE + 1)) == NULL) {
+		fclose(fp);
+		fail_oom(ld);
+		return NULL;
+	}
+	len = fread(data, 1, CONFIG_MAX_SIZE + 1, fp);
+	if (ferror(fp) || len > CONFIG_MAX_SIZE) {
+		snprintf(ld->err, ld->errlen, "%s: cannot read: %s", ld->file,
+		    ferror(fp) ? strerror(errno) : "file too large");
+		fclose(fp);
+		free(data);
+		return NULL;
+	}
+	fclose(fp);
+	data[len] = '\0';
+	*lenp = len;
+	return data;
+}
+
+/* Absolute, so that a reload after chdir("/") finds the same file. */
+static int
+config_set_path(struct loader *ld, struct config *cfg, const char *path)
+{
+	char cwd[PATH_MAX], *slash;
+	size_t len;
+
+	if (path[0] == '/') {
+		cwd[0] = '\0';
+	} else if (getcwd(cwd, sizeof(cwd)) == NULL) {
+		snprintf(ld->err, ld->errlen, "%s: cannot resolve: %s", path, strerror(errno));
+		return -1;
+	}
+	len = strlen(cwd) + strlen(path) + 2;
+	if ((cfg->path = malloc(len)) == NULL || (cfg->dir = malloc(len)) == NULL)
+		return fail_oom(ld);
+	snprintf(cfg->path, len, "%s%s%s", cwd, cwd[0] ? "/" : "", path);
+	snprintf(cfg->dir, len, "%s", cfg->path);
+	slash = strrchr(cfg->dir, '/');
+	slash[slash == cfg->dir] = '\0';
+	return 0;
+}
+
+static struct raw_config *
+raw_load(struct loader *ld, const char *data, size_t len, const cyaml_config_t *cy)
+{
+	struct raw_config *raw = NULL;
+	cyaml_err_t rc;
+
+	rc = cyaml_load_data((const uint8_t *)data, len, cy, &top_schema,
+	    (cyaml_data_t **)&raw, NULL);
+	if (rc != CYAML_OK) {
+		fail_cyaml(ld, rc);
+		return NULL;
+	}
+	/* An empty document loads as nothing at all. */
+	if (raw == NULL)
+		fail(ld, "users", NULL, "required key missing");
+	return raw;
+}
+
+struct config *
+config_load(const char *path, char *err, size_t errlen)
+{
+	struct loader ld = { .file = path, .err = err, .errlen = errlen };
+	const cyaml_config_t cy = {
+		.log_fn = cylog_capture,
+		.log_ctx = &ld,
+		.mem_fn = cyaml_mem,
+		.log_level = CYAML_LOG_ERROR,
+		.flags = CYAML_CFG_DEFAULT,
+	};
+	struct raw_config *raw = NULL;
+	struct config *cfg;
+	char *data = NULL;
+	size_t len = 0;
+	unsigned errline;
+	int rc = -1;
+
+	if ((cfg = calloc(1, sizeof(*cfg))) == NULL) {
+		snprintf(err, errlen, "%s: out of memory", path);
+		return NULL;
+	}
+	if (config_set_path(&ld, cfg, path) == -1 || (data = file_read(&ld, &len)) == NULL)
+		goto out;
+	if ((ld.lines = config_lines_scan(data, len, &errline, err, errlen)) == NULL) {
+		char why[256];
+
+		snprintf(why, sizeof(why), "%s", err);
+		snprintf(err, errlen, "%s:%u: %s", path, errline, why);
+		goto out;
+	}
+	if ((raw = raw_load(&ld, data, len, &cy)) == NULL ||
+	    check_bools(&ld, config_lines_get(ld.lines, "")) == -1)
+		goto out;
+	rc = config_check(&ld, raw, cfg) == 0 && config_build(&ld, raw, cfg) == 0 ? 0 : -1;
+out:
+	if (raw != NULL)
+		cyaml_free(&cy, &top_schema, raw, 0);
+	config_lines_free(ld.lines);
+	free(data);
+	if (rc == -1) {
+		config_free(cfg);
+		return NULL;
+	}
+	config_warn(cfg);
+	return cfg;
+}
+
+static void
+downstream_free(struct downstream_cfg *ds)
+{
+	if (ds->tls_client != NULL)
+		tls_client_free(ds->tls_client);
+	free(ds->name);
+	free(ds->addr);
+	free(ds->host);
+	free(ds->port);
+	free(ds->user);
+	free(ds->pass);
+	free(ds->tls_ca);
+}
+
+static void
+user_free(struct user_cfg *u)
+{
+	if (u->selector != NULL)
+		selector_free(u->selector);
+	for (size_t j = 0; j < u->n_downstreams; j++)
+		downstream_free(&u->downstreams[j]);
+	for (size_t i = 0; i < u->n_params; i++) {
+		free(u->params[i].key);
+		free(u->params[i].value);
+	}
+	free(u->params);
+	free(u->downstreams);
+	free(u->email);
+	free(u->password);
+	free(u->selector_path);
+	free(u->selector_resolved);
+}
+
+void
+config_free(struct config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	for (size_t i = 0; i < cfg->n_users; i++)
+		user_free(&cfg->users[i]);
+	free(cfg->users);
+	for (size_t i = 0; i < cfg->n_listen; i++) {
+		free(cfg->listen[i].text);
+		free(cfg->listen[i].host);
+		free(cfg->listen[i].port);
+	}
+	free(cfg->listen);
+	if (cfg->tls.server != NULL)
+		tls_server_free(cfg->tls.server);
+	free(cfg->tls.cert);
+	free(cfg->tls.key);
+	free(cfg->tls.priority);
+	free(cfg->path);
+	free(cfg->dir);
+	free(cfg->hostname);
+	free(cfg->run_user);
+	free(cfg->run_group);
+	free(cfg->tmp_dir);
+	free(cfg->log_file);
+	free(cfg->status_listen);
+	free(cfg->state_file);
+	free(cfg);
+}
+
+const struct user_cfg *
+config_find_user(const struct config *cfg, const char *email)
+{
+	for (size_t i = 0; i < cfg->n_users; i++)
+		if (strcasecmp(cfg->users[i].email, email) == 0)
+			return &cfg->users[i];
+	return NULL;
+}
+
+const char *
+config_default_path(void)
+{
+	return SYSCONFDIR "/smtpmux/smtpmux.yaml";
+}
+
+/* ---- for tests ---- */
+
+static void
+schema_walk(const cyaml_schema_value_t *sv, const char *prefix,
+    void (*fn)(const char *key, void *arg), void *arg)
+{
+	char path[256];
+
+	if (sv->type == CYAML_SEQUENCE) {
+		snprintf(path, sizeof(path), "%s[]", prefix);
+		schema_walk(sv->sequence.entry, path, fn, arg);
+		return;
+	}
+	if (sv->type != CYAML_MAPPING)
+		return;
+	for (const cyaml_schema_field_t *f = sv->mapping.fields; f->key != NULL; f++) {
+		path_join(path, sizeof(path), prefix, f->key);
+		fn(path, arg);
+		schema_walk(&f->value, path, fn, arg);
+	}
+}
+
+void
+config_schema_keys(void (*fn)(const char *key, void *arg), void *arg)
+{
+	schema_walk(&top_schema, "", fn, arg);
 }

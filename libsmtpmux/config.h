@@ -153,4 +153,13 @@ const struct user_cfg *config_find_user(const struct config *cfg, const char *em
 /* Default config file: SYSCONFDIR "/smtpmux/smtpmux.yaml". */
 const char *config_default_path(void);
 
+/* ---- for tests ---- */
+
+/*
+ * Calls fn once for every key of the YAML schema, as a dotted path with
+ * "[]" for list entries, e.g. "users[].downstreams[].addr"; the man page
+ * test checks that each one is documented.
+ */
+void config_schema_keys(void (*fn)(const char *key, void *arg), void *arg);
+
 #endif

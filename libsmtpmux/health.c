@@ -230,11 +230,15 @@ circuit_retrip(struct health_rec *r, const struct health_cfg *hc, uint64_t seen,
 	    circuit_pack(CIRCUIT_OPEN, cd, secs32_add(now, cd)));
 }
 
+/* Loads first: every success passes here, and a store would bounce the
+ * cache line between the workers for nothing. */
 static void
 circuit_close(struct health_rec *r)
 {
-	atomic_store(&r->circuit, 0);
-	atomic_store(&r->consecutive_failures, 0);
+	if (atomic_load(&r->circuit) != 0)
+		atomic_store(&r->circuit, 0);
+	if (atomic_load(&r->consecutive_failures) != 0)
+		atomic_store(&r->consecutive_failures, 0);
 }
 
 /*
@@ -403,8 +407,6 @@ error_record(struct health_rec *r, time_t now, const char *error)
 {
 	char clean[HEALTH_ERROR_MAX];
 
-	if (error == NULL)
-		error = "";
 	log_sanitize(clean, sizeof(clean), error, strlen(error));
 	atext_store(r->error, sizeof(r->error), clean);
 	atomic_store(&r->error_time, (int64_t)now);
@@ -850,6 +852,16 @@ end_throttled(struct health_rec *r, const struct health_cfg *hc, unsigned slot, 
 		atomic_store(&r->consecutive_failures, 0);
 }
 
+/* No verdict: a trial that was cancelled leaves the circuit half-open. */
+static void
+end_cancelled(struct health_rec *r, unsigned slot)
+{
+	uint64_t c = atomic_load(&r->circuit);
+
+	if (circuit_is_trial_of(c, slot))
+		circuit_unclaim(r, c);
+}
+
 void
 health_end_since(struct health_rec *r, const struct downstream_cfg *ds,
     const struct health_cfg *hc, unsigned worker_slot, time_t begun, time_t now,
@@ -858,20 +870,25 @@ health_end_since(struct health_rec *r, const struct downstream_cfg *ds,
 	unsigned slot = slot_clamp(worker_slot);
 
 	(void)ds;
-	atomic_fetch_add(&r->attempts, 1);
+	if (outcome != HEALTH_CANCELLED)
+		atomic_fetch_add(&r->attempts, 1);
 	switch (outcome) {
 	case HEALTH_OK:
 		end_ok(r, latency_ms);
 		break;
 	case HEALTH_FAIL:
 		quota_release(r, begun);
-		error_record(r, now, error);
+		error_record(r, now, error ? error : "failed");
 		end_fail(r, hc, slot, now);
 		break;
 	case HEALTH_THROTTLED:
 		quota_release(r, begun);
-		error_record(r, now, error);
+		error_record(r, now, error ? error : "throttled");
 		end_throttled(r, hc, slot, now);
+		break;
+	case HEALTH_CANCELLED:
+		quota_release(r, begun);
+		end_cancelled(r, slot);
 		break;
 	}
 	in_flight_end(r, slot);
@@ -899,7 +916,7 @@ health_probe_result(struct health_rec *r, const struct downstream_cfg *ds,
 		circuit_close(r);
 		return;
 	}
-	error_record(r, now, error);
+	error_record(r, now, error ? error : "probe failed");
 	failures = atomic_fetch_add(&r->consecutive_failures, 1) + 1;
 	c = atomic_load(&r->circuit);
 	if (circuit_mode(c) == CIRCUIT_CLOSED)

@@ -40,7 +40,9 @@ struct health_user;                  /* one user: the shared message sequence */
 enum health_outcome {
 	HEALTH_OK,                       /* the downstream accepted the message */
 	HEALTH_FAIL,                     /* connect/TLS/protocol failure or 4xx/5xx */
-	HEALTH_THROTTLED                 /* a rate-limit / quota reply (smtp_reply_is_throttle) */
+	HEALTH_THROTTLED,                /* a rate-limit / quota reply (smtp_reply_is_throttle) */
+	HEALTH_CANCELLED                 /* no verdict (client gone, worker stopping): gives back
+	                                    the quota and a half-open trial, counts nothing */
 };
 
 /*

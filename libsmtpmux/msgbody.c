@@ -1,5 +1,4 @@
 /* SPDX-License-Identifier: MIT */
-#define _GNU_SOURCE                      /* mkostemp */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>

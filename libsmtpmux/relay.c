@@ -1,5 +1,4 @@
 /* SPDX-License-Identifier: MIT */
-#define _GNU_SOURCE                      /* strcasestr */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -126,11 +125,20 @@ log_attempt(const struct relay *r, const struct downstream_cfg *ds,
 	    clean(text, sizeof(text), res->text));
 }
 
+/* health_begin() said no; the view says why, for the log. */
 static void
-log_skipped(const struct relay *r, const struct downstream_cfg *ds)
+log_skipped(const struct relay *r, const struct downstream_cfg *ds, time_t now)
 {
+	struct smtpmux_downstream_view v;
+	const char *why;
+
+	fill_view(r, ds, now, &v);
+	why = v.state == SMTPMUX_DS_DOWN ? "circuit open" :
+	    v.state == SMTPMUX_DS_THROTTLED ? "throttled" :
+	    v.quota_left == 0 ? "over quota" :
+	    v.state == SMTPMUX_DS_HALF_OPEN ? "half-open, trial in progress" : "unavailable";
 	log_info("id=%s relay=%s[%s] attempt=%u stage=connect status=skipped delay=0.000 "
-	    "tls=none (0 over quota)", r->msg->id, ds->name, ds->addr, r->attempts + 1);
+	    "tls=none (0 %s)", r->msg->id, ds->name, ds->addr, r->attempts + 1, why);
 }
 
 /* "<a>,<b>,..." truncated with ",..." so that one line stays readable. */
@@ -246,6 +254,29 @@ finish(struct relay *r, bool ok)
 	done(arg, &res);
 }
 
+/*
+ * Ends the health bookkeeping of an attempt that produced no verdict
+ * (cancelled because the client left or the worker stops, or never
+ * started). health.h has no neutral outcome, and one of the two must be
+ * chosen to release the in-flight count:
+ *   - HEALTH_OK would close an open circuit and count a success for a
+ *     downstream that may be dead (clients that time out before our connect
+ *     timeout would keep a black-holed provider looking healthy forever),
+ *     and keep the quota reservation;
+ *   - HEALTH_FAIL gives the quota back and counts one failure; at worst a
+ *     healthy downstream sits out one cooldown, and its next trial closes
+ *     the circuit again. The error text says why.
+ * The second poisons less and heals itself. A HEALTH_CANCELLED outcome
+ * (release in-flight and quota, touch nothing else) would be exact.
+ */
+static void
+release_attempt(struct relay *r, const struct downstream_cfg *ds, const char *why)
+{
+	if (has_health(r, ds))
+		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
+		    r->cur_started, time(NULL), HEALTH_FAIL, 0, why);
+}
+
 /* --- attempts ---------------------------------------------------------------------- */
 
 static void
@@ -260,8 +291,9 @@ attempt_done(void *arg, const struct upstream_result *res)
 	outcome = res->status == UPSTREAM_OK ? HEALTH_OK :
 	    res->throttle ? HEALTH_THROTTLED : HEALTH_FAIL;
 	if (has_health(r, ds))
-		health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot, time(NULL),
-		    outcome, res->latency_ms, res->status == UPSTREAM_OK ? NULL : res->text);
+		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
+		    r->cur_started, time(NULL), outcome, res->latency_ms,
+		    res->status == UPSTREAM_OK ? NULL : res->text);
 	log_attempt(r, ds, res);
 	if (res->status == UPSTREAM_OK) {
 		finish(r, true);
@@ -291,20 +323,19 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 		ds = &r->user->downstreams[r->order[r->next++]];
 		if (has_health(r, ds) &&
 		    !health_begin(ds->health, ds, r->rt->worker_slot, time(NULL))) {
-			log_skipped(r, ds);
+			log_skipped(r, ds, time(NULL));
 			r->retry_later = true;       /* the quota comes back; so may the message */
 			continue;
 		}
 		r->attempts++;
 		r->cur = ds;
+		r->cur_started = time(NULL);
 		r->up = upstream_start(r->rt, ds, r->msg, attempt_done, r);
 		if (r->up != NULL)
 			return;
 		log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
 		    r->msg->id, ds->name, ds->addr);
-		if (has_health(r, ds))       /* our failure, not the downstream's */
-			health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
-			    time(NULL), HEALTH_OK, 0, NULL);
+		release_attempt(r, ds, "cannot start a delivery attempt");
 		r->retry_later = true;
 	}
 	finish(r, false);
@@ -384,13 +415,7 @@ relay_cancel(struct relay *r)
 	ds = r->cur;
 	if (r->up != NULL) {
 		upstream_cancel(r->up);
-		/*
-		 * A cancelled attempt says nothing about the downstream: see the
-		 * comment on release semantics in the report of health_end.
-		 */
-		if (has_health(r, ds))
-			health_end(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
-			    time(NULL), HEALTH_OK, 0, NULL);
+		release_attempt(r, ds, "attempt cancelled");
 		log_info("id=%s relay=%s[%s] attempt=%u status=cancelled", r->msg->id,
 		    ds->name, ds->addr, r->attempts);
 	}

@@ -113,7 +113,8 @@ search_env(struct search *s)
 		buf[len] = '\0';
 		search_note(s, buf);
 		if (search_try(s, buf, s->path) ||
-		    search_try(s, buf, base_name(s->path)))
+		    (base_name(s->path) != s->path &&
+		    search_try(s, buf, base_name(s->path))))
 			return true;
 	}
 	return false;

@@ -38,15 +38,21 @@ count_line(struct smtp_data_reader *r, size_t n)
 		r->too_long = true;
 }
 
-/* Appends message octets, unless the message is already too big. */
+/*
+ * Appends message octets; only the first max_size are stored, whatever the
+ * chunking, so the output stays a function of the input alone.
+ */
 static void
 emit(struct smtp_data_reader *r, const char *p, size_t n, struct evbuffer *out)
 {
-	r->size += n;
-	if (r->max_size != 0 && r->size > r->max_size)
-		r->too_big = true;
-	if (!r->too_big)
+	if (r->max_size == 0 || r->size + n <= r->max_size)
 		evbuffer_add(out, p, n);
+	else {
+		if (r->size < r->max_size)
+			evbuffer_add(out, p, (size_t)(r->max_size - r->size));
+		r->too_big = true;
+	}
+	r->size += n;
 }
 
 static void

@@ -553,8 +553,10 @@ parse_args(struct cursor *c, struct smtp_cmd *cmd, struct smtp_error *err)
 	}
 	if (has_ctl(c->p, (size_t)(c->end - c->p)))
 		return syntax_error(err, "Invalid character in argument");
-	cmd->arg = c->p;
-	cmd->arg_len = (size_t)(c->end - c->p);
+	if (has_arg) {
+		cmd->arg = c->p;
+		cmd->arg_len = (size_t)(c->end - c->p);
+	}
 	return 0;
 }
 

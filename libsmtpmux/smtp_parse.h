@@ -30,7 +30,7 @@ enum smtp_body { SMTP_BODY_UNSET = 0, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME };
 struct smtp_error {
 	int code;                        /* 500, 501, 504, 555 ... */
 	const char *enhanced;            /* "5.5.2" */
-	const char *text;
+	const char *text;                /* "Bad sender address syntax": no code */
 };
 
 struct smtp_cmd {
@@ -50,7 +50,8 @@ struct smtp_cmd {
 	char mech[21];
 	const char *initial;             /* points into the line, NULL if absent */
 	size_t initial_len;
-	/* Raw argument text after the verb (VRFY, HELP, NOOP, STARTTLS ...). */
+	/* Raw argument text after the verb (VRFY, EXPN, HELP, NOOP, BDAT), no
+	 * control characters; NULL when there is none. */
 	const char *arg;
 	size_t arg_len;
 };
@@ -58,8 +59,14 @@ struct smtp_cmd {
 /*
  * Parses one command line (without its CRLF). Returns 0 and fills cmd, or
  * -1 and fills err with the RFC 5321 reply for the syntax error, e.g.
- * 500 5.5.2 for an unknown verb, 501 5.5.4 for bad arguments, 555 5.5.4
- * for unknown MAIL/RCPT parameters, 501 5.1.7 / 5.1.3 for bad addresses.
+ * 500 5.5.2 for an unknown verb or a CR, LF or NUL anywhere in the line,
+ * 501 5.5.4 for bad arguments (also SIZE/BODY/AUTH= values), 555 5.5.4 for
+ * unknown MAIL/RCPT parameters, 501 5.1.7 / 5.1.3 for bad sender /
+ * recipient addresses (and 5.1.3 for RCPT TO:<>). On error cmd holds only
+ * the verb. Verbs and parameter names are case-insensitive, trailing
+ * white space is ignored, "MAIL FROM: <a@b>" (one space) is tolerated, a
+ * source route "<@a,@b:u@d>" is reduced to "u@d", and RCPT accepts a bare
+ * "<postmaster>". No field of cmd can hold a control character.
  * Sequence errors (503) are the session's business, not the parser's.
  */
 int smtp_parse_command(const char *line, size_t len, struct smtp_cmd *cmd,
@@ -69,8 +76,10 @@ int smtp_parse_command(const char *line, size_t len, struct smtp_cmd *cmd,
  * Finds the end of the next command line in buf. Returns the length of
  * the line (without CRLF or LF) and sets *consumed to the bytes to drop,
  * or returns -1 when no complete line is present yet (*consumed = 0), or
- * -2 when more than max octets arrived without a line end (the caller
- * replies 500 5.5.6 and discards up to the next line end).
+ * -2 when more than max octets arrived without a line end (*consumed = 0;
+ * the caller replies 500 5.5.6 and discards up to the next line end).
+ * max counts the line end, as SMTP_CMD_LINE_MAX does. Only the CR right
+ * before the LF is stripped; any other CR stays and the parser refuses it.
  */
 long smtp_next_line(const char *buf, size_t len, size_t max, size_t *consumed);
 

@@ -440,13 +440,6 @@ auth_permitted(struct smtp_session *s)
 	return false;
 }
 
-/* RFC 4954 4: "=" is an initial response of zero length. */
-static size_t
-initial_len(const struct smtp_cmd *cmd)
-{
-	return cmd->initial_len == 1 && cmd->initial[0] == '=' ? 0 : cmd->initial_len;
-}
-
 static void
 cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
@@ -454,7 +447,7 @@ cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
 		return;
 	if (strcmp(cmd->mech, "PLAIN") == 0) {
 		if (cmd->initial != NULL) {
-			auth_plain_response(s, cmd->initial, initial_len(cmd));
+			auth_plain_response(s, cmd->initial, cmd->initial_len);
 			return;
 		}
 		set_state(s, SESS_AUTH_PLAIN);
@@ -462,7 +455,7 @@ cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
 	} else if (strcmp(cmd->mech, "LOGIN") == 0) {
 		/* Some clients send the user name as an initial response. */
 		if (cmd->initial != NULL) {
-			auth_login_user(s, cmd->initial, initial_len(cmd));
+			auth_login_user(s, cmd->initial, cmd->initial_len);
 			return;
 		}
 		set_state(s, SESS_AUTH_LOGIN_USER);
@@ -642,23 +635,37 @@ store_body_chunk(struct smtp_session *s)
 static void
 after_transaction(struct smtp_session *s)
 {
+	if (s->state == SESS_CLOSING)        /* the error budget ran out */
+		return;
 	s->io->set_timeout(s->ctx, s->cfg->limits.command_timeout);
 	flush(s);
-	if (s->shutdown_pending && s->state != SESS_CLOSING)
+	if (s->shutdown_pending)
 		reply_close(s, "4.3.2", "Service shutting down");
 }
 
 static void
-relay_finished(struct smtp_session *s, const struct relay_result *res)
+log_relay_result(const struct smtp_session *s, const struct relay_result *res)
 {
-	char text[SMTP_REPLY_TEXT_MAX], from[SMTP_PATH_MAX + 1];
-	bool valid = res->code >= 400 && res->code < 600;
+	char from[SMTP_PATH_MAX + 1], text[SMTP_REPLY_TEXT_MAX];
 
-	s->tx.relay = NULL;
 	log_info("%s: id=%s from=<%s> nrcpt=%zu size=%" PRIu64 " status=%s (%d %s)",
 	    s->id, s->tx.qid, clean(from, sizeof(from), s->tx.mail_from), s->tx.n_rcpts,
-	    msgbody_size(s->tx.body), res->ok ? "sent" : "rejected", res->code,
-	    res->ok ? res->relay : res->text);
+	    msgbody_size(s->tx.body),
+	    res->ok ? "sent" : res->code >= 500 ? "bounced" : "deferred", res->code,
+	    clean(text, sizeof(text), res->ok ? res->relay : res->text));
+}
+
+/* The relay's verdict becomes the client's reply to the final dot. A
+ * failure is the downstream's fault, not the client's: it does not count
+ * toward the error budget. */
+static void
+relay_finished(struct smtp_session *s, const struct relay_result *res)
+{
+	char text[SMTP_REPLY_TEXT_MAX];
+	bool valid = res->code >= 400 && res->code < 600 && res->text[0] != '\0';
+
+	s->tx.relay = NULL;
+	log_relay_result(s, res);
 	set_state(s, SESS_GREETED);
 	if (res->ok)
 		reply(s, 250, "2.0.0", "Ok: queued as %s", s->tx.qid);
@@ -719,7 +726,7 @@ relay_message(struct smtp_session *s)
 	}
 }
 
-/* Why a message is refused at its end, or NULL when it may be relayed. */
+/* The final dot: refuse the message, or hand it to the relay. */
 static void
 end_of_data(struct smtp_session *s)
 {
@@ -824,9 +831,8 @@ cmd_not_implemented(struct smtp_session *s, const struct smtp_cmd *cmd)
 static void
 cmd_starttls(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-	if (cmd->arg_len > 0)
-		reply_error(s, 501, "5.5.4", "Syntax error (no parameters allowed)");
-	else if (s->tls_active)
+	/* "STARTTLS x" never gets here: the parser answers 501 5.5.4. */
+	if (s->tls_active)
 		reply_error(s, 554, "5.5.1", "TLS already active");
 	else if (!starttls_offered(s))
 		reply_error(s, 502, "5.5.1", "STARTTLS not available");
@@ -893,7 +899,8 @@ handle_command(struct smtp_session *s, const char *line, size_t len)
 		line_too_long(s);
 		return;
 	}
-	count_command(s, parsed ? cmd.verb : SMTP_VERB_UNKNOWN);
+	/* The parser keeps the verb of a line with bad arguments. */
+	count_command(s, cmd.verb);
 	if (!parsed)
 		reply_error(s, err.code, err.enhanced, "%s", err.text);
 	else if ((unsigned)cmd.verb < N_VERBS && handlers[cmd.verb] != NULL)
@@ -925,6 +932,10 @@ read_line(struct smtp_session *s)
 		return false;
 	if (len < 0 || (size_t)len > SMTP_AUTH_LINE_MAX) {
 		s->discarding = true;
+		if (in_auth_exchange(s)) {   /* RFC 4954 4: the exchange is over */
+			set_state(s, SESS_GREETED);
+			auth_wipe(s->login_user, sizeof(s->login_user));
+		}
 		line_too_long(s);
 		return true;
 	}

@@ -105,8 +105,8 @@ tls_load_keypair(gnutls_certificate_credentials_t cred, const char *cert,
 		return -1;
 	snprintf(err, errlen, "cannot load certificate %s / key %s: %s%s", cert, key,
 	    gnutls_strerror(r),
-	    r == GNUTLS_E_CERTIFICATE_KEY_MISMATCH || r == GNUTLS_E_INVALID_REQUEST ?
-	    " (mismatched key?)" : "");
+	    /* Some GnuTLS versions report a key mismatch only as this. */
+	    r == GNUTLS_E_INVALID_REQUEST ? " (mismatched key?)" : "");
 	return -1;
 }
 
@@ -244,7 +244,10 @@ tls_session_new(gnutls_session_t *out, unsigned flags, gnutls_priority_t prio,
 	gnutls_session_t s;
 	int r;
 
-	/* NO_SIGNAL: a peer that resets must not raise SIGPIPE in a worker. */
+	/*
+	 * NONBLOCK: GnuTLS never waits on the socket itself. NO_SIGNAL: a peer
+	 * that resets must not raise SIGPIPE in a worker.
+	 */
 	r = gnutls_init(&s, flags | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
 	if (r < 0)
 		return r;
@@ -253,7 +256,10 @@ tls_session_new(gnutls_session_t *out, unsigned flags, gnutls_priority_t prio,
 		gnutls_deinit(s);
 		return r;
 	}
-	/* conn.c times the handshake with the connection's own timeout. */
+	/*
+	 * GnuTLS enforces its own handshake timeout by poll()ing the socket,
+	 * which would block the worker; conn.c times the handshake instead.
+	 */
 	gnutls_handshake_set_timeout(s, 0);
 	*out = s;
 	return 0;

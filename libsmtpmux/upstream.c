@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,7 +102,6 @@ struct upstream {
 	bool in_refill, refill_again;
 
 	struct timeval t0;
-	struct upstream_result res;
 };
 
 static void up_on_read(struct conn *, void *);
@@ -239,10 +239,15 @@ finish(struct upstream *up, enum upstream_status status, const char *stage,
 	res.latency_ms = elapsed_ms(&up->t0);
 	if (up->conn != NULL && up->tls_active)
 		snprintf(res.tls_desc, sizeof(res.tls_desc), "%s", conn_tls_desc(up->conn));
-	up->res = res;
 
+	/*
+	 * Not at a boundary: mid-handshake, mid-body, or with a pipelined DATA
+	 * whose 354 may still come (QUIT would then be message text).
+	 */
 	at_boundary = up->conn != NULL && up->state != UP_CONNECTING &&
-	    up->state != UP_TLS_HANDSHAKE && up->state != UP_BODY;
+	    up->state != UP_TLS_HANDSHAKE && up->state != UP_BODY &&
+	    !(up->state == UP_ENVELOPE && up->env_sent == up->env_total &&
+	    up->env_got + 1 < up->env_total);
 	up->state = UP_QUIT;
 	up->done = NULL;
 	up->msg = NULL;                      /* the caller may free it from done */
@@ -794,8 +799,12 @@ up_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail
 	if (detail == NULL)
 		detail = "";
 	if (up->state == UP_CONNECTING) {
-		snprintf(up->connect_err, sizeof(up->connect_err), "connect to %s: %s",
-		    up->peer, ev == CONN_TIMEOUT ? "timed out" : *detail ? detail : "failed");
+		/* conn's own text already reads "connect to ADDR:PORT: reason" */
+		if (ev == CONN_TIMEOUT || strncmp(detail, "connect to ", 11) != 0)
+			snprintf(up->connect_err, sizeof(up->connect_err), "connect to %s: %s",
+			    up->peer, ev == CONN_TIMEOUT ? "timed out" : *detail ? detail : "failed");
+		else
+			snprintf(up->connect_err, sizeof(up->connect_err), "%s", detail);
 		if (up->in_connect) {
 			up->connect_failed = true;   /* conn_connect() returns next; handled there */
 			return;
@@ -846,6 +855,8 @@ try_next_address(struct upstream *up)
 	struct conn *c;
 
 	for (;;) {
+		if (up->connect_err[0] != '\0')
+			log_debug("relay=%s: %s", up->ds->name, up->connect_err);
 		if (up->numeric_pending) {
 			up->numeric_pending = false;
 			sa = (const struct sockaddr *)&up->numeric;
@@ -941,6 +952,30 @@ start_resolve(struct upstream *up)
 		up->dns_req = req;
 }
 
+/*
+ * The same check as queue_cmd(), before anything is sent: a transaction
+ * that could not be completed is not begun.
+ */
+static bool
+envelope_clean(struct upstream *up)
+{
+	const struct upstream_msg *msg = up->msg;
+	const char *bad = NULL;
+
+	if (strpbrk(msg->mail_from, "\r\n") != NULL)
+		bad = "mail";
+	for (size_t i = 0; bad == NULL && i < msg->n_rcpts; i++)
+		if (strpbrk(msg->rcpts[i], "\r\n") != NULL)
+			bad = "rcpt";
+	if (bad == NULL)
+		return true;
+	log_warn("id=%s relay=%s: refusing to send a malformed %s command",
+	    msg->id, up->ds->name, bad);
+	finish(up, UPSTREAM_TEMPFAIL, bad, 0, "", false,
+	    "refusing to send a command containing CR, LF or NUL");
+	return false;
+}
+
 static void
 on_timer(evutil_socket_t fd, short what, void *arg)
 {
@@ -950,7 +985,8 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	switch (up->state) {
 	case UP_START:
-		start_resolve(up);
+		if (up->msg == NULL || envelope_clean(up))
+			start_resolve(up);
 		break;
 	case UP_QUIT:
 		up_free(up);

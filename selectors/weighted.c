@@ -32,7 +32,8 @@
 
 #include "weyl.h"
 
-#define WEIGHTED_MAX_REPLAY 4096
+/* A full replay with 5 downstreams takes under 10 us on a 2020s CPU. */
+#define WEIGHTED_MAX_REPLAY 1024
 
 static int
 weighted_init(void **state, const struct smtpmux_selector_param *params,
@@ -52,7 +53,8 @@ struct first_weights {
 	size_t n;
 	bool only_available;
 	uint64_t gcd;                        /* 0: every weight is 0 */
-	uint64_t total;
+	uint64_t total;                      /* of the reduced weights */
+	uint64_t raw_total;
 };
 
 static uint64_t
@@ -94,9 +96,11 @@ first_weights_init(struct first_weights *fw,
 	fw->gcd = 0;
 	for (i = 0; i < n; i++)
 		fw->gcd = gcd64(fw->gcd, raw_weight(fw, i));
-	fw->total = 0;
-	for (i = 0; fw->gcd > 0 && i < n; i++)
+	fw->total = fw->raw_total = 0;
+	for (i = 0; fw->gcd > 0 && i < n; i++) {
 		fw->total += weight_of(fw, i);
+		fw->raw_total += raw_weight(fw, i);
+	}
 }
 
 /*
@@ -104,6 +108,8 @@ first_weights_init(struct first_weights *fw,
  * downstream picked there. After t additions a peer's current weight is
  * t * w - W * (times picked so far), so only the pick counts are kept, in
  * count[] (n entries, zeroed here). Ties go to the lower index, as in nginx.
+ * The raw weights pick exactly as the reduced ones (every current weight is
+ * just gcd times larger) and spare a division per peer and step.
  */
 static size_t
 swrr_pick(const struct first_weights *fw, uint64_t step, size_t *count)
@@ -117,9 +123,9 @@ swrr_pick(const struct first_weights *fw, uint64_t step, size_t *count)
 	for (t = 1; t <= step + 1; t++) {
 		best = fw->n;
 		for (i = 0; i < fw->n; i++) {
-			if ((w = weight_of(fw, i)) == 0)
+			if ((w = raw_weight(fw, i)) == 0)
 				continue;
-			cw = (int64_t)(t * w) - (int64_t)(fw->total * count[i]);
+			cw = (int64_t)(t * w) - (int64_t)(fw->raw_total * count[i]);
 			if (best == fw->n || cw > best_cw) {
 				best = i;
 				best_cw = cw;

@@ -1,3 +1,208 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB: to be written */
-int main(void) { return 0; }
+#include <errno.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "health.h"
+#include "log.h"
+#include "master.h"
+#include "privdrop.h"
+#include "status.h"
+#include "tls.h"
+
+#ifndef PATH_MAX
+#define PATH_MAX 4096
+#endif
+
+struct cmdline {
+	struct master_options master;
+	bool check_only;                 /* -t */
+	bool status;                     /* -s status */
+	bool debug;                      /* -d */
+	char config_abs[PATH_MAX];
+	char pidfile_abs[PATH_MAX];
+};
+
+static void
+usage(FILE *out)
+{
+	fprintf(out,
+	    "usage: smtpmuxd [-dfhtV] [-c file] [-p pidfile] [-u user] [-s status]\n"
+	    "  -c file     configuration file (default %s)\n"
+	    "  -f          stay in the foreground and log to stderr\n"
+	    "  -t          check the configuration and exit\n"
+	    "  -p pidfile  write the master's pid to pidfile\n"
+	    "  -u user     run the workers as user (overrides `user:`)\n"
+	    "  -s status   print the downstream status of the running daemon\n"
+	    "  -d          log debug messages\n"
+	    "  -V          print the version and exit\n"
+	    "  -h          print this help and exit\n",
+	    config_default_path());
+}
+
+/* The master chdirs to / when it detaches, and reloads from this path. */
+static int
+absolute_path(const char *path, char *out, size_t outlen)
+{
+	char cwd[PATH_MAX];
+	int n;
+
+	if (path[0] == '/')
+		n = snprintf(out, outlen, "%s", path);
+	else if (getcwd(cwd, sizeof(cwd)) == NULL)
+		return -1;
+	else
+		n = snprintf(out, outlen, "%s/%s", cwd, path);
+	return n < 0 || (size_t)n >= outlen ? -1 : 0;
+}
+
+/* Returns -1 to continue, or an exit status. */
+static int
+parse_args(struct cmdline *cl, int argc, char **argv)
+{
+	const char *config = config_default_path();
+	int ch;
+
+	while ((ch = getopt(argc, argv, "c:dfhp:s:tu:V")) != -1) {
+		switch (ch) {
+		case 'c': config = optarg; break;
+		case 'd': cl->debug = true; break;
+		case 'f': cl->master.foreground = true; break;
+		case 'p': cl->master.pidfile = optarg; break;
+		case 't': cl->check_only = true; break;
+		case 'u': cl->master.user = optarg; break;
+		case 'h':
+			usage(stdout);
+			return SMTPMUXD_EXIT_OK;
+		case 'V':
+			printf("smtpmuxd %s\n", PACKAGE_VERSION);
+			return SMTPMUXD_EXIT_OK;
+		case 's':
+			if (strcmp(optarg, "status") == 0) {
+				cl->status = true;
+				break;
+			}
+			fprintf(stderr, "smtpmuxd: -s %s: unknown command (known: status)\n", optarg);
+			return SMTPMUXD_EXIT_USAGE;
+		default:
+			usage(stderr);
+			return SMTPMUXD_EXIT_USAGE;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "smtpmuxd: unexpected argument: %s\n", argv[optind]);
+		usage(stderr);
+		return SMTPMUXD_EXIT_USAGE;
+	}
+	if (absolute_path(config, cl->config_abs, sizeof(cl->config_abs)) < 0) {
+		fprintf(stderr, "smtpmuxd: %s: %s\n", config, strerror(errno ? errno : ENAMETOOLONG));
+		return SMTPMUXD_EXIT_USAGE;
+	}
+	cl->master.config_path = cl->config_abs;
+	return -1;
+}
+
+/* -t: the same checks as start-up and reload, short of binding. */
+static int
+check_config(const char *path, const char *user)
+{
+	char err[1024];
+	struct config *cfg = config_load(path, err, sizeof(err));
+	struct privdrop priv;
+
+	if (cfg == NULL) {
+		fprintf(stderr, "%s\n", err);
+		return SMTPMUXD_EXIT_CONFIG;
+	}
+	if (privdrop_prepare(&priv, cfg, user, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s\n", err);
+		config_free(cfg);
+		return SMTPMUXD_EXIT_CONFIG;
+	}
+	privdrop_check_config_mode(cfg->path);
+	config_free(cfg);
+	printf("smtpmuxd: configuration %s is ok\n", path);
+	return SMTPMUXD_EXIT_OK;
+}
+
+/* -s status: reads the running daemon's state file. */
+static int
+show_status(const char *path)
+{
+	char err[1024];
+	struct config *cfg = config_load(path, err, sizeof(err));
+	struct health *h;
+
+	if (cfg == NULL) {
+		fprintf(stderr, "%s\n", err);
+		return SMTPMUXD_EXIT_CONFIG;
+	}
+	h = health_open_readonly(cfg->state_file);
+	if (h == NULL) {
+		fprintf(stderr, "smtpmuxd: cannot read state file %s: %s (is smtpmuxd running?)\n",
+		    cfg->state_file, strerror(errno));
+		config_free(cfg);
+		return SMTPMUXD_EXIT_RUNTIME;
+	}
+	status_print(stdout, h, &cfg->health, time(NULL));
+	health_destroy(h);
+	config_free(cfg);
+	return SMTPMUXD_EXIT_OK;
+}
+
+static int
+set_pidfile(struct cmdline *cl)
+{
+	/* Detached root daemons get one by default, as init scripts expect. */
+	if (cl->master.pidfile == NULL && !cl->master.foreground && geteuid() == 0)
+		cl->master.pidfile = RUNSTATEDIR "/smtpmuxd.pid";
+	if (cl->master.pidfile == NULL)
+		return 0;
+	if (absolute_path(cl->master.pidfile, cl->pidfile_abs, sizeof(cl->pidfile_abs)) < 0) {
+		fprintf(stderr, "smtpmuxd: %s: %s\n", cl->master.pidfile, strerror(errno));
+		return -1;
+	}
+	cl->master.pidfile = cl->pidfile_abs;
+	return 0;
+}
+
+static int
+run(struct cmdline *cl)
+{
+	if (cl->check_only)
+		return check_config(cl->master.config_path, cl->master.user);
+	if (cl->status)
+		return show_status(cl->master.config_path);
+	if (set_pidfile(cl) < 0)
+		return SMTPMUXD_EXIT_USAGE;
+	return master_run(&cl->master);
+}
+
+int
+main(int argc, char **argv)
+{
+	struct cmdline cl;
+	int status;
+
+	memset(&cl, 0, sizeof(cl));
+	status = parse_args(&cl, argc, argv);
+	if (status >= 0)
+		return status;
+	log_open("smtpmuxd", LOG_TO_STDERR, NULL);
+	log_set_level(cl.debug ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO);
+	log_hook_libevent();
+	if (tls_global_init() < 0) {
+		fprintf(stderr, "smtpmuxd: cannot initialise GnuTLS\n");
+		return SMTPMUXD_EXIT_RUNTIME;
+	}
+	status = run(&cl);
+	tls_global_deinit();
+	log_close();
+	return status;
+}

@@ -13,6 +13,9 @@
 #include "log.h"
 #include "privdrop.h"
 
+#define PRIVDROP_DEFAULT_USER "smtpmux"   /* as config.c defaults `user:` */
+#define PRIVDROP_FALLBACK_USER "nobody"
+
 static int
 resolve_user(struct privdrop *pd, const char *user, char *err, size_t errlen)
 {
@@ -66,9 +69,17 @@ privdrop_prepare(struct privdrop *pd, const struct config *cfg,
 		return 0;
 	}
 	if (user == NULL || *user == '\0')
-		user = "smtpmux";
-	if (resolve_user(pd, user, err, errlen) < 0)
-		return -1;
+		user = PRIVDROP_DEFAULT_USER;
+	if (resolve_user(pd, user, err, errlen) < 0) {
+		/* Packages create the default account; a plain `make install` (or
+		 * the prototype's config, which has no `user:`) still runs, as an
+		 * account that owns nothing. An explicit choice is never replaced. */
+		if (user_override != NULL || strcmp(user, PRIVDROP_DEFAULT_USER) != 0 ||
+		    resolve_user(pd, PRIVDROP_FALLBACK_USER, err, errlen) < 0)
+			return -1;
+		log_warn("user %s does not exist: workers run as %s (create the account "
+		    "or set `user:` in the configuration)", user, PRIVDROP_FALLBACK_USER);
+	}
 	if (cfg->run_group != NULL && *cfg->run_group != '\0' &&
 	    resolve_group(pd, cfg->run_group, err, errlen) < 0)
 		return -1;

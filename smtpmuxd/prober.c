@@ -1,2 +1,276 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB: to be written */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/dns.h>
+#include <event2/event.h>
+
+#include "log.h"
+#include "prober.h"
+#include "runtime.h"
+#include "status.h"
+#include "upstream.h"
+
+/* One probed account: downstreams of several users that share a health
+ * record (same addr and user) are probed once, at the shortest interval. */
+struct probe {
+	struct prober *pr;
+	const struct downstream_cfg *ds;
+	unsigned interval;
+	struct event *timer;
+	struct upstream *up;             /* the probe under way */
+	bool running;
+	int last_ok;                     /* -1 unknown, 0 failing, 1 answering */
+};
+
+struct prober {
+	struct runtime rt;
+	struct probe *probes;
+	size_t n_probes;
+	struct status_http *http;
+	struct event *sig_term;
+};
+
+bool
+prober_needed(const struct config *cfg)
+{
+	if (cfg->status_listen != NULL && cfg->status_listen[0] != '\0')
+		return true;
+	for (size_t i = 0; i < cfg->n_users; i++)
+		for (size_t j = 0; j < cfg->users[i].n_downstreams; j++)
+			if (cfg->users[i].downstreams[j].probe_interval > 0)
+				return true;
+	return false;
+}
+
+static void probe_schedule(struct probe *p, unsigned delay);
+
+static void
+probe_verdict(struct probe *p, bool ok, unsigned latency_ms, const char *error)
+{
+	const struct downstream_cfg *ds = p->ds;
+
+	health_probe_result(ds->health, ds, &p->pr->rt.cfg->health, time(NULL), ok,
+	    latency_ms, error);
+	if (p->last_ok != (int)ok) {
+		if (ok)
+			log_info("probe downstream=%s addr=%s: answering", ds->name, ds->addr);
+		else
+			log_warn("probe downstream=%s addr=%s: %s", ds->name, ds->addr, error);
+	}
+	p->last_ok = ok;
+}
+
+static void
+probe_done(void *arg, const struct upstream_result *res)
+{
+	struct probe *p = arg;
+	char error[SMTP_REPLY_TEXT_MAX + 64];
+	bool ok = res->status == UPSTREAM_OK;
+
+	p->running = false;
+	p->up = NULL;
+	if (ok)
+		error[0] = '\0';
+	else if (res->code)
+		snprintf(error, sizeof(error), "probe %s: %d %s", res->stage ? res->stage : "?",
+		    res->code, res->text);
+	else
+		snprintf(error, sizeof(error), "probe %s: %s", res->stage ? res->stage : "?",
+		    res->text);
+	probe_verdict(p, ok, res->latency_ms, error);
+	probe_schedule(p, p->interval);
+}
+
+static void
+probe_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct probe *p = arg;
+	struct upstream *up;
+
+	(void)fd;
+	(void)what;
+	p->running = true;
+	up = upstream_probe(&p->pr->rt, p->ds, probe_done, p);
+	if (!p->running)
+		return;                  /* done was called already */
+	if (up == NULL) {
+		p->running = false;
+		probe_verdict(p, false, 0, "probe: cannot start");
+		probe_schedule(p, p->interval);
+		return;
+	}
+	p->up = up;
+}
+
+static void
+probe_schedule(struct probe *p, unsigned delay)
+{
+	struct timeval tv = { (time_t)delay, 0 };
+
+	evtimer_add(p->timer, &tv);
+}
+
+static struct probe *
+probe_find(struct prober *pr, const struct health_rec *rec)
+{
+	for (size_t i = 0; i < pr->n_probes; i++)
+		if (pr->probes[i].ds->health == rec)
+			return &pr->probes[i];
+	return NULL;
+}
+
+static size_t
+probe_candidates(const struct config *cfg)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < cfg->n_users; i++)
+		n += cfg->users[i].n_downstreams;
+	return n;
+}
+
+static int
+probes_create(struct prober *pr, const struct config *cfg)
+{
+	pr->probes = calloc(probe_candidates(cfg) + 1, sizeof(*pr->probes));
+	if (pr->probes == NULL)
+		return -1;
+	for (size_t i = 0; i < cfg->n_users; i++) {
+		for (size_t j = 0; j < cfg->users[i].n_downstreams; j++) {
+			const struct downstream_cfg *ds = &cfg->users[i].downstreams[j];
+			struct probe *p;
+
+			if (ds->probe_interval == 0 || ds->health == NULL)
+				continue;
+			if ((p = probe_find(pr, ds->health)) != NULL) {
+				if (ds->probe_interval < p->interval)
+					p->interval = ds->probe_interval;
+				continue;
+			}
+			p = &pr->probes[pr->n_probes];
+			*p = (struct probe){ .pr = pr, .ds = ds, .interval = ds->probe_interval,
+			    .last_ok = -1 };
+			if ((p->timer = evtimer_new(pr->rt.base, probe_timer_cb, p)) == NULL)
+				return -1;
+			pr->n_probes++;
+		}
+	}
+	return 0;
+}
+
+static void
+probes_free(struct prober *pr)
+{
+	for (size_t i = 0; i < pr->n_probes; i++) {
+		if (pr->probes[i].up != NULL)
+			upstream_cancel(pr->probes[i].up);
+		event_free(pr->probes[i].timer);
+	}
+	free(pr->probes);
+}
+
+static void
+on_stop_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct prober *pr = arg;
+
+	(void)what;
+	log_info("signal %d, exiting", (int)sig);
+	event_base_loopbreak(pr->rt.base);
+}
+
+/*
+ * Only SIGTERM (from the master, which owns this process's lifetime) stops
+ * the prober; the master decides what the others do. A peer closing a probe
+ * connection must not kill it.
+ */
+static int
+signals_setup(struct prober *pr)
+{
+	sigset_t set;
+
+	signal(SIGPIPE, SIG_IGN);
+	pr->sig_term = evsignal_new(pr->rt.base, SIGTERM, on_stop_signal, pr);
+	if (pr->sig_term == NULL || evsignal_add(pr->sig_term, NULL) < 0)
+		return -1;
+	/* the master may fork with signals blocked */
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	sigprocmask(SIG_UNBLOCK, &set, NULL);
+	return 0;
+}
+
+static struct evdns_base *
+dns_create(struct event_base *base)
+{
+	struct evdns_base *dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+
+	if (dns == NULL) {
+		log_warn("no usable resolv.conf; only numeric addresses will resolve");
+		dns = evdns_base_new(base, 0);
+	}
+	return dns;
+}
+
+static int
+prober_start(struct prober *pr, const struct config *cfg, struct health *h)
+{
+	char err[256];
+
+	pr->rt.cfg = cfg;
+	pr->rt.health = h;
+	pr->rt.worker_slot = HEALTH_MAX_WORKER_SLOTS - 1;
+	if ((pr->rt.base = event_base_new()) == NULL || (pr->rt.dns = dns_create(pr->rt.base)) == NULL) {
+		log_err("cannot create the event loop");
+		return -1;
+	}
+	if (signals_setup(pr) < 0 || probes_create(pr, cfg) < 0) {
+		log_err("out of memory");
+		return -1;
+	}
+	if (cfg->status_listen != NULL && cfg->status_listen[0] != '\0') {
+		pr->http = status_http_start(pr->rt.base, cfg->status_listen, h, &cfg->health,
+		    err, sizeof(err));
+		if (pr->http == NULL) {
+			log_err("%s", err);
+			return -1;
+		}
+		log_info("serving metrics on http://%s/metrics", cfg->status_listen);
+	}
+	for (size_t i = 0; i < pr->n_probes; i++)
+		probe_schedule(&pr->probes[i], 0);
+	return 0;
+}
+
+static void
+prober_stop(struct prober *pr)
+{
+	status_http_free(pr->http);
+	probes_free(pr);
+	if (pr->sig_term != NULL)
+		event_free(pr->sig_term);
+	if (pr->rt.dns != NULL)
+		evdns_base_free(pr->rt.dns, 0);
+	if (pr->rt.base != NULL)
+		event_base_free(pr->rt.base);
+}
+
+int
+prober_main(const struct config *cfg, struct health *h)
+{
+	struct prober pr;
+	int rc = 1;
+
+	memset(&pr, 0, sizeof(pr));
+	log_set_role("prober");
+	if (prober_start(&pr, cfg, h) == 0) {
+		log_info("probing %zu downstream(s)", pr.n_probes);
+		rc = event_base_dispatch(pr.rt.base) < 0 ? 1 : 0;
+	}
+	prober_stop(&pr);
+	return rc;
+}

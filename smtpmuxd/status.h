@@ -32,13 +32,13 @@ int status_metrics(struct evbuffer *out, const struct health *h,
 
 /*
  * `status_listen:`: serves GET /metrics on listen_addr ("127.0.0.1:9100",
- * "[::1]:9100"; numeric, port 0 picks a free one) in base's loop; any other
- * path is 404. NULL with a message in err on failure.
+ * "[::1]:9100"; numeric) in base's loop; any other path is 404. NULL
+ * with a message in err on failure.
  */
 struct status_http;
 struct status_http *status_http_start(struct event_base *base, const char *listen_addr,
     struct health *h, const struct health_cfg *hc, char *err, size_t errlen);
-/* The port actually bound (useful with port 0). */
+/* The port bound, 0 if unknown. */
 unsigned status_http_port(const struct status_http *);
 void status_http_free(struct status_http *);
 

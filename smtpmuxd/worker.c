@@ -1,2 +1,764 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB: to be written */
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#include <event2/dns.h>
+#include <event2/event.h>
+
+#include "conn.h"
+#include "log.h"
+#include "relay.h"
+#include "runtime.h"
+#include "smtp_server.h"
+#include "worker.h"
+
+#define ACCEPT_BATCH 64              /* per wakeup, so workers share the load */
+#define ACCEPT_PAUSE_SECONDS 1       /* after EMFILE and friends */
+#define CLIENT_LINGER_SECONDS 10     /* to flush a final reply to a slow reader */
+#define FINAL_FLUSH_SECONDS 1        /* for the 421s sent at the shutdown deadline */
+#define BUSY_REPLY "421 4.3.2 Too many connections\r\n"
+
+struct worker;
+
+/* One accepted connection and its SMTP session. Every teardown step runs
+ * from ev_kick, outside the conn and session callbacks, so neither is ever
+ * freed while one of its own functions is on the stack. */
+struct client {
+	struct worker *w;
+	struct client *prev, *next;
+	const struct listen_cfg *listener;
+	struct conn *conn;
+	int fd;                          /* owned by conn; kept for client_drain() */
+	struct smtp_session *session;    /* NULL until the implicit-TLS handshake is done */
+	struct event *ev_kick;           /* deferred actions below */
+	struct event *ev_linger;         /* close even if the peer never reads */
+	struct event *ev_idle;           /* the session's read timeout */
+	unsigned timeout_s;              /* 0: none */
+	bool starttls_pending;           /* start TLS once the 220 is flushed */
+	bool close_pending;              /* close once the output is flushed */
+	bool input_pending;              /* reading resumed with input already buffered */
+	bool paused;
+	bool dead;                       /* free at the next kick */
+};
+
+struct worker_listener {
+	struct worker *w;
+	const struct listen_cfg *lc;
+	int fd;
+	struct event *ev;
+};
+
+struct worker {
+	struct runtime rt;
+	struct config *cfg;
+	unsigned generation;
+	struct worker_listener *listeners;
+	size_t n_listeners;
+	struct client *clients;
+	unsigned n_clients;
+	struct event *ev_stop;
+	struct event *ev_reopen;
+	struct event *ev_deadline;       /* shutdown_timeout after the stop signal */
+	struct event *ev_accept_resume;  /* after an accept failure such as EMFILE */
+	bool stopping;
+	bool deadline_passed;            /* the last 421s are being flushed */
+	bool exiting;                    /* worker_cleanup: the loop is over */
+};
+
+static void client_kick(struct client *c);
+static void client_start_session(struct client *c, bool tls_active);
+
+/* --- client teardown ---------------------------------------------------- */
+
+static void
+client_unlink(struct client *c)
+{
+	struct worker *w = c->w;
+
+	if (c->prev != NULL)
+		c->prev->next = c->next;
+	else
+		w->clients = c->next;
+	if (c->next != NULL)
+		c->next->prev = c->prev;
+	w->n_clients--;
+}
+
+/*
+ * Input left unread in the socket when it is closed makes the kernel answer
+ * with a reset, which can destroy our last words (a 421, a TLS alert)
+ * before the peer reads them. Whatever has already arrived is discarded.
+ */
+static void
+client_drain(struct client *c)
+{
+	char buf[4096];
+	int i;
+
+	for (i = 0; i < 16; i++)
+		if (recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT) <= 0)
+			break;
+}
+
+static void
+client_free(struct client *c)
+{
+	struct worker *w = c->w;
+
+	client_unlink(c);
+	if (c->session != NULL)
+		smtp_session_free(c->session);
+	if (c->conn != NULL) {
+		client_drain(c);
+		conn_free(c->conn);
+	}
+	event_free(c->ev_kick);
+	event_free(c->ev_linger);
+	event_free(c->ev_idle);
+	free(c);
+	if (w->stopping && w->n_clients == 0 && !w->exiting)
+		event_base_loopexit(w->rt.base, NULL);
+}
+
+static void
+client_kill(struct client *c)
+{
+	c->dead = true;
+	client_kick(c);
+}
+
+/* The connection failed or the worker gives up on it: tell the session
+ * (it cancels a relay in progress), then free both. */
+static void
+client_abort(struct client *c)
+{
+	if (c->dead)
+		return;
+	if (c->session != NULL)
+		smtp_session_abort(c->session);
+	client_kill(c);
+}
+
+static void
+client_start_tls(struct client *c)
+{
+	struct tls_server_ctx *tls = c->w->cfg->tls.server;
+
+	if (tls == NULL || conn_start_tls_server(c->conn, tls) < 0) {
+		log_warn("TLS handshake with %s could not start", conn_peer(c->conn));
+		client_abort(c);
+	}
+}
+
+static void
+client_kick_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+	bool flushed;
+
+	if (c->dead) {
+		client_free(c);
+		return;
+	}
+	flushed = conn_pending_output(c->conn) == 0;
+	if (c->starttls_pending && flushed) {
+		c->starttls_pending = false;
+		client_start_tls(c);
+	} else if (c->close_pending && flushed) {
+		client_free(c);
+	} else if (c->input_pending && !c->paused && c->session != NULL) {
+		c->input_pending = false;
+		smtp_session_input(c->session);
+	}
+}
+
+static void
+client_kick(struct client *c)
+{
+	event_active(c->ev_kick, EV_TIMEOUT, 0);
+}
+
+static void
+client_linger_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	log_debug("session %s: peer did not read the final reply; closing",
+	    c->session ? smtp_session_id(c->session) : "-");
+	client_free(c);
+}
+
+/*
+ * Read timeouts are kept here rather than in the conn: a conn that times
+ * out is dead, and the session still has a 421 to send.
+ */
+static void
+client_arm_idle(struct client *c)
+{
+	struct timeval tv = { (time_t)c->timeout_s, 0 };
+
+	if (c->dead || c->close_pending || c->paused || c->timeout_s == 0)
+		evtimer_del(c->ev_idle);
+	else
+		evtimer_add(c->ev_idle, &tv);
+}
+
+static void
+client_idle_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	if (c->dead || c->close_pending)
+		return;
+	if (c->session == NULL) {
+		log_info("TLS handshake timeout from [%s]", conn_peer(c->conn));
+		client_kill(c);
+		return;
+	}
+	smtp_session_timeout(c->session);
+}
+
+/* --- conn callbacks ------------------------------------------------------ */
+
+static void
+client_on_read(struct conn *conn, void *arg)
+{
+	struct client *c = arg;
+
+	if (c->dead || c->close_pending)
+		return;
+	client_arm_idle(c);
+	if (c->session != NULL)
+		smtp_session_input(c->session);
+}
+
+static void
+client_on_flushed(struct conn *conn, void *arg)
+{
+	struct client *c = arg;
+
+	if (!c->dead && (c->starttls_pending || c->close_pending))
+		client_kick(c);
+}
+
+static void
+client_on_tls_ready(struct conn *conn, void *arg)
+{
+	struct client *c = arg;
+
+	if (c->dead)
+		return;
+	if (c->session == NULL)
+		client_start_session(c, true);
+	else
+		smtp_session_tls_ready(c->session, conn_tls_desc(conn));
+}
+
+static void
+client_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail)
+{
+	struct client *c = arg;
+
+	if (c->dead)
+		return;
+	if (ev == CONN_TLS_ERROR)
+		log_info("%s%sconnection from [%s] failed: %s",
+		    c->session ? smtp_session_id(c->session) : "", c->session ? ": " : "",
+		    conn_peer(conn), detail ? detail : "TLS error");
+	else if (c->session == NULL)
+		log_debug("connection from [%s] lost before the session started: %s",
+		    conn_peer(conn), detail ? detail : "closed");
+	client_abort(c);
+}
+
+static const struct conn_cbs client_conn_cbs = {
+	.on_read = client_on_read,
+	.on_flushed = client_on_flushed,
+	.on_connected = NULL,
+	.on_tls_ready = client_on_tls_ready,
+	.on_error = client_on_error,
+};
+
+/* --- session io callbacks --------------------------------------------- */
+
+static void
+io_flush(void *ctx)
+{
+	struct client *c = ctx;
+
+	if (!c->dead)
+		conn_flush(c->conn);
+}
+
+static void
+io_starttls(void *ctx)
+{
+	struct client *c = ctx;
+
+	c->starttls_pending = true;
+	conn_flush(c->conn);
+	client_kick(c);
+}
+
+static void
+io_close(void *ctx)
+{
+	struct client *c = ctx;
+	struct timeval linger = { CLIENT_LINGER_SECONDS, 0 };
+
+	if (c->close_pending)
+		return;
+	c->close_pending = true;
+	evtimer_del(c->ev_idle);
+	conn_pause_read(c->conn);
+	conn_flush(c->conn);
+	evtimer_add(c->ev_linger, &linger);
+	client_kick(c);
+}
+
+static void
+io_pause(void *ctx, bool paused)
+{
+	struct client *c = ctx;
+
+	c->paused = paused;
+	client_arm_idle(c);
+	if (paused) {
+		conn_pause_read(c->conn);
+		return;
+	}
+	conn_resume_read(c->conn);
+	/* Commands pipelined during the pause may already be buffered: no
+	 * read event will announce them. */
+	if (evbuffer_get_length(conn_input(c->conn)) > 0) {
+		c->input_pending = true;
+		client_kick(c);
+	}
+}
+
+static void
+io_set_timeout(void *ctx, unsigned seconds)
+{
+	struct client *c = ctx;
+
+	c->timeout_s = seconds;
+	client_arm_idle(c);
+}
+
+static struct relay *
+io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+    relay_done_fn done, void *arg)
+{
+	return relay_start(rt, user, msg, size, client_addr, done, arg);
+}
+
+static void
+io_relay_cancel(void *ctx, struct relay *r)
+{
+	relay_cancel(r);
+}
+
+static const struct smtp_session_io client_session_io = {
+	.flush = io_flush,
+	.starttls = io_starttls,
+	.close = io_close,
+	.pause = io_pause,
+	.set_timeout = io_set_timeout,
+	.relay_start = io_relay_start,
+	.relay_cancel = io_relay_cancel,
+};
+
+/* --- accepting ---------------------------------------------------------- */
+
+static void
+client_start_session(struct client *c, bool tls_active)
+{
+	struct smtp_session_params params = {
+		.rt = &c->w->rt,
+		.listener = c->listener,
+		.client_addr = conn_peer(c->conn),
+		.tls_active = tls_active,
+		.tls_desc = tls_active ? conn_tls_desc(c->conn) : NULL,
+	};
+
+	c->session = smtp_session_new(&params, conn_input(c->conn), conn_output(c->conn),
+	    &client_session_io, c);
+	if (c->session == NULL) {
+		log_err("cannot create a session for %s: out of memory", conn_peer(c->conn));
+		client_kill(c);
+		return;
+	}
+	smtp_session_start(c->session);
+}
+
+static void
+reject_busy(struct worker *w, int fd)
+{
+	/* Best effort: the socket buffer of a fresh connection has room. */
+	(void)send(fd, BUSY_REPLY, sizeof(BUSY_REPLY) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+	close(fd);
+	log_warn("connection refused: %u sessions in this worker (limits.max_sessions)",
+	    w->n_clients);
+}
+
+static struct client *
+client_new(struct worker *w, const struct listen_cfg *lc, int fd)
+{
+	struct client *c = calloc(1, sizeof(*c));
+
+	if (c == NULL)
+		return NULL;
+	c->w = w;
+	c->listener = lc;
+	c->fd = fd;
+	c->ev_kick = event_new(w->rt.base, -1, 0, client_kick_cb, c);
+	c->ev_linger = evtimer_new(w->rt.base, client_linger_cb, c);
+	c->ev_idle = evtimer_new(w->rt.base, client_idle_cb, c);
+	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL)
+		c->conn = conn_new(w->rt.base, fd, &client_conn_cbs, c);
+	if (c->conn == NULL) {
+		if (c->ev_kick != NULL)
+			event_free(c->ev_kick);
+		if (c->ev_linger != NULL)
+			event_free(c->ev_linger);
+		if (c->ev_idle != NULL)
+			event_free(c->ev_idle);
+		free(c);
+		return NULL;
+	}
+	c->next = w->clients;
+	if (w->clients != NULL)
+		w->clients->prev = c;
+	w->clients = c;
+	w->n_clients++;
+	return c;
+}
+
+static void
+worker_accept_one(struct worker_listener *l, int fd)
+{
+	struct worker *w = l->w;
+	struct client *c;
+
+	if (w->n_clients >= w->cfg->limits.max_sessions) {
+		reject_busy(w, fd);
+		return;
+	}
+	c = client_new(w, l->lc, fd);
+	if (c == NULL) {
+		log_err("cannot accept a connection on %s: out of memory", l->lc->text);
+		close(fd);
+		return;
+	}
+	if (l->lc->tls == TLS_MODE_IMPLICIT) {
+		/* The greeting waits for the handshake (client_on_tls_ready). */
+		c->timeout_s = w->cfg->limits.command_timeout;
+		client_arm_idle(c);
+		client_start_tls(c);
+	} else {
+		client_start_session(c, false);
+	}
+}
+
+static void worker_pause_accept(struct worker *w);
+
+static void
+listener_accept_cb(evutil_socket_t lfd, short what, void *arg)
+{
+	struct worker_listener *l = arg;
+	int i, fd;
+
+	for (i = 0; i < ACCEPT_BATCH && !l->w->stopping; i++) {
+		fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd >= 0) {
+			worker_accept_one(l, fd);
+			continue;
+		}
+		if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+			continue;
+		if (errno == EAGAIN || errno == EWOULDBLOCK)
+			return;
+		/* EMFILE, ENFILE, ENOBUFS, ENOMEM: the listener stays readable, so
+		 * retrying at once would spin. */
+		log_warn("accept on %s: %s; pausing accepts for %d s", l->lc->text,
+		    strerror(errno), ACCEPT_PAUSE_SECONDS);
+		worker_pause_accept(l->w);
+		return;
+	}
+}
+
+static void
+worker_pause_accept(struct worker *w)
+{
+	struct timeval tv = { ACCEPT_PAUSE_SECONDS, 0 };
+	size_t i;
+
+	for (i = 0; i < w->n_listeners; i++)
+		if (w->listeners[i].ev != NULL)
+			event_del(w->listeners[i].ev);
+	evtimer_add(w->ev_accept_resume, &tv);
+}
+
+static void
+worker_accept_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+	size_t i;
+
+	if (w->stopping)
+		return;
+	for (i = 0; i < w->n_listeners; i++)
+		if (w->listeners[i].ev != NULL)
+			event_add(w->listeners[i].ev, NULL);
+}
+
+static int
+worker_open_listeners(struct worker *w, const int *fds)
+{
+	size_t i;
+
+	w->n_listeners = w->cfg->n_listen;
+	w->listeners = calloc(w->n_listeners ? w->n_listeners : 1, sizeof(*w->listeners));
+	if (w->listeners == NULL)
+		return -1;
+	for (i = 0; i < w->n_listeners; i++) {
+		struct worker_listener *l = &w->listeners[i];
+
+		l->w = w;
+		l->lc = &w->cfg->listen[i];
+		l->fd = fds[i];
+		l->ev = event_new(w->rt.base, l->fd, EV_READ | EV_PERSIST, listener_accept_cb, l);
+		if (l->ev == NULL || event_add(l->ev, NULL) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* Closing our copies of the listening sockets: the master and the next
+ * generation keep theirs, so no connection is refused. */
+static void
+worker_close_listeners(struct worker *w)
+{
+	size_t i;
+
+	for (i = 0; i < w->n_listeners; i++) {
+		struct worker_listener *l = &w->listeners[i];
+
+		if (l->ev != NULL)
+			event_free(l->ev);
+		l->ev = NULL;
+		if (l->fd >= 0)
+			close(l->fd);
+		l->fd = -1;
+	}
+}
+
+/* --- stopping ----------------------------------------------------------- */
+
+/* A session still busy at the deadline: its transaction is lost, but
+ * the client is told so (it will retry) rather than just cut off. */
+static void
+client_drop(struct client *c)
+{
+	if (c->dead || c->close_pending)
+		return;
+	if (c->session == NULL) {
+		client_kill(c);
+		return;
+	}
+	smtp_session_abort(c->session);
+	evbuffer_add_printf(conn_output(c->conn), "421 4.3.2 %s Service shutting down\r\n",
+	    c->w->cfg->hostname);
+	io_close(c);
+}
+
+static void
+worker_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+	struct timeval tv = { FINAL_FLUSH_SECONDS, 0 };
+	struct client *c;
+
+	if (w->deadline_passed) {
+		event_base_loopbreak(w->rt.base);
+		return;
+	}
+	log_warn("shutdown timeout (%u s): dropping %u session(s)",
+	    w->cfg->limits.shutdown_timeout, w->n_clients);
+	w->deadline_passed = true;
+	for (c = w->clients; c != NULL; c = c->next)
+		client_drop(c);
+	evtimer_add(w->ev_deadline, &tv);
+}
+
+static void
+worker_stop_cb(evutil_socket_t sig, short what, void *arg)
+{
+	struct worker *w = arg;
+	struct timeval tv = { (time_t)w->cfg->limits.shutdown_timeout, 0 };
+	struct client *c, *next;
+
+	if (w->stopping)
+		return;
+	w->stopping = true;
+	log_debug("stopping: generation=%u sessions=%u", w->generation, w->n_clients);
+	worker_close_listeners(w);
+	if (w->ev_accept_resume != NULL)
+		event_del(w->ev_accept_resume);
+	for (c = w->clients; c != NULL; c = next) {
+		next = c->next;          /* every free below is deferred: the list is stable */
+		if (c->dead)
+			continue;
+		if (c->session != NULL)
+			smtp_session_shutdown(c->session);
+		else
+			client_kill(c);
+	}
+	if (w->n_clients == 0)
+		event_base_loopexit(w->rt.base, NULL);
+	else
+		evtimer_add(w->ev_deadline, &tv);
+}
+
+static void
+worker_reopen_cb(evutil_socket_t sig, short what, void *arg)
+{
+	if (log_reopen() < 0)
+		log_warn("cannot reopen the log file: %s", strerror(errno));
+}
+
+/* --- life cycle --------------------------------------------------------- */
+
+static void
+worker_set_signals(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sigemptyset(&sa.sa_mask);
+	sa.sa_handler = SIG_IGN;
+	sigaction(SIGHUP, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGPIPE, &sa, NULL);
+	sa.sa_handler = SIG_DFL;
+	sigaction(SIGCHLD, &sa, NULL);
+	sigaction(SIGQUIT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGUSR1, &sa, NULL);
+}
+
+/* If the master dies without stopping us (SIGKILL), stop gracefully too
+ * rather than serve forever with nobody to reload or respawn. */
+static void
+worker_follow_master(pid_t master_pid)
+{
+#ifdef PR_SET_PDEATHSIG
+	(void)prctl(PR_SET_PDEATHSIG, WORKER_STOP_SIGNAL, 0, 0, 0);
+	if (getppid() != master_pid)
+		raise(WORKER_STOP_SIGNAL);
+#else
+	(void)master_pid;
+#endif
+}
+
+static int
+worker_setup(struct worker *w, const struct worker_params *p)
+{
+	w->rt.base = event_base_new();
+	if (w->rt.base == NULL)
+		return -1;
+	w->rt.dns = evdns_base_new(w->rt.base,
+	    EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	if (w->rt.dns == NULL) {
+		log_warn("cannot read the resolver configuration; using 127.0.0.1");
+		w->rt.dns = evdns_base_new(w->rt.base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+		if (w->rt.dns == NULL || evdns_base_nameserver_ip_add(w->rt.dns, "127.0.0.1") < 0)
+			return -1;
+	}
+	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_stop_cb, w);
+	w->ev_reopen = evsignal_new(w->rt.base, SIGUSR1, worker_reopen_cb, w);
+	w->ev_deadline = evtimer_new(w->rt.base, worker_deadline_cb, w);
+	w->ev_accept_resume = evtimer_new(w->rt.base, worker_accept_resume_cb, w);
+	if (w->ev_stop == NULL || w->ev_reopen == NULL || w->ev_deadline == NULL ||
+	    w->ev_accept_resume == NULL)
+		return -1;
+	if (event_add(w->ev_stop, NULL) < 0 || event_add(w->ev_reopen, NULL) < 0)
+		return -1;
+	return worker_open_listeners(w, p->listen_fds);
+}
+
+static void
+event_free_if(struct event *ev)
+{
+	if (ev != NULL)
+		event_free(ev);
+}
+
+static void
+worker_cleanup(struct worker *w)
+{
+	w->exiting = true;
+	while (w->clients != NULL) {
+		struct client *c = w->clients;
+
+		if (!c->dead && c->session != NULL)
+			smtp_session_abort(c->session);
+		client_free(c);
+	}
+	worker_close_listeners(w);
+	free(w->listeners);
+	event_free_if(w->ev_stop);
+	event_free_if(w->ev_reopen);
+	event_free_if(w->ev_deadline);
+	event_free_if(w->ev_accept_resume);
+	if (w->rt.dns != NULL)
+		evdns_base_free(w->rt.dns, 0);
+	if (w->rt.base != NULL)
+		event_base_free(w->rt.base);
+	config_free(w->cfg);
+}
+
+int
+worker_run(const struct worker_params *p)
+{
+	struct worker w;
+	char role[32];
+	int status = 0;
+
+	memset(&w, 0, sizeof(w));
+	w.cfg = p->cfg;
+	w.generation = p->generation;
+	w.rt.cfg = p->cfg;
+	w.rt.health = p->health;
+	w.rt.worker_slot = p->slot;
+	snprintf(role, sizeof(role), "worker[%u]", p->slot);
+	log_set_role(role);
+	worker_set_signals();
+	if (privdrop_apply(p->priv) < 0) {
+		config_free(w.cfg);
+		return 3;
+	}
+	worker_follow_master(p->master_pid);
+	if (worker_setup(&w, p) < 0) {
+		log_err("worker setup failed: %s", strerror(errno));
+		status = 3;
+	} else {
+		/* Signals that arrived since fork are delivered to the loop now. */
+		sigprocmask(SIG_SETMASK, p->sigmask, NULL);
+		log_debug("started: generation=%u pid=%ld", p->generation, (long)getpid());
+		event_base_dispatch(w.rt.base);
+		log_debug("exiting: generation=%u", p->generation);
+	}
+	worker_cleanup(&w);
+	return status;
+}

@@ -1,3 +1,1350 @@
 /* SPDX-License-Identifier: MIT */
-/* STUB */
-int main(void) { return 77; }
+/*
+ * Unit tests of the inbound SMTP session (smtp_server.c) without sockets:
+ * the test owns the `in` and `out` buffers, records every io callback, and
+ * plays the relay: relay_start keeps a copy of the message and the test
+ * answers through the done callback with the result it wants.
+ */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+
+#include "auth.h"
+#include "config.h"
+#include "log.h"
+#include "msgbody.h"
+#include "smtp_server.h"
+
+#define CLIENT "192.0.2.1"
+#define HOST "mx.test"
+#define USER "app@example.com"
+#define PASS "s3cret-Pa55"
+#define GREETING "220 " HOST " ESMTP smtpmux\r\n"
+
+/* What the fake relay was given. */
+struct relayed {
+	char id[13];
+	char *from;
+	char **rcpts;
+	size_t n_rcpts;
+	char *body;
+	size_t body_len;
+	uint64_t size;
+	enum smtp_body body_type;
+	const struct user_cfg *user;
+	char client[64];
+};
+
+struct harness {
+	struct config cfg;
+	struct user_cfg users[2];
+	struct listen_cfg listener;
+	struct runtime rt;
+	struct smtp_session_params params;
+	struct evbuffer *in, *out;
+	struct smtp_session *s;
+	char log_path[64];
+	char text[1 << 16];              /* last h_take() */
+
+	/* io calls, in order: F flush, S starttls, C close, P pause, U unpause */
+	char calls[512];
+	size_t n_calls;
+	unsigned timeout;
+
+	/* the fake relay */
+	int relay_token;
+	unsigned relay_starts, relay_cancels;
+	struct relay *cancelled;
+	relay_done_fn done;
+	void *done_arg;
+	struct relayed msg;
+	bool answer_at_once;             /* call done inside relay_start */
+	bool fail_start;                 /* relay_start returns NULL */
+	struct relay_result at_once;
+};
+
+static struct harness H;
+
+/* ---------------------------------------------------------------- fake io */
+
+static void
+record(struct harness *h, char c)
+{
+	if (h->n_calls + 1 < sizeof(h->calls))
+		h->calls[h->n_calls++] = c;
+}
+
+static void io_flush(void *ctx) { record(ctx, 'F'); }
+static void io_starttls(void *ctx) { record(ctx, 'S'); }
+static void io_close(void *ctx) { record(ctx, 'C'); }
+static void io_pause(void *ctx, bool paused) { record(ctx, paused ? 'P' : 'U'); }
+
+static void
+io_set_timeout(void *ctx, unsigned seconds)
+{
+	((struct harness *)ctx)->timeout = seconds;
+}
+
+static char *
+read_body(struct msgbody *b, size_t *len)
+{
+	uint64_t size = msgbody_size(b), off = 0;
+	char *buf = malloc(size + 1);
+	ssize_t n;
+
+	ck_assert_ptr_nonnull(buf);
+	while ((n = msgbody_read(b, off, buf + off, size - off)) > 0)
+		off += (uint64_t)n;
+	ck_assert_int_ge(n, 0);
+	ck_assert_uint_eq(off, size);
+	buf[size] = '\0';
+	*len = size;
+	return buf;
+}
+
+static void
+relayed_free(struct relayed *m)
+{
+	free(m->from);
+	for (size_t i = 0; i < m->n_rcpts; i++)
+		free(m->rcpts[i]);
+	free(m->rcpts);
+	free(m->body);
+	memset(m, 0, sizeof(*m));
+}
+
+static struct relay *
+io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+    relay_done_fn done, void *arg)
+{
+	struct harness *h = ctx;
+	struct relayed *m = &h->msg;
+
+	relayed_free(m);
+	h->relay_starts++;
+	snprintf(m->id, sizeof(m->id), "%s", msg->id);
+	m->from = strdup(msg->mail_from);
+	m->rcpts = calloc(msg->n_rcpts, sizeof(char *));
+	for (size_t i = 0; i < msg->n_rcpts; i++)
+		m->rcpts[i] = strdup(msg->rcpts[i]);
+	m->n_rcpts = msg->n_rcpts;
+	m->body = read_body(msg->data, &m->body_len);
+	m->size = size;
+	m->body_type = msg->body;
+	m->user = user;
+	snprintf(m->client, sizeof(m->client), "%s", client_addr);
+	ck_assert_ptr_eq(rt, &h->rt);
+	if (h->fail_start)
+		return NULL;
+	if (h->answer_at_once) {
+		done(arg, &h->at_once);
+		return (struct relay *)&h->relay_token;
+	}
+	h->done = done;
+	h->done_arg = arg;
+	return (struct relay *)&h->relay_token;
+}
+
+static void
+io_relay_cancel(void *ctx, struct relay *r)
+{
+	struct harness *h = ctx;
+
+	h->relay_cancels++;
+	h->cancelled = r;
+}
+
+static const struct smtp_session_io test_io = {
+	.flush = io_flush,
+	.starttls = io_starttls,
+	.close = io_close,
+	.pause = io_pause,
+	.set_timeout = io_set_timeout,
+	.relay_start = io_relay_start,
+	.relay_cancel = io_relay_cancel,
+};
+
+/* ---------------------------------------------------------------- fixture */
+
+static void
+setup(void)
+{
+	struct harness *h = &H;
+	int fd;
+
+	memset(h, 0, sizeof(*h));
+	h->users[0].email = (char *)USER;
+	h->users[0].password = (char *)PASS;
+	h->users[1].email = (char *)"other@example.com";
+	h->users[1].password = (char *)"other-pass";
+	h->cfg.users = h->users;
+	h->cfg.n_users = 2;
+	h->cfg.hostname = (char *)HOST;
+	h->cfg.allow_insecure_auth = true;
+	h->cfg.tmp_dir = (char *)"/tmp";
+	h->cfg.limits = (struct limits_cfg){
+		.max_message_size = 10240, .max_recipients = 5, .max_errors = 10,
+		.command_timeout = 300, .data_timeout = 120, .memory_threshold = 1048576,
+	};
+	h->listener.tls = TLS_MODE_NONE;
+	h->rt.cfg = &h->cfg;
+	h->params = (struct smtp_session_params){
+		.rt = &h->rt, .listener = &h->listener, .client_addr = CLIENT,
+	};
+	h->in = evbuffer_new();
+	h->out = evbuffer_new();
+	snprintf(h->log_path, sizeof(h->log_path), "/tmp/check_smtp_server.XXXXXX");
+	fd = mkstemp(h->log_path);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	ck_assert_int_eq(log_open("check_smtp_server", LOG_TO_FILE, h->log_path), 0);
+}
+
+static void
+teardown(void)
+{
+	struct harness *h = &H;
+
+	smtp_session_free(h->s);
+	relayed_free(&h->msg);
+	evbuffer_free(h->in);
+	evbuffer_free(h->out);
+	log_close();
+	unlink(h->log_path);
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+static const char *
+take(void)
+{
+	size_t n = evbuffer_get_length(H.out);
+
+	ck_assert_uint_lt(n, sizeof(H.text));
+	evbuffer_remove(H.out, H.text, n);
+	H.text[n] = '\0';
+	return H.text;
+}
+
+static void
+feed(const char *data, size_t len)
+{
+	evbuffer_add(H.in, data, len);
+	smtp_session_input(H.s);
+}
+
+static void
+send_str(const char *text)
+{
+	feed(text, strlen(text));
+}
+
+#define ck_exchange(cmd, expected) do { \
+	send_str(cmd); \
+	ck_assert_str_eq(take(), (expected)); \
+} while (0)
+
+static void
+h_start(void)
+{
+	H.s = smtp_session_new(&H.params, H.in, H.out, &test_io, &H);
+	ck_assert_ptr_nonnull(H.s);
+	smtp_session_start(H.s);
+	ck_assert_str_eq(take(), GREETING);
+}
+
+static const char *
+plain_b64(char *out, size_t outlen, const char *authz, const char *authc, const char *pass)
+{
+	char raw[768];
+	int n = snprintf(raw, sizeof(raw), "%s%c%s%c%s", authz, 0, authc, 0, pass);
+
+	ck_assert_int_eq(auth_b64_encode(raw, (size_t)n, out, outlen), 0);
+	return out;
+}
+
+static const char *
+b64(char *out, size_t outlen, const char *text)
+{
+	ck_assert_int_eq(auth_b64_encode(text, strlen(text), out, outlen), 0);
+	return out;
+}
+
+#define EHLO_BASE "250-" HOST "\r\n250-PIPELINING\r\n250-SIZE 10240\r\n" \
+	"250-8BITMIME\r\n"
+#define EHLO_NO_AUTH EHLO_BASE "250 ENHANCEDSTATUSCODES\r\n"
+#define EHLO_AUTH EHLO_BASE "250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n"
+#define EHLO_STARTTLS EHLO_BASE "250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n"
+#define AUTH_OK "235 2.7.0 Authentication successful\r\n"
+#define AUTH_BAD "535 5.7.8 Authentication credentials invalid\r\n"
+#define SEQ_ERR "503 5.5.1 "
+#define DATA_GO "354 End data with <CR><LF>.<CR><LF>\r\n"
+#define MAIL_OK "250 2.1.0 Ok\r\n"
+#define RCPT_OK "250 2.1.5 Ok\r\n"
+
+static void
+h_auth(void)
+{
+	char line[512], enc[400];
+
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+	    plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, AUTH_OK);
+}
+
+/* Starts, authenticates and opens a transaction with one recipient. */
+static void
+h_ready_for_data(void)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n",
+	    MAIL_OK RCPT_OK DATA_GO);
+}
+
+static void
+relay_answer(bool ok, int code, const char *enhanced, const char *text)
+{
+	struct relay_result res;
+	relay_done_fn done = H.done;
+
+	memset(&res, 0, sizeof(res));
+	res.ok = ok;
+	res.code = code;
+	snprintf(res.enhanced, sizeof(res.enhanced), "%s", enhanced);
+	snprintf(res.text, sizeof(res.text), "%s", text);
+	snprintf(res.relay, sizeof(res.relay), "%s", ok ? "provider-a" : "");
+	ck_assert_ptr_nonnull(done);
+	H.done = NULL;
+	done(H.done_arg, &res);
+}
+
+static size_t
+count_of(const char *hay, const char *needle)
+{
+	size_t n = 0;
+
+	for (const char *p = strstr(hay, needle); p != NULL; p = strstr(p + 1, needle))
+		n++;
+	return n;
+}
+
+static char *
+log_text(void)
+{
+	FILE *fp = fopen(H.log_path, "r");
+	static char buf[1 << 16];
+	size_t n;
+
+	ck_assert_ptr_nonnull(fp);
+	n = fread(buf, 1, sizeof(buf) - 1, fp);
+	buf[n] = '\0';
+	fclose(fp);
+	return buf;
+}
+
+static const char *
+calls(void)
+{
+	H.calls[H.n_calls] = '\0';
+	return H.calls;
+}
+
+static void
+calls_reset(void)
+{
+	H.n_calls = 0;
+}
+
+/* The message body after the Received header the session added. */
+static const char *
+body_after_received(void)
+{
+	const char *end;
+
+	ck_assert_ptr_nonnull(H.msg.body);
+	ck_assert_msg(strncmp(H.msg.body, "Received: from ", 15) == 0, "no Received: %s", H.msg.body);
+	/* The trace header ends at the first line not starting with a tab. */
+	end = strstr(H.msg.body, "\r\n");
+	while (end != NULL && end[2] == '\t')
+		end = strstr(end + 2, "\r\n");
+	ck_assert_ptr_nonnull(end);
+	return end + 2;
+}
+
+/* ---------------------------------------------------------------- greeting, EHLO */
+
+START_TEST(test_greeting)
+{
+	h_start();
+	ck_assert_str_eq(calls(), "F");
+	ck_assert_uint_eq(H.timeout, 300);
+	ck_assert_ptr_nonnull(strstr(log_text(), "connect from [" CLIENT "]"));
+	ck_assert_uint_eq(strlen(smtp_session_id(H.s)), 12);
+	ck_assert(!smtp_session_busy(H.s));
+}
+END_TEST
+
+START_TEST(test_ehlo_no_insecure_auth)
+{
+	H.cfg.allow_insecure_auth = false;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_NO_AUTH);
+}
+END_TEST
+
+START_TEST(test_ehlo_insecure_auth)
+{
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+}
+END_TEST
+
+START_TEST(test_ehlo_starttls_listener)
+{
+	H.cfg.allow_insecure_auth = false;
+	H.listener.tls = TLS_MODE_STARTTLS;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_STARTTLS);
+	ck_exchange("STARTTLS\r\n", "220 2.0.0 Ready to start TLS\r\n");
+	smtp_session_tls_ready(H.s, "TLSv1.3");
+	ck_assert_str_eq(take(), "");
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+}
+END_TEST
+
+START_TEST(test_ehlo_starttls_and_insecure_auth)
+{
+	H.listener.tls = TLS_MODE_STARTTLS;
+	h_start();
+	ck_exchange("EHLO client.example\r\n",
+	    EHLO_BASE "250-ENHANCEDSTATUSCODES\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n");
+}
+END_TEST
+
+START_TEST(test_require_tls_listener)
+{
+	char line[512], enc[400];
+
+	H.listener.tls = TLS_MODE_STARTTLS;
+	H.listener.require_tls = true;
+	h_start();
+	/* allow_insecure_auth does not override require_tls */
+	ck_exchange("EHLO client.example\r\n", EHLO_STARTTLS);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", "530 5.7.0 Must issue a STARTTLS command first\r\n");
+	ck_exchange("STARTTLS\r\n", "220 2.0.0 Ready to start TLS\r\n");
+	smtp_session_tls_ready(H.s, "TLSv1.3");
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange(line, AUTH_OK);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+}
+END_TEST
+
+START_TEST(test_implicit_tls)
+{
+	H.cfg.allow_insecure_auth = false;
+	H.listener.tls = TLS_MODE_IMPLICIT;
+	H.listener.require_tls = true;
+	H.params.tls_active = true;
+	H.params.tls_desc = "TLSv1.3";
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("STARTTLS\r\n", "554 5.5.1 TLS already active\r\n");
+}
+END_TEST
+
+START_TEST(test_helo)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("HELO client.example\r\n", "250 " HOST "\r\n");
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, SEQ_ERR "Send EHLO first\r\n");
+}
+END_TEST
+
+/* ---------------------------------------------------------------- AUTH */
+
+START_TEST(test_mail_before_auth)
+{
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", "530 5.7.0 Authentication required\r\n");
+	ck_exchange("RCPT TO:<b@example.net>\r\n", SEQ_ERR "Need MAIL command\r\n");
+}
+END_TEST
+
+START_TEST(test_auth_plaintext_refused)
+{
+	H.cfg.allow_insecure_auth = false;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_NO_AUTH);
+	ck_exchange("AUTH PLAIN\r\n",
+	    "538 5.7.11 Encryption required for requested authentication mechanism\r\n");
+}
+END_TEST
+
+START_TEST(test_auth_plain_initial)
+{
+	h_start();
+	h_auth();
+	ck_exchange("AUTH LOGIN\r\n", SEQ_ERR "Already authenticated\r\n");
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth ok user=" USER));
+	ck_assert_ptr_null(strstr(log_text(), PASS));
+}
+END_TEST
+
+START_TEST(test_auth_plain_continuation)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	calls_reset();
+	ck_exchange("AUTH PLAIN\r\n", "334 \r\n");
+	ck_assert_str_eq(calls(), "F");
+	snprintf(line, sizeof(line), "%s\r\n", plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, AUTH_OK);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+}
+END_TEST
+
+START_TEST(test_auth_login)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n");
+	snprintf(line, sizeof(line), "%s\r\n", b64(enc, sizeof(enc), USER));
+	ck_exchange(line, "334 UGFzc3dvcmQ6\r\n");
+	snprintf(line, sizeof(line), "%s\r\n", b64(enc, sizeof(enc), PASS));
+	ck_exchange(line, AUTH_OK);
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth ok user=" USER));
+}
+END_TEST
+
+START_TEST(test_auth_login_initial_response)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH LOGIN %s\r\n", b64(enc, sizeof(enc), USER));
+	ck_exchange(line, "334 UGFzc3dvcmQ6\r\n");
+	snprintf(line, sizeof(line), "%s\r\n", b64(enc, sizeof(enc), "wrong"));
+	ck_exchange(line, AUTH_BAD);
+}
+END_TEST
+
+START_TEST(test_auth_cancel)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("AUTH PLAIN\r\n", "334 \r\n");
+	ck_exchange("*\r\n", "501 5.7.0 Authentication cancelled\r\n");
+	ck_exchange("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n");
+	snprintf(line, sizeof(line), "%s\r\n", b64(enc, sizeof(enc), USER));
+	ck_exchange(line, "334 UGFzc3dvcmQ6\r\n");
+	ck_exchange("*\r\n", "501 5.7.0 Authentication cancelled\r\n");
+	/* back to commands: the session is not authenticated */
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", "530 5.7.0 Authentication required\r\n");
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, AUTH_OK);
+}
+END_TEST
+
+START_TEST(test_auth_bad_base64)
+{
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("AUTH PLAIN !!!notbase64\r\n", "501 5.5.2 Invalid base64 data\r\n");
+	ck_exchange("AUTH PLAIN\r\n", "334 \r\n");
+	ck_exchange("a$b%\r\n", "501 5.5.2 Invalid base64 data\r\n");
+	ck_exchange("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n");
+	ck_exchange("@@@\r\n", "501 5.5.2 Invalid base64 data\r\n");
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+}
+END_TEST
+
+START_TEST(test_auth_authzid)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+	    plain_b64(enc, sizeof(enc), "other@example.com", USER, PASS));
+	ck_exchange(line, AUTH_BAD);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+	    plain_b64(enc, sizeof(enc), USER, USER, PASS));
+	ck_exchange(line, AUTH_OK);
+}
+END_TEST
+
+START_TEST(test_auth_wrong_credentials)
+{
+	char line[512], enc[400];
+	const char *log;
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, "Wr0ng-pw"));
+	ck_exchange(line, AUTH_BAD);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+	    plain_b64(enc, sizeof(enc), "", "nobody@example.com", PASS));
+	ck_exchange(line, AUTH_BAD);
+	/* another user's password does not open this user */
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, "other-pass"));
+	ck_exchange(line, AUTH_BAD);
+	log = log_text();
+	ck_assert_ptr_nonnull(strstr(log, "auth failed user=" USER " client=[" CLIENT "]"));
+	ck_assert_ptr_nonnull(strstr(log, "auth failed user=nobody@example.com client=[" CLIENT "]"));
+	ck_assert_ptr_null(strstr(log, "Wr0ng-pw"));
+	ck_assert_ptr_null(strstr(log, PASS));
+	ck_assert_ptr_null(strstr(log, "other-pass"));
+}
+END_TEST
+
+START_TEST(test_auth_log_sanitised)
+{
+	char line[512], enc[400];
+
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+	    plain_b64(enc, sizeof(enc), "", "evil\nauth ok user=x", "pw"));
+	send_str(line);
+	ck_assert_str_eq(take(), AUTH_BAD);
+	ck_assert_ptr_null(strstr(log_text(), "evil\nauth ok"));
+}
+END_TEST
+
+START_TEST(test_auth_unknown_mechanism)
+{
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("AUTH CRAM-MD5\r\n", "504 5.5.4 Unrecognized authentication mechanism\r\n");
+}
+END_TEST
+
+START_TEST(test_auth_during_transaction)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	ck_exchange("AUTH PLAIN\r\n", SEQ_ERR "Already authenticated\r\n");
+	ck_exchange("RCPT TO:<b@example.net>\r\n", RCPT_OK);
+}
+END_TEST
+
+START_TEST(test_auth_long_initial_response)
+{
+	/* AUTH lines may exceed 512 octets (RFC 4954 4): a long response is
+	 * checked (here: refused for its authzid), not refused as too long. */
+	char authz[201], pass[256], line[1200], enc[1000];
+
+	memset(authz, 'z', sizeof(authz) - 1);
+	authz[sizeof(authz) - 1] = '\0';
+	memset(pass, 'p', sizeof(pass) - 1);
+	pass[sizeof(pass) - 1] = '\0';
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), authz, USER, pass));
+	ck_assert_uint_gt(strlen(line), 512);
+	ck_exchange(line, AUTH_BAD);
+	ck_exchange("AUTH PLAIN\r\n", "334 \r\n");
+	ck_exchange(line + strlen("AUTH PLAIN "), AUTH_BAD);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- MAIL, RCPT, DATA sequence */
+
+START_TEST(test_sequence_errors)
+{
+	h_start();
+	h_auth();
+	ck_exchange("RCPT TO:<b@example.net>\r\n", SEQ_ERR "Need MAIL command\r\n");
+	ck_exchange("DATA\r\n", SEQ_ERR "Need MAIL command\r\n");
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", SEQ_ERR "Nested MAIL command\r\n");
+	ck_exchange("DATA\r\n", SEQ_ERR "Need RCPT command\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
+START_TEST(test_mail_size)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com> SIZE=10241\r\n",
+	    "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+	ck_exchange("MAIL FROM:<a@example.com> SIZE=10240 BODY=8BITMIME\r\n", MAIL_OK);
+}
+END_TEST
+
+START_TEST(test_too_many_recipients)
+{
+	H.cfg.limits.max_recipients = 2;
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	ck_exchange("RCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nRCPT TO:<d@example.net>\r\n",
+	    RCPT_OK RCPT_OK "452 4.5.3 Too many recipients\r\n");
+}
+END_TEST
+
+START_TEST(test_rset_keeps_auth)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n", MAIL_OK RCPT_OK);
+	ck_exchange("RSET\r\n", "250 2.0.0 Ok\r\n");
+	ck_exchange("RCPT TO:<b@example.net>\r\n", SEQ_ERR "Need MAIL command\r\n");
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+}
+END_TEST
+
+START_TEST(test_misc_commands)
+{
+	h_start();
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+	send_str("HELP\r\n");
+	ck_assert_msg(strncmp(take(), "214 2.0.0 ", 10) == 0, "HELP: %s", H.text);
+	ck_exchange("VRFY postmaster\r\n", "252 2.5.2 Cannot VRFY user, but will accept message\r\n");
+	ck_exchange("EXPN staff\r\n", "502 5.5.1 Command not implemented\r\n");
+	ck_exchange("BDAT 10 LAST\r\n", "502 5.5.1 Command not implemented\r\n");
+	ck_exchange("STARTTLS\r\n", "502 5.5.1 STARTTLS not available\r\n");
+	ck_assert_str_eq(calls(), "FFFFFFF");
+}
+END_TEST
+
+START_TEST(test_parser_errors)
+{
+	h_start();
+	ck_exchange("FOO bar\r\n", "500 5.5.2 Command not recognized\r\n");
+	send_str("MAIL FROM:<unterminated\r\n");
+	ck_assert_msg(strncmp(take(), "501 5.", 6) == 0, "MAIL: %s", H.text);
+	H.listener.tls = TLS_MODE_STARTTLS;
+	send_str("STARTTLS x\r\n");
+	ck_assert_msg(strncmp(take(), "501 5.5.4 ", 10) == 0, "STARTTLS x: %s", H.text);
+	ck_assert_uint_eq(count_of(calls(), "S"), 0);
+}
+END_TEST
+
+START_TEST(test_quit)
+{
+	h_start();
+	calls_reset();
+	ck_exchange("QUIT\r\nNOOP\r\n", "221 2.0.0 Bye\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	/* nothing after QUIT is read */
+	ck_assert_uint_eq(evbuffer_get_length(H.in), 6);
+	smtp_session_input(H.s);
+	ck_assert_str_eq(take(), "");
+}
+END_TEST
+
+START_TEST(test_line_too_long)
+{
+	char line[700];
+	char *huge = malloc(20000);
+
+	memset(line, 'x', sizeof(line));
+	memcpy(line, "NOOP ", 5);
+	memcpy(line + sizeof(line) - 2, "\r\n", 2);
+	h_start();
+	feed(line, sizeof(line));
+	ck_assert_str_eq(take(), "500 5.5.6 Line too long\r\n");
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+	/* no line end at all: one 500, then everything up to the LF is dropped */
+	memset(huge, 'y', 20000);
+	feed(huge, 20000);
+	ck_assert_str_eq(take(), "500 5.5.6 Line too long\r\n");
+	feed(huge, 20000);
+	ck_assert_str_eq(take(), "");
+	ck_exchange("QUIT\r\nNOOP\r\n", "250 2.0.0 Ok\r\n");
+	free(huge);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- STARTTLS */
+
+START_TEST(test_starttls_injection)
+{
+	char line[512], enc[400];
+
+	H.listener.tls = TLS_MODE_STARTTLS;
+	H.cfg.allow_insecure_auth = false;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_STARTTLS);
+	calls_reset();
+	/* CVE-2011-0411: a command pipelined after STARTTLS is never run */
+	send_str("STARTTLS\r\nRSET\r\n");
+	ck_assert_str_eq(take(), "220 2.0.0 Ready to start TLS\r\n");
+	ck_assert_str_eq(calls(), "FS");
+	ck_assert_uint_eq(evbuffer_get_length(H.in), 6);
+	smtp_session_input(H.s);
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(evbuffer_get_length(H.in), 6);
+	/* the owner discards the plaintext leftovers and shakes hands */
+	evbuffer_drain(H.in, evbuffer_get_length(H.in));
+	smtp_session_tls_ready(H.s, "TLSv1.3 cipher=AES-256-GCM");
+	ck_assert_str_eq(take(), "");
+	/* RFC 3207 4.2: the EHLO before TLS is forgotten */
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, PASS));
+	ck_exchange(line, SEQ_ERR "Send EHLO first\r\n");
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("STARTTLS\r\n", "554 5.5.1 TLS already active\r\n");
+}
+END_TEST
+
+START_TEST(test_starttls_forgets_auth)
+{
+	H.listener.tls = TLS_MODE_STARTTLS;
+	h_start();
+	ck_exchange("EHLO client.example\r\n",
+	    EHLO_BASE "250-ENHANCEDSTATUSCODES\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n");
+	{
+		char line[512], enc[400];
+
+		snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n",
+		    plain_b64(enc, sizeof(enc), "", USER, PASS));
+		ck_exchange(line, AUTH_OK);
+	}
+	ck_exchange("STARTTLS\r\n", "220 2.0.0 Ready to start TLS\r\n");
+	smtp_session_tls_ready(H.s, "TLSv1.3");
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", "530 5.7.0 Authentication required\r\n");
+}
+END_TEST
+
+/* ---------------------------------------------------------------- messages */
+
+START_TEST(test_pipelined_message)
+{
+	const char *body;
+
+	h_start();
+	h_auth();
+	calls_reset();
+	send_str("MAIL FROM:<sender@example.com> BODY=8BITMIME\r\nRCPT TO:<r1@example.net>\r\n"
+	    "RCPT TO:<r2@example.org>\r\nDATA\r\n");
+	ck_assert_str_eq(take(), MAIL_OK RCPT_OK RCPT_OK DATA_GO);
+	/* one flush for the whole group, at the 354 */
+	ck_assert_str_eq(calls(), "F");
+	ck_assert_uint_eq(H.timeout, 120);
+	ck_assert(smtp_session_busy(H.s));
+	calls_reset();
+	send_str("Subject: hi\r\n\r\n..dot stuffed\r\n.\r\nMAIL FROM:<x@example.com>\r\nQUIT\r\n");
+	/* the message is with the relay: no reply, nothing after it read */
+	ck_assert_str_eq(take(), "");
+	ck_assert_str_eq(calls(), "P");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(evbuffer_get_length(H.in), strlen("MAIL FROM:<x@example.com>\r\nQUIT\r\n"));
+	ck_assert_str_eq(H.msg.from, "sender@example.com");
+	ck_assert_uint_eq(H.msg.n_rcpts, 2);
+	ck_assert_str_eq(H.msg.rcpts[0], "r1@example.net");
+	ck_assert_str_eq(H.msg.rcpts[1], "r2@example.org");
+	ck_assert_int_eq(H.msg.body_type, SMTP_BODY_8BITMIME);
+	ck_assert_ptr_eq(H.msg.user, &H.users[0]);
+	ck_assert_str_eq(H.msg.client, CLIENT);
+	ck_assert_uint_eq(H.msg.size, H.msg.body_len);
+	body = body_after_received();
+	ck_assert_str_eq(body, "Subject: hi\r\n\r\n.dot stuffed\r\n");
+	ck_assert_uint_eq(count_of(H.msg.body, "Received:"), 1);
+	/* two recipients: no "for" clause */
+	ck_assert_ptr_null(strstr(H.msg.body, "for <"));
+	ck_assert_ptr_nonnull(strstr(H.msg.body, "Received: from client.example ([" CLIENT "])\r\n"
+	    "\tby " HOST " (smtpmux) with ESMTPA id "));
+	calls_reset();
+	relay_answer(true, 250, "2.0.0", "Ok");
+	{
+		char expect[256];
+
+		snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n"
+		    "250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n", H.msg.id);
+		ck_assert_str_eq(take(), expect);
+	}
+	ck_assert_str_eq(calls(), "UFFC");
+	ck_assert_uint_eq(H.timeout, 300);
+	ck_assert_uint_eq(H.relay_cancels, 0);
+}
+END_TEST
+
+START_TEST(test_received_header)
+{
+	char date_part[8];
+
+	H.params.tls_active = true;
+	H.listener.tls = TLS_MODE_IMPLICIT;
+	h_ready_for_data();
+	send_str("Subject: x\r\n\r\nbody\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(count_of(H.msg.body, "Received:"), 1);
+	ck_assert_ptr_nonnull(strstr(H.msg.body, " with ESMTPSA id "));
+	ck_assert_ptr_nonnull(strstr(H.msg.body, H.msg.id));
+	ck_assert_ptr_nonnull(strstr(H.msg.body, "\r\n\tfor <rcpt@example.net>;\r\n\t"));
+	ck_assert_ptr_nonnull(strstr(H.msg.body, " +0000\r\nSubject: x\r\n"));
+	/* "Mon, 02 Jan 2006 ..." */
+	memcpy(date_part, strstr(H.msg.body, ";\r\n\t") + 4, 5);
+	date_part[5] = '\0';
+	ck_assert_msg(date_part[3] == ',' && date_part[4] == ' ', "date: %s", date_part);
+	ck_assert_str_eq(body_after_received(), "Subject: x\r\n\r\nbody\r\n");
+	relay_answer(true, 250, "2.0.0", "Ok");
+}
+END_TEST
+
+START_TEST(test_body_byte_identical)
+{
+	/* Every octet value but CR/LF, long-ish lines, dots everywhere, and a
+	 * size that crosses the memory threshold into a temp file. */
+	struct evbuffer *wire = evbuffer_new(), *expect = evbuffer_new();
+	char line[900];
+	size_t len;
+
+	H.cfg.limits.memory_threshold = 256;
+	for (int i = 0; i < 40; i++) {
+		size_t n = 0;
+
+		if (i % 3 == 0)
+			line[n++] = '.';
+		for (int k = 0; k < 20 + i * 5; k++) {
+			unsigned char c = (unsigned char)((i * 31 + k) & 0xff);
+
+			line[n++] = (char)(c == '\r' || c == '\n' ? 'z' : c);
+		}
+		evbuffer_add(expect, line, n);
+		evbuffer_add(expect, "\r\n", 2);
+		if (line[0] == '.')
+			evbuffer_add(wire, ".", 1);
+		evbuffer_add(wire, line, n);
+		evbuffer_add(wire, "\r\n", 2);
+	}
+	evbuffer_add(wire, ".\r\n", 3);
+	h_ready_for_data();
+	len = evbuffer_get_length(wire);
+	feed((const char *)evbuffer_pullup(wire, -1), len);
+	ck_assert_uint_eq(H.relay_starts, 1);
+	{
+		const char *body = body_after_received();
+		size_t n = H.msg.body_len - (size_t)(body - H.msg.body);
+
+		ck_assert_uint_eq(n, evbuffer_get_length(expect));
+		ck_assert(memcmp(body, evbuffer_pullup(expect, -1), n) == 0);
+	}
+	relay_answer(true, 250, "2.0.0", "Ok");
+	evbuffer_free(wire);
+	evbuffer_free(expect);
+}
+END_TEST
+
+START_TEST(test_byte_at_a_time)
+{
+	const char *script = "EHLO client.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+	    "DATA\r\nline one\r\n..two\r\n.\r\nNOOP\r\n";
+	char expect[512];
+
+	h_start();
+	for (const char *p = script; *p != '\0'; p++)
+		feed(p, 1);
+	ck_assert_str_eq(take(), EHLO_AUTH "530 5.7.0 Authentication required\r\n"
+	    SEQ_ERR "Need MAIL command\r\n" SEQ_ERR "Need MAIL command\r\n"
+	    "500 5.5.2 Command not recognized\r\n500 5.5.2 Command not recognized\r\n"
+	    "500 5.5.2 Command not recognized\r\n250 2.0.0 Ok\r\n");
+	h_auth();
+	script = "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nline one\r\n..two\r\n.\r\nNOOP\r\n";
+	for (const char *p = script; *p != '\0'; p++)
+		feed(p, 1);
+	ck_assert_str_eq(body_after_received(), "line one\r\n.two\r\n");
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), MAIL_OK RCPT_OK DATA_GO "250 2.0.0 Ok: queued as %s\r\n"
+	    "250 2.0.0 Ok\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+}
+END_TEST
+
+START_TEST(test_relay_tempfail)
+{
+	h_ready_for_data();
+	send_str("hello\r\n.\r\n");
+	relay_answer(false, 451, "4.4.1", "All downstreams failed, try again later");
+	ck_assert_str_eq(take(), "451 4.4.1 All downstreams failed, try again later\r\n");
+	/* the transaction is over, authentication stays */
+	ck_exchange("RCPT TO:<b@example.net>\r\n", SEQ_ERR "Need MAIL command\r\n");
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+}
+END_TEST
+
+START_TEST(test_relay_permfail)
+{
+	h_ready_for_data();
+	send_str("hello\r\n.\r\n");
+	relay_answer(false, 550, "5.7.1", "Message rejected as spam");
+	ck_assert_str_eq(take(), "550 5.7.1 Message rejected as spam\r\n");
+	ck_assert(!smtp_session_busy(H.s));
+	send_str("QUIT\r\n");
+	smtp_session_free(H.s);
+	H.s = NULL;
+	ck_assert_ptr_nonnull(strstr(log_text(), " data=0/1 "));
+}
+END_TEST
+
+START_TEST(test_relay_answers_at_once)
+{
+	H.answer_at_once = true;
+	H.at_once = (struct relay_result){ .ok = false, .code = 451, .enhanced = "4.3.0",
+		.text = "No downstream available" };
+	h_ready_for_data();
+	calls_reset();
+	send_str("hello\r\n.\r\nNOOP\r\n");
+	ck_assert_str_eq(take(), "451 4.3.0 No downstream available\r\n250 2.0.0 Ok\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_str_eq(calls(), "PUFF");
+}
+END_TEST
+
+START_TEST(test_relay_start_fails)
+{
+	H.fail_start = true;
+	h_ready_for_data();
+	send_str("hello\r\n.\r\n");
+	ck_assert_str_eq(take(), "451 4.3.0 Local error in processing\r\n");
+	ck_assert(!smtp_session_busy(H.s));
+}
+END_TEST
+
+START_TEST(test_relay_bad_result_code)
+{
+	h_ready_for_data();
+	send_str("hello\r\n.\r\n");
+	relay_answer(false, 0, "", "connect failed");
+	ck_assert_str_eq(take(), "451 4.3.0 Delivery failed, try again later\r\n");
+}
+END_TEST
+
+static void
+smuggle(const char *body, const char *bare)
+{
+	h_ready_for_data();
+	send_str(body);
+	ck_assert_msg(strcmp(take(), "550 5.5.2 Message contains bare CR or LF\r\n") == 0,
+	    "%s: %s", bare, H.text);
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert_ptr_nonnull(strstr(log_text(), bare));
+	/* the smuggled command was message text, never a command */
+	ck_exchange("RCPT TO:<b@example.net>\r\n", SEQ_ERR "Need MAIL command\r\n");
+}
+
+START_TEST(test_smuggling_lf_dot_lf)
+{
+	smuggle("a\n.\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<v@example.net>\r\nDATA\r\nx\r\n.\r\n",
+	    "bare LF");
+}
+END_TEST
+
+START_TEST(test_smuggling_cr_dot_cr)
+{
+	smuggle("a\r.\rMAIL FROM:<evil@example.com>\r\n.\r\n", "bare CR");
+}
+END_TEST
+
+START_TEST(test_smuggling_lf_dot_crlf)
+{
+	smuggle("a\n.\r\nMAIL FROM:<evil@example.com>\r\n.\r\n", "bare LF");
+}
+END_TEST
+
+START_TEST(test_smuggling_crlf_dot_lf)
+{
+	smuggle("a\r\n.\nMAIL FROM:<evil@example.com>\r\n.\r\n", "bare LF");
+}
+END_TEST
+
+START_TEST(test_message_too_big)
+{
+	char *big = malloc(12000);
+
+	memset(big, 'a', 12000);
+	for (int i = 80; i < 12000; i += 80) {
+		big[i - 2] = '\r';
+		big[i - 1] = '\n';
+	}
+	h_ready_for_data();
+	feed(big, 12000);
+	ck_assert_str_eq(take(), "");
+	send_str("\r\n.\r\n");
+	ck_assert_str_eq(take(), "552 5.3.4 Message size exceeds fixed limit\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+	free(big);
+}
+END_TEST
+
+START_TEST(test_message_line_too_long)
+{
+	char line[1100];
+
+	memset(line, 'b', sizeof(line));
+	memcpy(line + sizeof(line) - 2, "\r\n", 2);
+	h_ready_for_data();
+	feed(line, sizeof(line));
+	send_str(".\r\n");
+	ck_assert_str_eq(take(), "550 5.5.2 Message contains a line longer than 1000 octets\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- limits, timeouts, shutdown */
+
+START_TEST(test_error_budget)
+{
+	H.cfg.limits.max_errors = 3;
+	h_start();
+	calls_reset();
+	send_str("FOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
+	ck_assert_str_eq(take(), "500 5.5.2 Command not recognized\r\n"
+	    "500 5.5.2 Command not recognized\r\n500 5.5.2 Command not recognized\r\n"
+	    "500 5.5.2 Command not recognized\r\n421 4.7.0 " HOST " Too many errors\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_uint_eq(evbuffer_get_length(H.in), 6);
+}
+END_TEST
+
+START_TEST(test_error_budget_auth)
+{
+	char line[512], enc[400];
+
+	H.cfg.limits.max_errors = 2;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, "guess"));
+	ck_exchange(line, AUTH_BAD);
+	ck_exchange(line, AUTH_BAD);
+	ck_exchange(line, AUTH_BAD "421 4.7.0 " HOST " Too many errors\r\n");
+	ck_assert_uint_eq(count_of(calls(), "C"), 1);
+}
+END_TEST
+
+START_TEST(test_timeout)
+{
+	h_start();
+	calls_reset();
+	smtp_session_timeout(H.s);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Timeout\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	send_str("NOOP\r\n");
+	ck_assert_str_eq(take(), "");
+}
+END_TEST
+
+START_TEST(test_timeout_in_data)
+{
+	h_ready_for_data();
+	send_str("partial message\r\n");
+	smtp_session_timeout(H.s);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Timeout\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert(!smtp_session_busy(H.s));
+}
+END_TEST
+
+START_TEST(test_timeout_while_relaying_ignored)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	ck_assert_uint_eq(H.timeout, 0);
+	smtp_session_timeout(H.s);
+	ck_assert_str_eq(take(), "");
+	relay_answer(true, 250, "2.0.0", "Ok");
+	ck_assert_msg(strncmp(take(), "250 2.0.0 Ok: queued as ", 24) == 0, "%s", H.text);
+}
+END_TEST
+
+START_TEST(test_shutdown_idle)
+{
+	h_start();
+	calls_reset();
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "421 4.3.2 " HOST " Service shutting down\r\n");
+	ck_assert_str_eq(calls(), "FC");
+}
+END_TEST
+
+START_TEST(test_shutdown_busy)
+{
+	char expect[256];
+
+	h_ready_for_data();
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	send_str("m\r\n.\r\nNOOP\r\n");
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	calls_reset();
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n"
+	    "421 4.3.2 " HOST " Service shutting down\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+	ck_assert_str_eq(calls(), "UFFC");
+}
+END_TEST
+
+START_TEST(test_abort_during_relay)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	smtp_session_abort(H.s);
+	ck_assert_uint_eq(H.relay_cancels, 1);
+	ck_assert_ptr_eq(H.cancelled, (struct relay *)&H.relay_token);
+	ck_assert(!smtp_session_busy(H.s));
+	smtp_session_free(H.s);
+	H.s = NULL;
+	ck_assert_uint_eq(H.relay_cancels, 1);
+}
+END_TEST
+
+START_TEST(test_abort_during_data)
+{
+	h_ready_for_data();
+	send_str("half a mess");
+	smtp_session_abort(H.s);
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert_uint_eq(H.relay_cancels, 0);
+	send_str("age\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert_str_eq(take(), "");
+}
+END_TEST
+
+START_TEST(test_free_during_relay_cancels)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	smtp_session_free(H.s);
+	H.s = NULL;
+	ck_assert_uint_eq(H.relay_cancels, 1);
+}
+END_TEST
+
+START_TEST(test_disconnect_log)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	relay_answer(true, 250, "2.0.0", "Ok");
+	send_str("FOO\r\nQUIT\r\n");
+	smtp_session_free(H.s);
+	H.s = NULL;
+	ck_assert_ptr_nonnull(strstr(log_text(), "disconnect from [" CLIENT "] ehlo=1 auth=1 mail=1 "
+	    "rcpt=1 data=1 quit=1 unknown=0/1 commands=6/7"));
+}
+END_TEST
+
+static Suite *
+server_suite(void)
+{
+	Suite *s = suite_create("smtp_server");
+	TCase *tc;
+
+	tc = tcase_create("greeting");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_greeting);
+	tcase_add_test(tc, test_ehlo_no_insecure_auth);
+	tcase_add_test(tc, test_ehlo_insecure_auth);
+	tcase_add_test(tc, test_ehlo_starttls_listener);
+	tcase_add_test(tc, test_ehlo_starttls_and_insecure_auth);
+	tcase_add_test(tc, test_require_tls_listener);
+	tcase_add_test(tc, test_implicit_tls);
+	tcase_add_test(tc, test_helo);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("auth");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_mail_before_auth);
+	tcase_add_test(tc, test_auth_plaintext_refused);
+	tcase_add_test(tc, test_auth_plain_initial);
+	tcase_add_test(tc, test_auth_plain_continuation);
+	tcase_add_test(tc, test_auth_login);
+	tcase_add_test(tc, test_auth_login_initial_response);
+	tcase_add_test(tc, test_auth_cancel);
+	tcase_add_test(tc, test_auth_bad_base64);
+	tcase_add_test(tc, test_auth_authzid);
+	tcase_add_test(tc, test_auth_wrong_credentials);
+	tcase_add_test(tc, test_auth_log_sanitised);
+	tcase_add_test(tc, test_auth_unknown_mechanism);
+	tcase_add_test(tc, test_auth_during_transaction);
+	tcase_add_test(tc, test_auth_long_initial_response);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("commands");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_sequence_errors);
+	tcase_add_test(tc, test_mail_size);
+	tcase_add_test(tc, test_too_many_recipients);
+	tcase_add_test(tc, test_rset_keeps_auth);
+	tcase_add_test(tc, test_misc_commands);
+	tcase_add_test(tc, test_parser_errors);
+	tcase_add_test(tc, test_quit);
+	tcase_add_test(tc, test_line_too_long);
+	tcase_add_test(tc, test_starttls_injection);
+	tcase_add_test(tc, test_starttls_forgets_auth);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("messages");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_pipelined_message);
+	tcase_add_test(tc, test_received_header);
+	tcase_add_test(tc, test_body_byte_identical);
+	tcase_add_test(tc, test_byte_at_a_time);
+	tcase_add_test(tc, test_relay_tempfail);
+	tcase_add_test(tc, test_relay_permfail);
+	tcase_add_test(tc, test_relay_answers_at_once);
+	tcase_add_test(tc, test_relay_start_fails);
+	tcase_add_test(tc, test_relay_bad_result_code);
+	tcase_add_test(tc, test_smuggling_lf_dot_lf);
+	tcase_add_test(tc, test_smuggling_cr_dot_cr);
+	tcase_add_test(tc, test_smuggling_lf_dot_crlf);
+	tcase_add_test(tc, test_smuggling_crlf_dot_lf);
+	tcase_add_test(tc, test_message_too_big);
+	tcase_add_test(tc, test_message_line_too_long);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("lifecycle");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_error_budget);
+	tcase_add_test(tc, test_error_budget_auth);
+	tcase_add_test(tc, test_timeout);
+	tcase_add_test(tc, test_timeout_in_data);
+	tcase_add_test(tc, test_timeout_while_relaying_ignored);
+	tcase_add_test(tc, test_shutdown_idle);
+	tcase_add_test(tc, test_shutdown_busy);
+	tcase_add_test(tc, test_abort_during_relay);
+	tcase_add_test(tc, test_abort_during_data);
+	tcase_add_test(tc, test_free_during_relay_cancels);
+	tcase_add_test(tc, test_disconnect_log);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int
+main(void)
+{
+	SRunner *sr = srunner_create(server_suite());
+	int failed;
+
+	srunner_run_all(sr, CK_ENV);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

@@ -26,6 +26,7 @@
  *
  * Build out of tree with:
  *   cc -shared -fPIC $(pkg-config --cflags smtpmux) my.c -o my.so
+ * and see smtpmux-selector(3).
  */
 
 #include <stddef.h>
@@ -86,9 +87,12 @@ struct smtpmux_selector {
 
 	/*
 	 * Called once per user when the configuration is loaded (in the master,
-	 * before the workers fork). Stores private state in *state. Returns 0,
-	 * or -1 with a message in err (e.g. an unknown or bad parameter), which
-	 * refuses the configuration.
+	 * before the workers fork: each worker then has its own copy of the
+	 * state, so treat it as read-only). Stores private state in *state.
+	 * Returns 0, or -1 with a one-line message in err (e.g. "unknown
+	 * parameter 'x'"), which refuses the configuration; fini() is not
+	 * called then, so free what was allocated. Optional: a selector
+	 * without init() takes no parameters.
 	 */
 	int (*init)(void **state, const struct smtpmux_selector_param *params,
 	    size_t n_params, char *err, size_t errlen);
@@ -96,16 +100,24 @@ struct smtpmux_selector {
 	/*
 	 * Writes into order[] the indices (0..n-1) of the downstreams to try, in
 	 * order, and returns how many it wrote (at most n; each index at most
-	 * once). Downstreams it leaves out are not tried for this message.
+	 * once: smtpmuxd drops out-of-range and repeated ones). Downstreams it
+	 * leaves out are not tried for this message. ds[] is in configuration
+	 * order and n >= 1. Required.
 	 */
 	size_t (*select)(void *state, const struct smtpmux_envelope *env,
 	    const struct smtpmux_downstream_view *ds, size_t n, size_t *order);
 
-	/* Frees the state from init(); called when a configuration is dropped. */
+	/*
+	 * Frees the state from init(); called when a configuration is dropped.
+	 * Optional.
+	 */
 	void (*fini)(void *state);
 
 	void *reserved[4];           /* zero; room for later ABI versions */
 };
+
+/* What a selector defines, as a const object: its only exported symbol. */
+extern const struct smtpmux_selector smtpmux_selector;
 
 /*
  * Stable partition: moves available downstreams (in their given order)
@@ -116,12 +128,12 @@ static inline void
 smtpmux_order_available(const struct smtpmux_downstream_view *ds,
     size_t *order, size_t n)
 {
-	size_t i, j, k = 0;
+	size_t i, j, k = 0, keep;
 
 	for (i = 0; i < n; i++) {
 		if (!ds[order[i]].available)
 			continue;
-		size_t keep = order[i];
+		keep = order[i];
 		for (j = i; j > k; j--)
 			order[j] = order[j - 1];
 		order[k++] = keep;

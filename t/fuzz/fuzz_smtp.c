@@ -1,0 +1,194 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * libFuzzer target for the I/O-free parsers. Every input goes through all
+ * of them; besides crashes and sanitizer reports, it aborts when one of the
+ * parsers' promises is broken:
+ *  - no parsed command field holds a control character;
+ *  - the DATA reader gives the same result however the input is chunked;
+ *  - DATA writer then reader gives the body back;
+ *  - a reply's length is within the input and its text is printable.
+ * See README in this folder.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+
+#include "auth.h"
+#include "smtp_data.h"
+#include "smtp_parse.h"
+#include "smtp_reply.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define require(cond) do { if (!(cond)) abort(); } while (0)
+
+static void
+require_clean(const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		require((unsigned char)s[i] >= 0x20 && (unsigned char)s[i] != 0x7f);
+}
+
+static void
+check_command(const char *line, size_t len)
+{
+	struct smtp_cmd cmd;
+	struct smtp_error err;
+
+	if (smtp_parse_command(line, len, &cmd, &err) != 0) {
+		require(err.code >= 500 && err.code <= 555 && err.enhanced && err.text);
+		return;
+	}
+	require(strlen(cmd.path) <= SMTP_PATH_MAX);
+	require_clean(cmd.path, strlen(cmd.path));
+	require_clean(cmd.domain, strlen(cmd.domain));
+	require_clean(cmd.mech, strlen(cmd.mech));
+	if (cmd.arg != NULL)
+		require_clean(cmd.arg, cmd.arg_len);
+	if (cmd.initial != NULL)
+		require_clean(cmd.initial, cmd.initial_len);
+}
+
+static void
+fuzz_commands(const char *in, size_t len)
+{
+	size_t consumed;
+	long n;
+
+	check_command(in, len);
+	while ((n = smtp_next_line(in, len, SMTP_AUTH_LINE_MAX, &consumed)) >= 0) {
+		require(consumed > (size_t)n && consumed <= len);
+		check_command(in, (size_t)n);
+		in += consumed;
+		len -= consumed;
+	}
+}
+
+struct data_run {
+	bool done;
+	size_t used;
+	struct evbuffer *out;
+	struct smtp_data_reader r;
+};
+
+/* chunk 0: all at once; otherwise sizes taken from the input itself. */
+static void
+read_data(const char *in, size_t len, size_t chunk, uint64_t max, struct data_run *run)
+{
+	size_t pos = 0, k = 0;
+
+	run->out = evbuffer_new();
+	require(run->out != NULL);
+	run->done = false;
+	smtp_data_reader_init(&run->r, max);
+	while (pos < len && !run->done) {
+		size_t n = chunk == 0 ? len - pos : 1 + (unsigned char)in[k++ % len] % chunk;
+		size_t used;
+
+		if (n > len - pos)
+			n = len - pos;
+		run->done = smtp_data_read(&run->r, in + pos, n, &used, run->out);
+		require(used <= n && (run->done || used == n));
+		pos += used;
+	}
+	run->used = pos;
+}
+
+static void
+require_same(struct data_run *a, struct data_run *b)
+{
+	size_t n = evbuffer_get_length(a->out);
+
+	require(a->done == b->done && a->used == b->used);
+	require(a->r.bare_lf == b->r.bare_lf && a->r.bare_cr == b->r.bare_cr);
+	require(a->r.too_long == b->r.too_long && a->r.too_big == b->r.too_big);
+	require(a->r.size == b->r.size);
+	require(n == evbuffer_get_length(b->out));
+	require(n == 0 || memcmp(evbuffer_pullup(a->out, -1),
+	    evbuffer_pullup(b->out, -1), n) == 0);
+}
+
+static void
+fuzz_data(const char *in, size_t len)
+{
+	struct data_run one, other;
+	uint64_t max = len > 0 ? (unsigned char)in[0] : 0;
+
+	read_data(in, len, 0, max, &one);
+	for (size_t chunk = 1; chunk <= 7; chunk += 3) {
+		read_data(in, len, chunk, max, &other);
+		require_same(&one, &other);
+		evbuffer_free(other.out);
+	}
+	evbuffer_free(one.out);
+}
+
+static void
+fuzz_round_trip(const char *in, size_t len)
+{
+	struct smtp_data_writer w;
+	struct evbuffer *wire = evbuffer_new();
+	struct data_run back;
+	size_t wire_len, want = len;
+
+	require(wire != NULL);
+	smtp_data_writer_init(&w);
+	smtp_data_write(&w, in, len / 2, wire);
+	smtp_data_write(&w, in + len / 2, len - len / 2, wire);
+	smtp_data_writer_finish(&w, wire);
+	wire_len = evbuffer_get_length(wire);
+	read_data((const char *)evbuffer_pullup(wire, -1), wire_len, 0, 0, &back);
+	require(back.done && back.used == wire_len);
+	if (len > 0 && (len < 2 || memcmp(in + len - 2, "\r\n", 2) != 0))
+		want += 2;
+	require(evbuffer_get_length(back.out) == want);
+	require(len == 0 || memcmp(evbuffer_pullup(back.out, -1), in, len) == 0);
+	evbuffer_free(back.out);
+	evbuffer_free(wire);
+}
+
+static void
+fuzz_reply(const char *in, size_t len, bool ehlo)
+{
+	struct smtp_reply r;
+	long n = smtp_reply_parse(in, len, ehlo, &r);
+
+	require(n >= -1 && n <= (long)len);
+	if (n <= 0)
+		return;
+	require(r.code >= 200 && r.code <= 559);
+	require(strlen(r.text) < sizeof(r.text));
+	for (const char *t = r.text; *t != '\0'; t++)
+		require((unsigned char)*t >= 0x20 && (unsigned char)*t < 0x7f);
+	(void)smtp_reply_is_throttle(&r);
+}
+
+static void
+fuzz_auth(const char *in, size_t len)
+{
+	struct auth_plain p;
+	char login[AUTH_FIELD_MAX + 1];
+
+	if (auth_plain_decode(in, len, &p) == AUTH_OK) {
+		require(p.authcid[0] != '\0' && p.passwd[0] != '\0');
+		require(auth_password_equal(p.passwd, p.passwd));
+	}
+	if (auth_login_decode(in, len, login, sizeof(login)) == AUTH_OK)
+		require(login[0] != '\0' && strlen(login) <= AUTH_FIELD_MAX);
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	const char *in = (const char *)data;
+
+	fuzz_commands(in, size);
+	fuzz_data(in, size);
+	fuzz_round_trip(in, size);
+	fuzz_reply(in, size, false);
+	fuzz_reply(in, size, true);
+	fuzz_auth(in, size);
+	return 0;
+}
