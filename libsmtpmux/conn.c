@@ -698,6 +698,7 @@ conn_tls_established(struct conn *c)
 	if (conn_gone(c) || c->state != CONN_S_OPEN || c->read_paused)
 		return;
 	/* The peer's first data may have come with its Finished, already read. */
+	conn_update_events(c);
 	event_active(c->ev_read, EV_READ, 0);
 }
 

@@ -257,24 +257,16 @@ finish(struct relay *r, bool ok)
 /*
  * Ends the health bookkeeping of an attempt that produced no verdict
  * (cancelled because the client left or the worker stops, or never
- * started). health.h has no neutral outcome, and one of the two must be
- * chosen to release the in-flight count:
- *   - HEALTH_OK would close an open circuit and count a success for a
- *     downstream that may be dead (clients that time out before our connect
- *     timeout would keep a black-holed provider looking healthy forever),
- *     and keep the quota reservation;
- *   - HEALTH_FAIL gives the quota back and counts one failure; at worst a
- *     healthy downstream sits out one cooldown, and its next trial closes
- *     the circuit again. The error text says why.
- * The second poisons less and heals itself. A HEALTH_CANCELLED outcome
- * (release in-flight and quota, touch nothing else) would be exact.
+ * started): the in-flight count, quota reservation and half-open trial are
+ * given back, and neither a success nor a failure is counted, so a client
+ * that leaves early can neither poison nor whitewash a downstream.
  */
 static void
 release_attempt(struct relay *r, const struct downstream_cfg *ds, const char *why)
 {
 	if (has_health(r, ds))
 		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
-		    r->cur_started, time(NULL), HEALTH_FAIL, 0, why);
+		    r->cur_started, time(NULL), HEALTH_CANCELLED, 0, why);
 }
 
 /* --- attempts ---------------------------------------------------------------------- */

@@ -15,11 +15,13 @@
 struct selector_inst;
 
 /*
- * Resolves path (relative: against config_dir, then PKGLIBDIR; a bare name
- * like "round_robin" also finds "round_robin.so" there), loads it, checks
+ * Resolves path (absolute: as is; relative: against config_dir, then each
+ * directory of SMTPMUX_SELECTOR_PATH, then PKGLIBDIR by base name; a bare
+ * name like "round_robin" also finds "round_robin.so"), loads it, checks
  * abi_version/struct_size/required functions, and calls init(params).
- * Returns NULL with one line in err on any failure ("cannot load X: ...",
- * "X: ABI version 2, smtpmuxd supports 1", "X: init: unknown param foo").
+ * Returns NULL with one line in err on any failure ("cannot load selector
+ * 'X': not found in A, B", "selector X: ABI version 2, this smtpmuxd ...",
+ * "selector X: init failed: unknown param foo").
  * *resolved (if not NULL) receives a malloc'd copy of the file loaded.
  */
 struct selector_inst *selector_load(const char *path, const char *config_dir,

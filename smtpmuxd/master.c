@@ -51,7 +51,8 @@ struct child {
 	enum child_kind kind;
 	unsigned slot;
 	unsigned generation;
-	bool stopping;                   /* sent the stop signal */
+	bool stopping;                   /* sent the stop or retire signal */
+	bool retiring;                   /* the retire signal only */
 	int64_t kill_at_ms;              /* SIGKILL if still alive then (stopping only) */
 };
 
@@ -83,6 +84,7 @@ master_on_signal(int sig)
 	case SIGHUP: got_reload = 1; break;
 	case SIGCHLD: got_child = 1; break;
 	case SIGUSR1: got_reopen = 1; break;
+	case SIGUSR2: break;             /* only workers act on it */
 	default: got_stop = 1; break;
 	}
 }
@@ -318,7 +320,8 @@ prober_alive(const struct master *m)
 static void
 child_reset_signals(void)
 {
-	static const int sigs[] = { SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGCHLD, SIGUSR1 };
+	static const int sigs[] = { SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGCHLD, SIGUSR1,
+	    SIGUSR2 };
 	struct sigaction sa;
 	size_t i;
 
@@ -441,23 +444,41 @@ master_maintain(struct master *m)
 static void
 child_stop(struct child *c, unsigned shutdown_timeout, int64_t now)
 {
-	if (c->stopping)
+	if (c->stopping && !c->retiring)
 		return;
 	c->stopping = true;
+	c->retiring = false;
 	c->kill_at_ms = now + (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
 	kill(c->pid, WORKER_STOP_SIGNAL);
 }
 
-/* Stops the children of generations before `generation`. */
+/* An old worker after a reload: its sessions may run for shutdown_timeout,
+ * then it stops as above. */
 static void
-children_stop_older(struct master *m, unsigned generation, unsigned shutdown_timeout)
+child_retire(struct child *c, unsigned shutdown_timeout, int64_t now)
+{
+	if (c->stopping)
+		return;
+	if (c->kind != CHILD_WORKER) {
+		child_stop(c, shutdown_timeout, now);
+		return;
+	}
+	c->stopping = true;
+	c->retiring = true;
+	c->kill_at_ms = now + 2 * (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
+	kill(c->pid, WORKER_RETIRE_SIGNAL);
+}
+
+/* Retires the children of generations before `generation`. */
+static void
+children_retire_older(struct master *m, unsigned generation, unsigned shutdown_timeout)
 {
 	int64_t now = now_ms();
 	size_t i;
 
 	for (i = 0; i < MAX_CHILDREN; i++)
 		if (m->children[i].pid > 0 && m->children[i].generation < generation)
-			child_stop(&m->children[i], shutdown_timeout, now);
+			child_retire(&m->children[i], shutdown_timeout, now);
 }
 
 static void
@@ -628,7 +649,7 @@ master_reload(struct master *m)
 	 * finish their sessions under their own shutdown_timeout. */
 	m->respawn_after_ms = 0;
 	master_maintain(m);
-	children_stop_older(m, m->generation, old->limits.shutdown_timeout);
+	children_retire_older(m, m->generation, old->limits.shutdown_timeout);
 	config_free(old);
 	log_info("reload: generation=%u workers=%u config=%s", m->generation, cfg->workers,
 	    cfg->path);
@@ -736,7 +757,8 @@ master_loop(struct master *m)
 static int
 master_block_signals(struct master *m)
 {
-	static const int sigs[] = { SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGCHLD, SIGUSR1 };
+	static const int sigs[] = { SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGCHLD, SIGUSR1,
+	    SIGUSR2 };
 	struct sigaction sa;
 	sigset_t block;
 	size_t i;

@@ -66,10 +66,13 @@ struct worker {
 	struct client *clients;
 	unsigned n_clients;
 	struct event *ev_stop;
+	struct event *ev_retire;
+	struct event *ev_retire_end;     /* shutdown_timeout after the retire signal */
 	struct event *ev_reopen;
 	struct event *ev_deadline;       /* shutdown_timeout after the stop signal */
 	struct event *ev_accept_resume;  /* after an accept failure such as EMFILE */
-	bool stopping;
+	bool stopping;                   /* not accepting; exits with its last session */
+	bool shutting_down;              /* sessions told 421 at their next boundary */
 	bool deadline_passed;            /* the last 421s are being flushed */
 	bool exiting;                    /* worker_cleanup: the loop is over */
 };
@@ -602,19 +605,29 @@ worker_deadline_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 static void
-worker_stop_cb(evutil_socket_t sig, short what, void *arg)
+worker_stop_accepting(struct worker *w)
 {
-	struct worker *w = arg;
-	struct timeval tv = { (time_t)w->cfg->limits.shutdown_timeout, 0 };
-	struct client *c, *next;
-
 	if (w->stopping)
 		return;
 	w->stopping = true;
-	log_debug("stopping: generation=%u sessions=%u", w->generation, w->n_clients);
 	worker_close_listeners(w);
 	if (w->ev_accept_resume != NULL)
 		event_del(w->ev_accept_resume);
+}
+
+/* Sessions end at their next transaction boundary; busy ones have until
+ * the deadline. */
+static void
+worker_shut_down(struct worker *w)
+{
+	struct timeval tv = { (time_t)w->cfg->limits.shutdown_timeout, 0 };
+	struct client *c, *next;
+
+	if (w->shutting_down)
+		return;
+	w->shutting_down = true;
+	worker_stop_accepting(w);
+	log_debug("stopping: generation=%u sessions=%u", w->generation, w->n_clients);
 	for (c = w->clients; c != NULL; c = next) {
 		next = c->next;          /* every free below is deferred: the list is stable */
 		if (c->dead)
@@ -628,6 +641,40 @@ worker_stop_cb(evutil_socket_t sig, short what, void *arg)
 		event_base_loopexit(w->rt.base, NULL);
 	else
 		evtimer_add(w->ev_deadline, &tv);
+}
+
+static void
+worker_stop_cb(evutil_socket_t sig, short what, void *arg)
+{
+	worker_shut_down(arg);
+}
+
+/*
+ * After a reload the new generation accepts; an old worker lets its
+ * sessions run until their clients quit, as a client sending a batch over
+ * one connection must not see a 421 just because the config changed. Only
+ * clients still connected after shutdown_timeout are wound down.
+ */
+static void
+worker_retire_cb(evutil_socket_t sig, short what, void *arg)
+{
+	struct worker *w = arg;
+	struct timeval tv = { (time_t)w->cfg->limits.shutdown_timeout, 0 };
+
+	if (w->stopping)
+		return;
+	worker_stop_accepting(w);
+	log_debug("retiring: generation=%u sessions=%u", w->generation, w->n_clients);
+	if (w->n_clients == 0)
+		event_base_loopexit(w->rt.base, NULL);
+	else
+		evtimer_add(w->ev_retire_end, &tv);
+}
+
+static void
+worker_retire_end_cb(evutil_socket_t fd, short what, void *arg)
+{
+	worker_shut_down(arg);
 }
 
 static void
@@ -655,6 +702,7 @@ worker_set_signals(void)
 	sigaction(SIGQUIT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(WORKER_RETIRE_SIGNAL, &sa, NULL);
 }
 
 /* If the master dies without stopping us (SIGKILL), stop gracefully too
@@ -686,13 +734,17 @@ worker_setup(struct worker *w, const struct worker_params *p)
 			return -1;
 	}
 	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_stop_cb, w);
+	w->ev_retire = evsignal_new(w->rt.base, WORKER_RETIRE_SIGNAL, worker_retire_cb, w);
+	w->ev_retire_end = evtimer_new(w->rt.base, worker_retire_end_cb, w);
 	w->ev_reopen = evsignal_new(w->rt.base, SIGUSR1, worker_reopen_cb, w);
 	w->ev_deadline = evtimer_new(w->rt.base, worker_deadline_cb, w);
 	w->ev_accept_resume = evtimer_new(w->rt.base, worker_accept_resume_cb, w);
-	if (w->ev_stop == NULL || w->ev_reopen == NULL || w->ev_deadline == NULL ||
+	if (w->ev_stop == NULL || w->ev_retire == NULL || w->ev_retire_end == NULL ||
+	    w->ev_reopen == NULL || w->ev_deadline == NULL ||
 	    w->ev_accept_resume == NULL)
 		return -1;
-	if (event_add(w->ev_stop, NULL) < 0 || event_add(w->ev_reopen, NULL) < 0)
+	if (event_add(w->ev_stop, NULL) < 0 || event_add(w->ev_retire, NULL) < 0 ||
+	    event_add(w->ev_reopen, NULL) < 0)
 		return -1;
 	return worker_open_listeners(w, p->listen_fds);
 }
@@ -721,6 +773,8 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_reopen);
 	event_free_if(w->ev_deadline);
 	event_free_if(w->ev_accept_resume);
+	event_free_if(w->ev_retire);
+	event_free_if(w->ev_retire_end);
 	if (w->rt.dns != NULL)
 		evdns_base_free(w->rt.dns, 0);
 	if (w->rt.base != NULL)

@@ -15,12 +15,15 @@
  * the configuration (inherited by fork) and frees it when it exits.
  *
  * Signals: SIGTERM = graceful stop (stop accepting, let sessions finish
- * within limits.shutdown_timeout, then drop them and exit); SIGUSR1 =
- * reopen the log file. SIGHUP and SIGINT are ignored: they reach the whole
+ * within limits.shutdown_timeout, then drop them and exit); SIGUSR2 =
+ * retire after a reload (stop accepting, let sessions run until their
+ * clients quit; after limits.shutdown_timeout, go on as for SIGTERM);
+ * SIGUSR1 = reopen the log file. SIGHUP and SIGINT are ignored: they reach the whole
  * process group from a terminal, and only the master acts on them.
  */
 
 #define WORKER_STOP_SIGNAL SIGTERM
+#define WORKER_RETIRE_SIGNAL SIGUSR2
 
 struct worker_params {
 	struct config *cfg;              /* freed by the worker at exit */

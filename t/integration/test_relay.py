@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """The core path: authenticate, relay, fail over, reload, survive worker deaths."""
 
+import json
 import os
 import signal
 import smtplib
@@ -170,6 +171,7 @@ class RelayTest(DaemonTestCase):
         t.start()
         try:
             wait_until(lambda: len(codes) >= 3, what="client loop to send")
+            config = json.loads(json.dumps(d.config))   # keeps listen and state_file
             config["users"][0]["downstreams"] = [plain_downstream(b, name="B"), plain_downstream(a, name="A")]
             self.assertTrue(d.reload(config))
             wait_until(lambda: b.handler.count() >= 3, what="new downstream to receive mail")
@@ -181,7 +183,8 @@ class RelayTest(DaemonTestCase):
 
     def test_reload_with_broken_config_keeps_serving(self):
         d = self.start_pair()
-        good = open(d.config_path).read()
+        with open(d.config_path) as f:
+            good = f.read()
         self.assertFalse(d.reload(text=good.replace('"users"', '"usres"')))
         self.assertRegex(d.log_text(), r"reload failed.*smtpmux\.yaml:\d+")
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
