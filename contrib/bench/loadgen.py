@@ -3,7 +3,9 @@
 
 Sends MESSAGES messages of SIZE bytes over CONNS concurrent connections,
 reusing each connection (RSET-free: one transaction after another), with
-optional AUTH PLAIN. Prints one JSON line: messages, seconds, msgs_per_s.
+optional AUTH PLAIN; with --session-per-message every message gets its own
+connection, EHLO and QUIT, as a relay without a connection cache does it.
+Prints one JSON line: messages, seconds, msgs_per_s.
 """
 
 import argparse
@@ -28,7 +30,7 @@ async def expect(reader, codes):
         raise RuntimeError("unexpected reply: %r" % line)
 
 
-async def worker(args, count, body):
+async def session(args, count, body):
     reader, writer = await asyncio.open_connection(args.host, args.port)
     await expect(reader, (220,))
     writer.write(b"EHLO bench.test\r\n")
@@ -45,8 +47,17 @@ async def worker(args, count, body):
         writer.write(body + b".\r\n")
         await expect(reader, (250,))
     writer.write(b"QUIT\r\n")
-    await writer.drain()
+    await expect(reader, (221,))
     writer.close()
+    await writer.wait_closed()
+
+
+async def worker(args, count, body):
+    if not args.session_per_message:
+        await session(args, count, body)
+        return
+    for _ in range(count):
+        await session(args, 1, body)
 
 
 async def main():
@@ -58,6 +69,7 @@ async def main():
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--user")
     p.add_argument("--password")
+    p.add_argument("--session-per-message", action="store_true")
     args = p.parse_args()
     line = b"x" * 76 + b"\r\n"
     body = b"Subject: bench\r\n\r\n" + line * max(1, args.size // len(line))
