@@ -840,20 +840,33 @@ stdio_to_devnull(void)
 }
 
 /* The state file usually lives in a runtime directory that a fresh boot
- * has emptied. */
+ * has emptied (and, for a /usr/local build, under a var/run that may never
+ * have existed): its missing parents are created, like mkdir -p. */
 static void
 state_dir_create(const char *path)
 {
 	char dir[4096];
-	char *slash;
+	char *p;
 
 	snprintf(dir, sizeof(dir), "%s", path);
-	slash = strrchr(dir, '/');
-	if (slash == NULL || slash == dir)
+	p = strrchr(dir, '/');
+	if (p == NULL || p == dir)
 		return;
-	*slash = '\0';
-	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-		log_debug("mkdir %s: %s", dir, strerror(errno));
+	*p = '\0';
+	for (p = dir + 1; ; p++) {
+		if (*p != '/' && *p != '\0')
+			continue;
+		char c = *p;
+
+		*p = '\0';
+		if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+			log_debug("mkdir %s: %s", dir, strerror(errno));
+			return;
+		}
+		*p = c;
+		if (c == '\0')
+			return;
+	}
 }
 
 /* Loads the configuration and takes every resource that can fail. */
