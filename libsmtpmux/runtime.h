@@ -10,6 +10,7 @@
 
 struct config;
 struct health;
+struct upstream;
 
 /*
  * What a worker's sessions and deliveries share: its event loop, its DNS
@@ -24,6 +25,7 @@ struct runtime {
 	struct health *health;           /* may be NULL in unit tests */
 	unsigned worker_slot;            /* this worker's in-flight slot */
 	uint32_t id_seq;                 /* for runtime_new_id() */
+	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */
 };
 
 /*

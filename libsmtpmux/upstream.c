@@ -102,6 +102,9 @@ struct upstream {
 	bool in_refill, refill_again;
 
 	struct timeval t0;
+
+	/* In rt->lingering while it waits for the reply to QUIT. */
+	struct upstream *linger_next, **linger_prev;
 };
 
 static void up_on_read(struct conn *, void *);
@@ -182,9 +185,26 @@ helo_name(const struct upstream *up)
 	    cfg->hostname : "localhost";
 }
 
+/* Nothing else owns an attempt that is only saying QUIT: the runtime's
+ * list lets upstream_free_lingering() reclaim it when the loop ends. */
+static void
+linger_add(struct upstream *up)
+{
+	up->linger_next = up->rt->lingering;
+	if (up->linger_next != NULL)
+		up->linger_next->linger_prev = &up->linger_next;
+	up->linger_prev = &up->rt->lingering;
+	up->rt->lingering = up;
+}
+
 static void
 up_free(struct upstream *up)
 {
+	if (up->linger_prev != NULL) {
+		*up->linger_prev = up->linger_next;
+		if (up->linger_next != NULL)
+			up->linger_next->linger_prev = up->linger_prev;
+	}
 	if (up->dns != NULL) {
 		/* The callback still comes (with EVUTIL_EAI_CANCEL) and frees the ticket. */
 		up->dns->up = NULL;
@@ -255,6 +275,7 @@ finish(struct upstream *up, enum upstream_status status, const char *stage,
 	if (at_boundary) {
 		evbuffer_add(conn_output(up->conn), "QUIT\r\n", 6);
 		conn_flush(up->conn);
+		linger_add(up);
 		arm_timer(up, QUIT_LINGER_S < timeout_reply(up) ? QUIT_LINGER_S : timeout_reply(up),
 		    "reply to QUIT");
 	} else {
@@ -1063,4 +1084,11 @@ upstream_cancel(struct upstream *up)
 		return;
 	up->done = NULL;
 	up_free(up);
+}
+
+void
+upstream_free_lingering(struct runtime *rt)
+{
+	while (rt->lingering != NULL)
+		up_free(rt->lingering);
 }

@@ -66,4 +66,8 @@ struct upstream *upstream_probe(struct runtime *rt, const struct downstream_cfg 
 /* Aborts an attempt: closes its connection; done is not called. */
 void upstream_cancel(struct upstream *);
 
+/* When the event loop is over: frees the attempts that had reported their
+ * result and were still waiting for the reply to QUIT. */
+void upstream_free_lingering(struct runtime *rt);
+
 #endif

@@ -253,6 +253,7 @@ prober_stop(struct prober *pr)
 	probes_free(pr);
 	if (pr->sig_term != NULL)
 		event_free(pr->sig_term);
+	upstream_free_lingering(&pr->rt);
 	if (pr->rt.dns != NULL)
 		evdns_base_free(pr->rt.dns, 0);
 	if (pr->rt.base != NULL)

@@ -19,6 +19,7 @@
 #include "relay.h"
 #include "runtime.h"
 #include "smtp_server.h"
+#include "upstream.h"
 #include "worker.h"
 
 #define ACCEPT_BATCH 64              /* per wakeup, so workers share the load */
@@ -775,6 +776,7 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_accept_resume);
 	event_free_if(w->ev_retire);
 	event_free_if(w->ev_retire_end);
+	upstream_free_lingering(&w->rt);
 	if (w->rt.dns != NULL)
 		evdns_base_free(w->rt.dns, 0);
 	if (w->rt.base != NULL)

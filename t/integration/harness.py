@@ -307,6 +307,10 @@ class DaemonTestCase(unittest.TestCase):
     def _stop_daemon(self, d):
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+        if d.proc is not None:
+            # A sanitizer build (./configure --enable-sanitizers) reports to
+            # stderr, which is this log, from the master and every worker.
+            self.assertNotRegex(d.log_text(), r"ERROR: \w+Sanitizer|runtime error:")
         if os.environ.get("SMTPMUX_VALGRIND"):
             for name in os.listdir(self.tmpdir):
                 if ".vg." in name:
