@@ -31,7 +31,7 @@
 #define DEFAULT_LISTEN "127.0.0.1:1020"
 #define DEFAULT_SELECTOR "round_robin"
 #define DEFAULT_RUN_USER "smtpmux"
-#define MAX_WORKERS 128
+#define MAX_WORKERS 63               /* two generations share 127 health slots during a reload */
 #define IMPLICIT_TLS_PORT "465"
 
 /* ---- the YAML layout: private, libcyaml fills it ---- */
