@@ -9,7 +9,7 @@ import subprocess
 import threading
 import unittest
 
-from harness import (DaemonTestCase, free_port, make_message, plain_downstream, send,
+from harness import (BUILDDIR, DaemonTestCase, free_port, make_message, plain_downstream, send,
                      swaks, user_entry, wait_until, read_banner)
 
 USER, PASSWORD = "app@example.com", "s3cret-password"
@@ -188,6 +188,31 @@ class RelayTest(DaemonTestCase):
         self.assertFalse(d.reload(text=good.replace('"users"', '"usres"')))
         self.assertRegex(d.log_text(), r"reload failed.*smtpmux\.yaml:\d+")
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+
+    def test_crashing_selector_takes_down_only_its_worker(self):
+        a = self.downstream()
+        scripted = os.path.join(BUILDDIR, "t", "selectors", "scripted.so")
+        user = user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], scripted)
+        del user["selector_algo_path"]
+        user["selector"] = {"path": scripted, "params": {"order": "0", "abort_rcpt": "crash@example.org"}}
+        d = self.daemon({"allow_insecure_auth": True, "workers": 1, "users": [user]})
+        other = smtplib.SMTP("127.0.0.1", d.port, timeout=30)   # a session of the same worker
+        self.addCleanup(other.close)
+        other.ehlo("other.test")
+        [worker] = d.children()
+        with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
+            send(d.port, USER, PASSWORD, rcpts=("crash@example.org",))
+        self.assertEqual(a.handler.count(), 0)
+        d.wait_log("killed by signal 6")
+        wait_until(lambda: len(d.children()) == 1 and worker not in d.children(), what="worker respawn")
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(a.handler.count(), 1)
+        with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
+            other.noop()                      # it died with its worker, as documented
+        # The deliberate abort() leaves a valgrind report of that process only.
+        vg = os.path.join(self.tmpdir, "smtpmuxd.log.vg.%d" % worker)
+        if os.path.exists(vg):
+            os.unlink(vg)
 
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()

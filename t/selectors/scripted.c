@@ -4,6 +4,8 @@
  *   order: "2,7,2,0"   select() returns these indices as they are (even
  *                      out of range or repeated), at most n of them
  *   fail: "message"    init() fails with this message
+ *   abort_rcpt: "addr" select() calls abort() when the first recipient is
+ *                      addr: a selector that crashes its worker
  * Any other parameter: init() fails with "unknown parameter 'key'".
  */
 #include <errno.h>
@@ -18,6 +20,7 @@
 struct script {
 	size_t order[SCRIPT_MAX];
 	size_t len;
+	char abort_rcpt[256];
 };
 
 static int
@@ -50,6 +53,10 @@ scripted_init(void **state, const struct smtpmux_selector_param *params,
 	for (i = 0; i < n_params; i++) {
 		if (strcmp(params[i].key, "fail") == 0)
 			snprintf(err, errlen, "%s", params[i].value);
+		else if (strcmp(params[i].key, "abort_rcpt") == 0) {
+			snprintf(sc->abort_rcpt, sizeof(sc->abort_rcpt), "%s", params[i].value);
+			continue;
+		}
 		else if (strcmp(params[i].key, "order") != 0)
 			snprintf(err, errlen, "unknown parameter '%s'", params[i].key);
 		else if (script_parse(sc, params[i].value, err, errlen) == 0)
@@ -68,6 +75,9 @@ scripted_select(void *state, const struct smtpmux_envelope *env,
 	const struct script *sc = state;
 	size_t k = sc->len < n ? sc->len : n;
 
+	if (sc->abort_rcpt[0] != '\0' && env->n_rcpts > 0 &&
+	    strcmp(env->rcpts[0], sc->abort_rcpt) == 0)
+		abort();
 	memcpy(order, sc->order, k * sizeof(*order));
 	return k;
 }
