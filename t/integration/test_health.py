@@ -9,7 +9,7 @@ import threading
 import unittest
 import urllib.request
 
-from harness import (SMTPMUXD, SELECTORS, DaemonTestCase, free_port, make_message, plain_downstream,
+from harness import (SMTPMUXD, SELECTORS, DaemonTestCase, Downstream, free_port, make_message, plain_downstream,
                      send, user_entry, wait_until)
 
 USER, PASSWORD = "app@example.com", "health-password"
@@ -151,6 +151,20 @@ class HealthTest(DaemonTestCase):
             send(port, USER, PASSWORD)
         except (smtplib.SMTPException, OSError):
             pass
+
+    def test_probe_finds_dead_and_recovered_downstream(self):
+        a = Downstream()                      # its port is reserved; the server starts later
+        b = self.downstream()
+        d = self.make([plain_downstream(a, name="A", probe_interval=1), plain_downstream(b, name="B")],
+                      health={"fail_threshold": 2, "cooldown": 1})
+        wait_until(lambda: self.column(d, "A", "STATE") in ("down", "half-open"),
+                   what="probes to open A's circuit")
+        self.assertEqual(self.column(d, "A", "ATTEMPTS"), "0")   # no message was needed
+        a.start()
+        self.addCleanup(a.stop)
+        wait_until(lambda: self.column(d, "A", "STATE") == "up", what="probes to close A's circuit")
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual((a.handler.count(), b.handler.count()), (1, 0))
 
     def test_status_lists_every_downstream_and_metrics(self):
         a, b, c = self.downstream(), self.downstream(), self.downstream()

@@ -60,7 +60,8 @@ def dpkg(*args, check=True):
     deadline = time.monotonic() + 300
     while True:
         res = run("dpkg", *args, check=False, timeout=300)
-        if res.returncode == 0 or "lock" not in res.stderr or time.monotonic() > deadline:
+        if (res.returncode == 0 or time.monotonic() > deadline or
+                not re.search(r"lock was locked|locked by another", res.stderr)):
             break
         time.sleep(1)
     if check and res.returncode != 0:
@@ -184,12 +185,8 @@ class DebianPackageTest(unittest.TestCase):
 
     @staticmethod
     def version():
-        res = run("make", "-s", "-C", BUILDDIR, "--no-print-directory", "-f", "GNUmakefile",
-                  "print-version", check=False)
-        if res.returncode == 0 and res.stdout.strip():
-            return res.stdout.strip()
-        with open(os.path.join(BUILDDIR, "config.status")) as f:
-            return re.search(r'S\["PACKAGE_VERSION"\]="([^"]*)"', f.read()).group(1)
+        with open(os.path.join(BUILDDIR, "GNUmakefile")) as f:
+            return re.search(r"^PACKAGE_VERSION = (\S+)$", f.read(), re.M).group(1)
 
     def setUp(self):
         # First registered, so it runs last: after every other cleanup.
@@ -391,7 +388,9 @@ class DebianPackageTest(unittest.TestCase):
         if shutil.which("systemd-analyze"):
             res = run("systemd-analyze", "verify", UNIT, check=False)
             self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
-            self.assertEqual(res.stderr.strip(), "")
+            # Anything else it says is a problem (bar man(1) being absent).
+            said = [l for l in res.stderr.splitlines() if "Command 'man " not in l]
+            self.assertEqual(said, [], res.stderr)
         # The master must start as root (it binds, then drops to `user:`).
         self.assertNotIn("User", unit)
         self.assertEqual(unit["NoNewPrivileges"], ["yes"])
@@ -408,9 +407,6 @@ class DebianPackageTest(unittest.TestCase):
         self.assertIn(" -t ", unit["ExecReload"][0] + " ")
         self.assertEqual(unit["ExecReload"][-1], "/bin/kill -HUP $MAINPID")
         self.assertIn("-p " + unit["PIDFile"][0], unit["ExecStart"][0])
-        # The state file is in a folder the unit keeps writable.
-        self.assertIn("/run/smtpmux/smtpmuxd.state", read(DAEMON) if False else
-                      run("sh", "-c", "strings %s | grep -x /run/smtpmux/smtpmuxd.state || true" % DAEMON).stdout)
 
         def command(line):
             env = dict(re.findall(r"(\w+)=(\S*)", unit["Environment"][0]))
@@ -441,6 +437,12 @@ class DebianPackageTest(unittest.TestCase):
             master = int(f.read())
         bounding = int(proc_status(master)["CapEff"], 16)
         self.assertEqual(bounding, int(proc_status(master)["CapBnd"], 16))
+        # The default state file is where the unit keeps things writable.
+        writable = unit["ReadWritePaths"][0].split() + ["/run/" + d for d in unit["RuntimeDirectory"]]
+        state = "/run/smtpmux/smtpmuxd.state"
+        self.assertTrue(os.path.exists(state))
+        self.assertIn(os.path.dirname(state), writable)
+        self.assertIn("round_robin", run(DAEMON, "-s", "status", "-c", CONF).stdout)
         old = self.check_workers(master)
         self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
 
@@ -467,8 +469,8 @@ class DebianPackageTest(unittest.TestCase):
             master = int(f.read())
         self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
         stop(master)
-        self.assertEqual(ds.handler.count(), 4)
-        self.assertNotIn("cannot", read(LOG))
+        self.assertEqual(ds.handler.count(), 3)
+        self.assertNotRegex(read(LOG), r"warning:|error:", self.diagnostics())
 
 
 if __name__ == "__main__":
