@@ -643,16 +643,12 @@ after_transaction(struct smtp_session *s)
 		reply_close(s, "4.3.2", "Service shutting down");
 }
 
+/* Links the session to the message: relay.c logged the attempts and the
+ * verdict under the message id; this is what the client was told. */
 static void
-log_relay_result(const struct smtp_session *s, const struct relay_result *res)
+log_relay_result(const struct smtp_session *s, int code)
 {
-	char from[SMTP_PATH_MAX + 1], text[SMTP_REPLY_TEXT_MAX];
-
-	log_info("%s: id=%s from=<%s> nrcpt=%zu size=%" PRIu64 " status=%s (%d %s)",
-	    s->id, s->tx.qid, clean(from, sizeof(from), s->tx.mail_from), s->tx.n_rcpts,
-	    msgbody_size(s->tx.body),
-	    res->ok ? "sent" : res->code >= 500 ? "bounced" : "deferred", res->code,
-	    clean(text, sizeof(text), res->ok ? res->relay : res->text));
+	log_info("%s: id=%s client=[%s] reply=%d", s->id, s->tx.qid, s->client, code);
 }
 
 /* The relay's verdict becomes the client's reply to the final dot. A
@@ -665,7 +661,6 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 	bool valid = res->code >= 400 && res->code < 600 && res->text[0] != '\0';
 
 	s->tx.relay = NULL;
-	log_relay_result(s, res);
 	set_state(s, SESS_GREETED);
 	if (res->ok)
 		reply(s, 250, "2.0.0", "Ok: queued as %s", s->tx.qid);
@@ -675,6 +670,7 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 		reply(s, res->code, res->enhanced[0] != '\0' ? res->enhanced
 		    : res->code < 500 ? "4.0.0" : "5.0.0", "%s",
 		    clean(text, sizeof(text), res->text));
+	log_relay_result(s, res->ok ? 250 : valid ? res->code : 451);
 	txn_reset(s);
 	s->io->pause(s->ctx, false);
 	after_transaction(s);

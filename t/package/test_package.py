@@ -442,7 +442,7 @@ class DebianPackageTest(unittest.TestCase):
         state = "/run/smtpmux/smtpmuxd.state"
         self.assertTrue(os.path.exists(state))
         self.assertIn(os.path.dirname(state), writable)
-        self.assertIn("round_robin", run(DAEMON, "-s", "status", "-c", CONF).stdout)
+        self.assertIn(ds.addr, run(DAEMON, "-s", "status", "-c", CONF).stdout)
         old = self.check_workers(master)
         self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
 
