@@ -69,6 +69,14 @@ class InstallTest(unittest.TestCase):
                                  capture_output=True, text=True)
             self.assertEqual(res.returncode, 0, res.stderr)
             self.assertTrue(os.path.exists(out))
+            # The .pc names the folder the selectors went to (which smtpmuxd
+            # searches: PKGLIBDIR is the same make variable).
+            selectordir = subprocess.run(["pkg-config", "--variable=selectordir", "smtpmux"], env=env,
+                                         capture_output=True, text=True, check=True).stdout.strip()
+            if selectordir.startswith(dest):
+                selectordir = selectordir[len(dest):]
+            self.assertEqual(selectordir, "/usr/lib/smtpmux")
+            self.assertTrue(os.path.exists(os.path.join(dest, selectordir.lstrip("/"), "round_robin.so")))
 
 
 if __name__ == "__main__":

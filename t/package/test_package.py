@@ -167,10 +167,11 @@ class DebianPackageTest(unittest.TestCase):
                 time.sleep(1)
         if package_installed():
             raise unittest.SkipTest("smtpmux is installed on this machine already; not touching it")
+        # An account the package made (a crashed run's leftover) is fine: the
+        # cleanup removes it.
         acct = account()
         if acct is not None and acct.pw_gecos.split(",")[0] != GECOS:
             raise unittest.SkipTest("this machine has its own %s account; a purge would delete it" % USER)
-        # Not the package's, so the cleanup may remove it (a crashed run's leftover).
         cls.out = tempfile.mkdtemp(prefix="smtpmux-deb-")
         cls.addClassCleanup(shutil.rmtree, cls.out, ignore_errors=True)
         run("make", "-s", "-C", BUILDDIR, "dist", timeout=300)
