@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,12 +47,19 @@ int
 log_reopen(void)
 {
 	FILE *fp;
+	int fd;
 
 	if (log_state.target != LOG_TO_FILE)
 		return 0;
-	fp = fopen(log_state.file, "a");
-	if (fp == NULL)
+	/* Mail logs name people: never world-readable, whatever the umask. */
+	fd = open(log_state.file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	if (fd < 0)
 		return -1;
+	fp = fdopen(fd, "a");
+	if (fp == NULL) {
+		close(fd);
+		return -1;
+	}
 	setvbuf(fp, NULL, _IOLBF, 0);
 	if (log_state.fp != NULL)
 		fclose(log_state.fp);

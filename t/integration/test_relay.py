@@ -214,6 +214,24 @@ class RelayTest(DaemonTestCase):
         if os.path.exists(vg):
             os.unlink(vg)
 
+    def test_log_file_is_private_and_reopened_on_sigusr1(self):
+        log = os.path.join(self.tmpdir, "mail.log")
+        os.chmod(self.tmpdir, 0o711)          # as root, the workers run as nobody: like /var/log
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        d = self.start_pair(extra={"log_file": log})
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        wait_until(lambda: "status=sent" in open(log).read(), what="delivery in the log file")
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
+        os.rename(log, log + ".1")            # what logrotate does
+        d.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(log), what="log file reopened by the master")
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("after rotation"))[0], 250)
+        wait_until(lambda: "status=sent" in open(log).read(), what="worker lines in the new file")
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
+        with open(log + ".1") as f:
+            self.assertEqual(f.read().count("attempts=1 status=sent"), 1)
+
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
         workers = d.children()
