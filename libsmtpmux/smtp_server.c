@@ -521,7 +521,10 @@ cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
 	else if (cmd->path[0] == '\0')
 		reply_error(s, 501, "5.1.3", "Bad recipient address syntax");
 	else if (max != 0 && s->tx.n_rcpts >= max)
-		reply_error(s, 452, "4.5.3", "Too many recipients");
+		/* Not a client error (RFC 5321 4.5.3.1.10): a pipelining client
+		 * sends its extra RCPTs before it sees a 452, and must still be
+		 * able to send DATA for the recipients accepted. */
+		reply(s, 452, "4.5.3", "Too many recipients");
 	else if (txn_add_rcpt(&s->tx, cmd->path) < 0)
 		reply(s, 451, "4.3.0", "Out of memory");
 	else {
@@ -992,6 +995,10 @@ smtp_session_process(struct smtp_session *s)
 			progress = read_line(s);
 		if (!progress)
 			break;
+		/* A transaction that ended without a message (RSET, EHLO, a
+		 * refused DATA) was the one smtp_session_shutdown() waited for. */
+		if (s->shutdown_pending && s->state == SESS_GREETED)
+			reply_close(s, "4.3.2", "Service shutting down");
 	}
 	if (s->need_flush && s->state != SESS_CLOSING)
 		flush(s);
@@ -1098,8 +1105,8 @@ smtp_session_shutdown(struct smtp_session *s)
 {
 	if (s->state == SESS_CLOSING)
 		return;
-	if (smtp_session_busy(s) || s->state == SESS_TLS_WAIT) {
-		/* Answered after the current message, or after the handshake. */
+	if (smtp_session_busy(s) || in_transaction(s) || s->state == SESS_TLS_WAIT) {
+		/* Answered after the current transaction, or after the handshake. */
 		s->shutdown_pending = true;
 		return;
 	}

@@ -705,6 +705,31 @@ START_TEST(test_too_many_recipients)
 }
 END_TEST
 
+/* RFC 5321 4.5.3.1.10: a pipelining client learns of the limit only after
+ * sending every RCPT; the 452s must not use up its error budget, and the
+ * accepted recipients still get the message. */
+START_TEST(test_too_many_recipients_not_errors)
+{
+	H.cfg.limits.max_recipients = 2;
+	H.cfg.limits.max_errors = 3;
+	h_start();
+	h_auth();
+	calls_reset();
+	send_str("MAIL FROM:<a@example.com>\r\nRCPT TO:<b1@example.net>\r\n"
+	    "RCPT TO:<b2@example.net>\r\nRCPT TO:<b3@example.net>\r\nRCPT TO:<b4@example.net>\r\n"
+	    "RCPT TO:<b5@example.net>\r\nRCPT TO:<b6@example.net>\r\nDATA\r\n");
+	ck_assert_str_eq(take(), MAIL_OK RCPT_OK RCPT_OK "452 4.5.3 Too many recipients\r\n"
+	    "452 4.5.3 Too many recipients\r\n452 4.5.3 Too many recipients\r\n"
+	    "452 4.5.3 Too many recipients\r\n" DATA_GO);
+	ck_assert_uint_eq(count_of(calls(), "C"), 0);
+	send_str("hi\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(H.msg.n_rcpts, 2);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	ck_assert_msg(strncmp(take(), "250 2.0.0 Ok: queued as ", 24) == 0, "%s", H.text);
+}
+END_TEST
+
 START_TEST(test_rset_keeps_auth)
 {
 	h_start();
@@ -1200,6 +1225,48 @@ START_TEST(test_shutdown_busy)
 }
 END_TEST
 
+/* MAIL opened a transaction: the shutdown waits for its end (here a
+ * relayed message), as for a message being received. */
+START_TEST(test_shutdown_in_transaction)
+{
+	char expect[256];
+
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	calls_reset();
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	ck_assert_str_eq(calls(), "");
+	ck_exchange("RCPT TO:<b@example.net>\r\nDATA\r\n", RCPT_OK DATA_GO);
+	send_str("m\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n"
+	    "421 4.3.2 " HOST " Service shutting down\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+	ck_assert_uint_eq(count_of(calls(), "C"), 1);
+}
+END_TEST
+
+/* A transaction given up without a message ends there too; nothing
+ * pipelined after it starts another one. */
+START_TEST(test_shutdown_in_transaction_rset)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n", MAIL_OK RCPT_OK);
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	calls_reset();
+	ck_exchange("RSET\r\nMAIL FROM:<a@example.com>\r\n",
+	    "250 2.0.0 Ok\r\n421 4.3.2 " HOST " Service shutting down\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_uint_eq(evbuffer_get_length(H.in), strlen("MAIL FROM:<a@example.com>\r\n"));
+	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
 START_TEST(test_abort_during_relay)
 {
 	h_ready_for_data();
@@ -1292,6 +1359,7 @@ server_suite(void)
 	tcase_add_test(tc, test_sequence_errors);
 	tcase_add_test(tc, test_mail_size);
 	tcase_add_test(tc, test_too_many_recipients);
+	tcase_add_test(tc, test_too_many_recipients_not_errors);
 	tcase_add_test(tc, test_rset_keeps_auth);
 	tcase_add_test(tc, test_misc_commands);
 	tcase_add_test(tc, test_parser_errors);
@@ -1329,6 +1397,8 @@ server_suite(void)
 	tcase_add_test(tc, test_timeout_while_relaying_ignored);
 	tcase_add_test(tc, test_shutdown_idle);
 	tcase_add_test(tc, test_shutdown_busy);
+	tcase_add_test(tc, test_shutdown_in_transaction);
+	tcase_add_test(tc, test_shutdown_in_transaction_rset);
 	tcase_add_test(tc, test_abort_during_relay);
 	tcase_add_test(tc, test_abort_during_data);
 	tcase_add_test(tc, test_free_during_relay_cancels);
