@@ -946,6 +946,9 @@ read_line(struct smtp_session *s)
 		auth_wipe(s->line, (size_t)len);
 	} else {
 		handle_command(s, s->line, (size_t)len);
+		/* An initial response carries the password. */
+		if (len > 5 && strncasecmp(s->line, "AUTH ", 5) == 0)
+			auth_wipe(s->line, (size_t)len);
 	}
 	return true;
 }
