@@ -795,17 +795,18 @@ health_state_name(uint32_t state)
 
 /* --- attempts */
 
-bool
-health_begin(struct health_rec *r, const struct downstream_cfg *ds,
-    unsigned worker_slot, time_t now)
+/* gated: the circuit and the throttle may refuse; the quota always may. */
+static bool
+begin(struct health_rec *r, const struct downstream_cfg *ds, unsigned worker_slot,
+    time_t now, bool gated)
 {
 	unsigned slot = slot_clamp(worker_slot);
 	uint64_t claimed = 0;
 	bool trial;
 
-	if (atomic_load(&r->throttled_until) > (int64_t)now)
+	if (gated && atomic_load(&r->throttled_until) > (int64_t)now)
 		return false;
-	if (!circuit_enter(r, slot, now, &trial, &claimed))
+	if (!circuit_enter(r, slot, now, &trial, &claimed) && gated)
 		return false;
 	if (!quota_reserve(r, ds, now)) {
 		if (trial)
@@ -814,6 +815,20 @@ health_begin(struct health_rec *r, const struct downstream_cfg *ds,
 	}
 	atomic_fetch_add(&r->in_flight[slot], 1);
 	return true;
+}
+
+bool
+health_begin(struct health_rec *r, const struct downstream_cfg *ds,
+    unsigned worker_slot, time_t now)
+{
+	return begin(r, ds, worker_slot, now, true);
+}
+
+bool
+health_begin_last_resort(struct health_rec *r, const struct downstream_cfg *ds,
+    unsigned worker_slot, time_t now)
+{
+	return begin(r, ds, worker_slot, now, false);
 }
 
 static void

@@ -88,6 +88,15 @@ bool health_begin(struct health_rec *, const struct downstream_cfg *,
     unsigned worker_slot, time_t now);
 
 /*
+ * health_begin for a downstream that every other path has already failed:
+ * an open circuit, a throttle or a trial under way no longer refuse it (a
+ * message must not fail while any path could work), its quota still does.
+ * A free half-open trial is claimed as by health_begin.
+ */
+bool health_begin_last_resort(struct health_rec *, const struct downstream_cfg *,
+    unsigned worker_slot, time_t now);
+
+/*
  * After the attempt: updates counters, latency, the circuit breaker (open
  * after fail_threshold consecutive failures for cooldown seconds, doubling
  * up to max_cooldown while trial messages keep failing; closed by a

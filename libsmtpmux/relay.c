@@ -36,6 +36,8 @@ struct relay {
 
 	size_t *order;
 	size_t n_order, next;
+	size_t *later;                       /* refused by their health: last resorts */
+	size_t n_later, next_later;
 	struct event *kick;                  /* next step runs from the loop */
 
 	struct upstream *up;                 /* attempt in progress */
@@ -207,14 +209,16 @@ mask(char *s, size_t size, const char *secret)
 	}
 }
 
+/* Masked before it is cut short: a secret cut in two would not match. */
 static void
 perm_text(const struct relay *r, char *out, size_t len)
 {
-	char text[200];
+	char full[sizeof(r->perm.text)], text[200];
 
-	clean(text, sizeof(text), r->perm.text);
-	mask(text, sizeof(text), r->perm_ds->pass);
-	mask(text, sizeof(text), r->perm_ds->user);
+	snprintf(full, sizeof(full), "%s", r->perm.text);
+	mask(full, sizeof(full), r->perm_ds->pass);
+	mask(full, sizeof(full), r->perm_ds->user);
+	clean(text, sizeof(text), full);
 	snprintf(out, len, "Message rejected by downstream: %s", text);
 }
 
@@ -249,6 +253,7 @@ finish(struct relay *r, bool ok)
 	}
 	log_final(r, &res, status);
 	free(r->order);
+	free(r->later);
 	event_free(r->kick);
 	free(r);
 	done(arg, &res);
@@ -278,15 +283,20 @@ attempt_done(void *arg, const struct upstream_result *res)
 	const struct downstream_cfg *ds = r->cur;
 	enum health_outcome outcome;
 	struct timeval now = { 0, 0 };
+	struct upstream_result masked = *res;
 
 	r->up = NULL;
+	/* The log and the state file's last error are no place for an echo
+	 * of the credentials either. */
+	mask(masked.text, sizeof(masked.text), ds->pass);
+	mask(masked.text, sizeof(masked.text), ds->user);
 	outcome = res->status == UPSTREAM_OK ? HEALTH_OK :
 	    res->throttle ? HEALTH_THROTTLED : HEALTH_FAIL;
 	if (has_health(r, ds))
 		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
 		    r->cur_started, time(NULL), outcome, res->latency_ms,
-		    res->status == UPSTREAM_OK ? NULL : res->text);
-	log_attempt(r, ds, res);
+		    res->status == UPSTREAM_OK ? NULL : masked.text);
+	log_attempt(r, ds, &masked);
 	if (res->status == UPSTREAM_OK) {
 		finish(r, true);
 		return;
@@ -302,26 +312,53 @@ attempt_done(void *arg, const struct upstream_result *res)
 	evtimer_add(r->kick, &now);
 }
 
-/* Starts the next attempt the quotas allow, or ends the relay. */
+/*
+ * Starts the next attempt the quotas allow, or ends the relay. A
+ * downstream whose circuit is open or that is throttled waits until every
+ * other one has failed, and is then tried anyway: no message fails while
+ * any path could work. Only a full quota window skips one for good.
+ */
 static void
 relay_step(evutil_socket_t fd, short what, void *arg)
 {
 	struct relay *r = arg;
 	const struct downstream_cfg *ds;
+	size_t idx;
+	bool last_resort, begun;
+	time_t now;
 
 	(void)fd;
 	(void)what;
-	while (r->next < r->n_order) {
-		ds = &r->user->downstreams[r->order[r->next++]];
-		if (has_health(r, ds) &&
-		    !health_begin(ds->health, ds, r->rt->worker_slot, time(NULL))) {
-			log_skipped(r, ds, time(NULL));
-			r->retry_later = true;       /* the quota comes back; so may the message */
-			continue;
+	for (;;) {
+		if (r->next < r->n_order) {
+			idx = r->order[r->next++];
+			last_resort = false;
+		} else if (r->next_later < r->n_later) {
+			idx = r->later[r->next_later++];
+			last_resort = true;
+		} else
+			break;
+		ds = &r->user->downstreams[idx];
+		/* One clock reading: a failure gives the quota back to the window
+		 * it was taken from, which `begun` must therefore name. */
+		now = time(NULL);
+		if (has_health(r, ds)) {
+			begun = last_resort ?
+			    health_begin_last_resort(ds->health, ds, r->rt->worker_slot, now) :
+			    health_begin(ds->health, ds, r->rt->worker_slot, now);
+			if (!begun && !last_resort) {
+				r->later[r->n_later++] = idx;
+				continue;
+			}
+			if (!begun) {
+				log_skipped(r, ds, now);
+				r->retry_later = true;   /* the quota comes back; so may the message */
+				continue;
+			}
 		}
 		r->attempts++;
 		r->cur = ds;
-		r->cur_started = time(NULL);
+		r->cur_started = now;
 		r->up = upstream_start(r->rt, ds, r->msg, attempt_done, r);
 		if (r->up != NULL)
 			return;
@@ -386,8 +423,10 @@ relay_start(struct runtime *rt, const struct user_cfg *user,
 	r->arg = arg;
 	gettimeofday(&r->t0, NULL);
 	if ((r->order = calloc(user->n_downstreams + 1, sizeof(*r->order))) == NULL ||
+	    (r->later = calloc(user->n_downstreams + 1, sizeof(*r->later))) == NULL ||
 	    (r->kick = evtimer_new(rt->base, relay_step, r)) == NULL) {
 		free(r->order);
+		free(r->later);
 		free(r);
 		return NULL;
 	}
@@ -412,6 +451,7 @@ relay_cancel(struct relay *r)
 		    ds->name, ds->addr, r->attempts);
 	}
 	free(r->order);
+	free(r->later);
 	event_free(r->kick);
 	free(r);
 }

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -137,10 +138,14 @@ timeout_reply(const struct upstream *up)
 	return limit_or(up->rt->cfg != NULL ? up->rt->cfg->limits.upstream_timeout : 0, 300);
 }
 
+/* Capped so that the milliseconds handed to conn_connect() and the
+ * second of slack on our own timer cannot wrap around to a tiny value. */
 static unsigned
 timeout_connect(const struct upstream *up)
 {
-	return limit_or(up->rt->cfg != NULL ? up->rt->cfg->limits.upstream_connect_timeout : 0, 30);
+	unsigned s = limit_or(up->rt->cfg != NULL ? up->rt->cfg->limits.upstream_connect_timeout : 0, 30);
+
+	return s < UINT_MAX / 1000 ? s : UINT_MAX / 1000 - 1;
 }
 
 static unsigned
@@ -261,11 +266,15 @@ finish(struct upstream *up, enum upstream_status status, const char *stage,
 		snprintf(res.tls_desc, sizeof(res.tls_desc), "%s", conn_tls_desc(up->conn));
 
 	/*
-	 * Not at a boundary: mid-handshake, mid-body, or with a pipelined DATA
-	 * whose 354 may still come (QUIT would then be message text).
+	 * Not at a boundary: mid-handshake, mid-body, with a pipelined DATA
+	 * whose 354 may still come (QUIT would then be message text), or with
+	 * the end of the body and its final dot still unsent: flushing them now
+	 * would deliver a message already reported as failed (and tried
+	 * elsewhere), so they are dropped with the connection.
 	 */
 	at_boundary = up->conn != NULL && up->state != UP_CONNECTING &&
 	    up->state != UP_TLS_HANDSHAKE && up->state != UP_BODY &&
+	    !(up->state == UP_DOT && conn_pending_output(up->conn) > 0) &&
 	    !(up->state == UP_ENVELOPE && up->env_sent == up->env_total &&
 	    up->env_got + 1 < up->env_total);
 	up->state = UP_QUIT;

@@ -607,12 +607,18 @@ static struct config *
 reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, size_t errlen)
 {
 	struct config *cfg = config_load(m->opt->config_path, err, errlen);
+	char again[256];
 
 	if (cfg == NULL)
 		return NULL;
 	if (privdrop_prepare(priv, cfg, m->opt->user, err, errlen) < 0 ||
 	    health_bind(m->health, cfg, err, errlen) < 0 ||
 	    (*fds = listeners_open(cfg, m->cfg, m->listen_fds, err, errlen)) == NULL) {
+		/* The segment may now name the rejected configuration's records
+		 * as current (status hides the others) and show its limits: bind
+		 * the running one again. Its records all exist, so this holds. */
+		if (health_bind(m->health, m->cfg, again, sizeof(again)) < 0)
+			log_err("state file: %s", again);
 		config_free(cfg);
 		return NULL;
 	}
@@ -881,6 +887,15 @@ master_init(struct master *m, char *err, size_t errlen)
 	privdrop_check_config_mode(m->cfg->path);
 	if (m->opt->pidfile != NULL && pidfile_check(m->opt->pidfile, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
+	/*
+	 * Ports before the state file: a second instance started by mistake
+	 * fails here, before health_create() resets the in-flight counts and
+	 * trials of the running one and health_bind() rebinds its records.
+	 */
+	m->listen_fds = listeners_open(m->cfg, NULL, NULL, err, errlen);
+	if (m->listen_fds == NULL)
+		return SMTPMUXD_EXIT_RUNTIME;
+	m->n_listen_fds = m->cfg->n_listen;
 	state_dir_create(m->cfg->state_file);
 	m->health = health_create(m->cfg->state_file);
 	if (m->health == NULL) {
@@ -890,10 +905,6 @@ master_init(struct master *m, char *err, size_t errlen)
 	}
 	if (health_bind(m->health, m->cfg, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
-	m->listen_fds = listeners_open(m->cfg, NULL, NULL, err, errlen);
-	if (m->listen_fds == NULL)
-		return SMTPMUXD_EXIT_RUNTIME;
-	m->n_listen_fds = m->cfg->n_listen;
 	return SMTPMUXD_EXIT_OK;
 }
 

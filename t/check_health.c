@@ -527,6 +527,44 @@ START_TEST(test_cancelled)
 }
 END_TEST
 
+/* Every other path failed: circuit and throttle give way, the quota never. */
+START_TEST(test_last_resort)
+{
+	struct tcfg t;
+	struct downstream_cfg *ds = one_downstream(&t, 2, 0, 0);
+	struct health *h = create_bound(&t);
+
+	ds->max_per_minute = 0;
+	fail_n(ds, 3, 0, T0);
+	ds->max_per_minute = 2;
+	ck_assert(!health_begin(ds->health, ds, 0, T0 + 1));
+	ck_assert(health_begin_last_resort(ds->health, ds, 0, T0 + 1));
+	ck_assert_uint_eq(view_at(ds, T0 + 1).in_flight, 1);
+	ck_assert_int_eq(view_at(ds, T0 + 1).quota_left, 1);
+	/* its failure neither extends nor re-opens the circuit */
+	health_end(ds->health, ds, &hcfg, 0, T0 + 2, HEALTH_FAIL, 0, "421 still down");
+	ck_assert_int_eq(view_at(ds, T0 + 2).quota_left, 2);
+	assert_open_for(ds, T0, 30);
+
+	/* throttled: refused, except as a last resort, whose success leaves the
+	 * provider's backoff in place */
+	ck_assert(health_begin(ds->health, ds, 0, T0 + 30));   /* the trial */
+	health_end(ds->health, ds, &hcfg, 0, T0 + 31, HEALTH_THROTTLED, 0, "451 4.7.0 slow");
+	ck_assert_uint_eq(view_at(ds, T0 + 31).state, SMTPMUX_DS_THROTTLED);
+	ck_assert(!health_begin(ds->health, ds, 0, T0 + 32));
+	ck_assert(health_begin_last_resort(ds->health, ds, 0, T0 + 32));
+	ck_assert(health_begin_last_resort(ds->health, ds, 1, T0 + 32));
+	/* the minute is full: not even a last resort gets through */
+	ck_assert(!health_begin_last_resort(ds->health, ds, 2, T0 + 32));
+	ck_assert_uint_eq(view_at(ds, T0 + 32).in_flight, 2);
+	health_end(ds->health, ds, &hcfg, 0, T0 + 33, HEALTH_OK, 5, NULL);
+	health_end(ds->health, ds, &hcfg, 1, T0 + 33, HEALTH_OK, 5, NULL);
+	ck_assert_uint_eq(view_at(ds, T0 + 33).in_flight, 0);
+	ck_assert_uint_eq(view_at(ds, T0 + 33).state, SMTPMUX_DS_THROTTLED);
+	health_destroy(h);
+}
+END_TEST
+
 START_TEST(test_probe_result)
 {
 	struct tcfg t;
@@ -945,6 +983,7 @@ health_suite(void)
 	tcase_add_test(circuit, test_throttled);
 	tcase_add_test(circuit, test_cancelled);
 	tcase_add_test(circuit, test_probe_result);
+	tcase_add_test(circuit, test_last_resort);
 	tcase_add_test(bind, test_rebind_by_key_and_sharing);
 	tcase_add_test(bind, test_bind_errors);
 	tcase_add_test(procs, test_worker_gone);

@@ -1213,6 +1213,38 @@ START_TEST(test_perm_text_masks_account)
 }
 END_TEST
 
+/* A secret where the client's copy of the text is cut short is masked whole. */
+START_TEST(test_perm_text_masks_secret_at_cut)
+{
+	char reply[512], pad[192];
+	const char *opts[] = { "auth=relayacct:s3cretpassword", reply, NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct downstream_cfg *ds;
+	struct relay_result res;
+
+	/* the secret starts 191 octets into the text, which is cut at 199 */
+	memset(pad, 'y', 190);
+	pad[190] = '\0';
+	snprintf(reply, sizeof(reply), "data_reply=554 5.7.1 %s s3cretpassword was refused", pad);
+	start_aiosmtpd(&srv, "aio", opts);
+	tenv_init(&t);
+	ds = add_ds(&t, "aio", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	ds->user = (char *)"relayacct";
+	ds->pass = (char *)"s3cretpassword";
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert_int_eq(res.code, 554);
+	ck_assert_msg(strstr(res.text, "s3cre") == NULL, "secret leaked: %s", res.text);
+	ck_assert_msg(strstr(res.text, " ***") != NULL, "%s", res.text);
+	ck_assert(log_has("was refused"));
+	ck_assert(!log_has("s3cretpassword"));
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
 /* ======================================================================== */
 /* throttling */
 
@@ -1442,6 +1474,109 @@ START_TEST(test_reply_timeout)
 	ck_assert_str_eq(w.ures.text, "timeout waiting for reply to RCPT");
 	ck_assert_uint_ge(w.ures.latency_ms, 900);
 	ck_assert_uint_lt(w.ures.latency_ms, 4000);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/*
+ * A downstream that answers up to DATA with `data_reply` (one write, so
+ * a reply to the final dot may come with the 354), then reads nothing for
+ * `stall` seconds, then everything until EOF into the file out.
+ */
+static void
+start_stalling_server(int *port, const char *data_reply, const char *out, unsigned stall)
+{
+	struct sockaddr_in sin;
+	socklen_t len = sizeof(sin);
+	int lfd;
+	pid_t pid;
+
+	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	ck_assert_int_ge(lfd, 0);
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ck_assert_int_eq(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+	ck_assert_int_eq(listen(lfd, 4), 0);
+	ck_assert_int_eq(getsockname(lfd, (struct sockaddr *)&sin, &len), 0);
+	*port = ntohs(sin.sin_port);
+	ck_assert_uint_lt(n_children, MAX_CHILDREN);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		char buf[65536], *lf;
+		size_t got = 0;
+		ssize_t n;
+		struct pollfd pfd;
+		int fd, ofd;
+		bool data = false;
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if ((fd = accept(lfd, NULL, NULL)) < 0 ||
+		    (ofd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600)) < 0)
+			_exit(1);
+		(void)!write(fd, "220 stall ESMTP\r\n", 17);
+		while (!data && (n = read(fd, buf + got, sizeof(buf) - 1 - got)) > 0) {
+			got += (size_t)n;
+			buf[got] = '\0';
+			while (!data && (lf = strchr(buf, '\n')) != NULL) {
+				const char *r = "250 ok\r\n";
+
+				if ((data = strncasecmp(buf, "DATA", 4) == 0))
+					r = data_reply;
+				(void)!write(fd, r, strlen(r));
+				got -= (size_t)(lf + 1 - buf);
+				memmove(buf, lf + 1, got + 1);
+			}
+		}
+		sleep(stall);
+		pfd.fd = fd;
+		pfd.events = POLLIN;
+		while (poll(&pfd, 1, 15000) == 1 && (n = read(fd, buf, sizeof(buf))) > 0)
+			(void)!write(ofd, buf, (size_t)n);
+		close(ofd);
+		_exit(0);
+	}
+	close(lfd);
+	children[n_children++] = pid;
+}
+
+/*
+ * The attempt ended (here a reply came early; a timeout waiting for the
+ * reply does the same) while the end of the message and its final dot
+ * were still queued: they must never reach the downstream, which would
+ * otherwise accept a message reported as failed and retried elsewhere.
+ */
+START_TEST(test_dot_failure_drops_unsent_end)
+{
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w;
+	char out[PATH_MAX + 16], *got;
+	size_t glen;
+	pid_t pid;
+	int port, st;
+
+	snprintf(out, sizeof(out), "%s/stalled", workdir);
+	start_stalling_server(&port, "354 go ahead\r\n451 4.3.0 not now\r\n", out, 2);
+	pid = children[n_children - 1];
+	tenv_init(&t);
+	add_ds(&t, "stall", "127.0.0.1", port, TLS_MODE_NONE);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	w = upstream_run(&t, &t.ds[0], &tm);
+	assert_status(w, UPSTREAM_TEMPFAIL);
+	ck_assert_str_eq(w.ustage, "dot");
+	ck_assert_int_eq(w.ures.code, 451);
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	children[--n_children] = 0;
+	ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	got = slurp(out, &glen);
+	ck_assert_ptr_nonnull(got);
+	ck_assert_msg(strstr(got, "\r\n.\r\n") == NULL, "the final dot was sent");
+	ck_assert(strstr(got, "QUIT") == NULL);
+	free(got);
 	msgbody_free(tm.body);
 	tenv_free(&t);
 }
@@ -1786,6 +1921,65 @@ START_TEST(test_quota_skip_and_exhaustion)
 }
 END_TEST
 
+/*
+ * A downstream that is down (circuit open) or throttled comes after the
+ * others, and is still tried once they all failed: no message fails while
+ * any path could work.
+ */
+START_TEST(test_last_resort_down_or_throttled)
+{
+	struct server s1;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	struct downstream_cfg *first;
+	struct smtpmux_downstream_view v;
+	char path[PATH_MAX + 16], err[256], expect[160];
+	time_t now = time(NULL);
+
+	start_sink(&s1, "first", NULL);
+	tenv_init(&t);
+	first = add_ds(&t, "first", "127.0.0.1", s1.port, TLS_MODE_NONE);
+	add_ds(&t, "second", "127.0.0.1", closed_port(), TLS_MODE_NONE);
+	snprintf(path, sizeof(path), "%s/state", workdir);
+	ck_assert_ptr_nonnull(t.health = health_create(path));
+	ck_assert_int_eq(health_bind(t.health, &t.cfg, err, sizeof(err)), 0);
+	t.rt.health = t.health;
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+
+	for (int i = 0; i < 3; i++) {
+		ck_assert(health_begin(first->health, first, 0, now));
+		health_end(first->health, first, &t.cfg.health, 0, now, HEALTH_FAIL, 0, "451 test");
+	}
+	health_view(first->health, first, &t.cfg.health, now, &v);
+	ck_assert_uint_eq(v.state, SMTPMUX_DS_DOWN);
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	ck_assert_str_eq(res.relay, "first");
+	snprintf(expect, sizeof(expect), "id=%s relay=second[%s] attempt=1 stage=connect "
+	    "status=deferred", tm.id, t.ds[1].addr);
+	ck_assert_msg(log_has(expect), "missing: %s", expect);
+	snprintf(expect, sizeof(expect), "id=%s relay=first[%s] attempt=2 stage=dot status=sent",
+	    tm.id, first->addr);
+	ck_assert_msg(log_has(expect), "missing: %s", expect);
+	/* the delivery proved it works: the circuit is closed */
+	health_view(first->health, first, &t.cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.state, SMTPMUX_DS_UP);
+
+	now = time(NULL);
+	ck_assert(health_begin(first->health, first, 0, now));
+	health_end(first->health, first, &t.cfg.health, 0, now, HEALTH_THROTTLED, 0, "451 4.7.0 slow");
+	health_view(first->health, first, &t.cfg.health, now, &v);
+	ck_assert_uint_eq(v.state, SMTPMUX_DS_THROTTLED);
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	ck_assert_str_eq(res.relay, "first");
+	ck_assert_int_eq(count_delivered(s1.dir), 2);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
 /* ======================================================================== */
 /* TLS to downstreams */
 
@@ -2032,9 +2226,11 @@ relay_suite(void)
 	tcase_add_test(tc, test_all_550_bounces);
 	tcase_add_test(tc, test_perm_and_temp_defers);
 	tcase_add_test(tc, test_perm_text_masks_account);
+	tcase_add_test(tc, test_perm_text_masks_secret_at_cut);
 	tcase_add_test(tc, test_throttle_reply);
 	tcase_add_test(tc, test_throttle_5xx_defers);
 	tcase_add_test(tc, test_quota_skip_and_exhaustion);
+	tcase_add_test(tc, test_last_resort_down_or_throttled);
 	tcase_add_test(tc, test_round_robin_selector);
 	tcase_add_test(tc, test_tries_each_address);
 	suite_add_tcase(s, tc);
@@ -2054,6 +2250,7 @@ relay_suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, test_reply_timeout);
+	tcase_add_test(tc, test_dot_failure_drops_unsent_end);
 	tcase_add_test(tc, test_greeting_rejected);
 	tcase_add_test(tc, test_helo_fallback);
 	tcase_add_test(tc, test_refuses_crlf_in_command);
