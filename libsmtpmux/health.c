@@ -53,6 +53,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -537,6 +538,11 @@ health_create(const char *path)
 	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
 	if (fd < 0)
 		return NULL;
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if (errno == EWOULDBLOCK)
+			errno = EBUSY;
+		goto fail;
+	}
 	if (fstat(fd, &st) < 0)
 		goto fail;
 	reuse = S_ISREG(st.st_mode) && st.st_size == (off_t)sizeof(struct health);
@@ -544,7 +550,7 @@ health_create(const char *path)
 		goto fail;
 	if ((h = segment_map(fd, PROT_READ | PROT_WRITE)) == NULL)
 		goto fail;
-	close(fd);
+	close(fd);                           /* the mapping keeps the file, and its lock */
 	if (reuse && segment_valid(h))
 		segment_adopt(h);
 	else

@@ -48,7 +48,14 @@ enum health_outcome {
 /*
  * Master, before forking: creates (or reuses, when its layout version and
  * size match) the segment as a file mapped MAP_SHARED at path, so that
- * `smtpmuxd -s status` can read it. NULL on failure (errno set).
+ * `smtpmuxd -s status` can read it. NULL on failure (errno set; EBUSY when
+ * another process holds the file).
+ *
+ * The file is flock()ed first, so that a second daemon given the same
+ * state file cannot reset the counts of the one running. The lock belongs
+ * to the open file, which the read-write mapping keeps open: it lasts until
+ * health_destroy() here and in every child forked meanwhile (workers still
+ * finishing after their master was killed keep it).
  */
 struct health *health_create(const char *path);
 /* For status readers: maps an existing segment read-only. */

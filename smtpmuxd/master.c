@@ -898,6 +898,11 @@ master_init(struct master *m, char *err, size_t errlen)
 	m->n_listen_fds = m->cfg->n_listen;
 	state_dir_create(m->cfg->state_file);
 	m->health = health_create(m->cfg->state_file);
+	if (m->health == NULL && errno == EBUSY) {
+		snprintf(err, errlen, "state file %s is in use by another smtpmuxd "
+		    "(or by workers of one that was killed)", m->cfg->state_file);
+		return SMTPMUXD_EXIT_RUNTIME;
+	}
 	if (m->health == NULL) {
 		snprintf(err, errlen, "cannot create state file %s: %s", m->cfg->state_file,
 		    strerror(errno));

@@ -259,6 +259,22 @@ START_TEST(test_create_errors)
 }
 END_TEST
 
+/* A second daemon on the same state file must not reset the first one's
+ * counts; the lock lasts as long as the mapping. */
+START_TEST(test_create_is_exclusive)
+{
+	struct health *h = health_create(path), *h2;
+
+	ck_assert_ptr_nonnull(h);
+	ck_assert_ptr_null(health_create(path));
+	ck_assert_int_eq(errno, EBUSY);
+	health_destroy(h);
+	h2 = health_create(path);
+	ck_assert_msg(h2 != NULL, "after unmapping: %s", strerror(errno));
+	health_destroy(h2);
+}
+END_TEST
+
 /* --- quotas */
 
 START_TEST(test_quota_exact_under_concurrency)
@@ -974,6 +990,7 @@ health_suite(void)
 	}
 	tcase_add_test(seg, test_create_reuse_reinit);
 	tcase_add_test(seg, test_create_errors);
+	tcase_add_test(seg, test_create_is_exclusive);
 	tcase_add_test(quota, test_quota_exact_under_concurrency);
 	tcase_add_test(quota, test_quota_windows_roll_and_roll_back);
 	tcase_add_test(quota, test_quota_release_only_to_its_window);

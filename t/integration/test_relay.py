@@ -9,7 +9,7 @@ import subprocess
 import threading
 import unittest
 
-from harness import (BUILDDIR, DaemonTestCase, free_port, make_message, plain_downstream, send,
+from harness import (BUILDDIR, SMTPMUXD, Daemon, DaemonTestCase, free_port, make_message, plain_downstream, send,
                      swaks, user_entry, wait_until, read_banner)
 
 USER, PASSWORD = "app@example.com", "s3cret-password"
@@ -273,6 +273,25 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(res.returncode, 1)
         self.assertIn("%s:5:" % path, res.stderr)
         self.assertIn("users[0].downstreams[0].addr", res.stderr)
+
+    def test_second_daemon_on_the_same_state_file_is_refused(self):
+        d = self.start_pair()
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        other = os.path.join(self.tmpdir, "other")
+        os.mkdir(other)
+        config = json.loads(json.dumps(d.config))
+        config["listen"] = ["127.0.0.1:%d" % free_port()]   # only the state file is shared
+        second = Daemon(other, config)
+        res = subprocess.run(second.command(), env=second.env, capture_output=True, text=True,
+                             timeout=30)
+        self.assertEqual(res.returncode, 3, res.stderr)
+        self.assertIn("state file %s is in use" % d.config["state_file"], res.stderr)
+        # The first daemon's shared state was left alone: its counts go on.
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        status = subprocess.run([SMTPMUXD, "-s", "status", "-c", d.config_path], env=d.env,
+                                capture_output=True, text=True, timeout=30)
+        sent = [int(line.split()[-3]) for line in status.stdout.splitlines()[1:]]
+        self.assertEqual(sum(sent), 2, status.stdout)
 
 
 if __name__ == "__main__":
