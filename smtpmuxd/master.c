@@ -441,6 +441,17 @@ master_maintain(struct master *m)
 		m->respawn_after_ms = now + CRASH_RESPAWN_DELAY_MS;
 }
 
+/* A child that cannot be signalled (EPERM: the master lost CAP_KILL under
+ * a sandbox) would otherwise never stop, silently. ESRCH is a child that
+ * already exited and is about to be reaped. */
+static void
+child_signal(const struct child *c, int sig)
+{
+	if (kill(c->pid, sig) < 0 && errno != ESRCH)
+		log_err("cannot send signal %d to %s pid=%ld: %s", sig, child_kind_name(c),
+		    (long)c->pid, strerror(errno));
+}
+
 static void
 child_stop(struct child *c, unsigned shutdown_timeout, int64_t now)
 {
@@ -449,7 +460,7 @@ child_stop(struct child *c, unsigned shutdown_timeout, int64_t now)
 	c->stopping = true;
 	c->retiring = false;
 	c->kill_at_ms = now + (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
-	kill(c->pid, WORKER_STOP_SIGNAL);
+	child_signal(c, WORKER_STOP_SIGNAL);
 }
 
 /* An old worker after a reload: its sessions may run for shutdown_timeout,
@@ -466,7 +477,7 @@ child_retire(struct child *c, unsigned shutdown_timeout, int64_t now)
 	c->stopping = true;
 	c->retiring = true;
 	c->kill_at_ms = now + 2 * (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
-	kill(c->pid, WORKER_RETIRE_SIGNAL);
+	child_signal(c, WORKER_RETIRE_SIGNAL);
 }
 
 /* Retires the children of generations before `generation`. */
@@ -488,7 +499,7 @@ children_signal(struct master *m, int sig)
 
 	for (i = 0; i < MAX_CHILDREN; i++)
 		if (m->children[i].pid > 0)
-			kill(m->children[i].pid, sig);
+			child_signal(&m->children[i], sig);
 }
 
 /* Children that outlived their stop deadline. */
@@ -504,7 +515,7 @@ children_kill_overdue(struct master *m)
 		if (c->pid > 0 && c->stopping && c->kill_at_ms != 0 && now >= c->kill_at_ms) {
 			log_warn("%s pid=%ld slot=%u did not stop in time: killing it",
 			    child_kind_name(c), (long)c->pid, c->slot);
-			kill(c->pid, SIGKILL);
+			child_signal(c, SIGKILL);
 			c->kill_at_ms = 0;
 		}
 	}
