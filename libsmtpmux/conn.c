@@ -69,6 +69,7 @@ struct conn {
 	bool read_paused;
 	bool flush_wanted;              /* on_flushed owed once out is empty */
 	bool eof_seen;                  /* EOF read while paused: told on resume */
+	bool eof_after_flush;           /* EOF read with output queued: told once it is out */
 	int connect_errno;              /* connect() failed at once; told from the loop */
 
 	unsigned depth;                 /* our handlers on the stack */
@@ -125,7 +126,8 @@ conn_update_events(struct conn *c)
 		break;
 	case CONN_S_OPEN:
 		rd = (!c->read_paused && !c->eof_seen) || c->send_wants_read;
-		wr = (c->flush_wanted && !c->send_wants_read) || c->recv_wants_write;
+		wr = ((c->flush_wanted || c->eof_after_flush) && !c->send_wants_read) ||
+		    c->recv_wants_write;
 		break;
 	case CONN_S_DEAD:
 		break;
@@ -533,10 +535,18 @@ conn_do_read(struct conn *c)
 			event_active(c->ev_read, EV_READ, 0);
 		break;
 	case CONN_IO_DONE:
-		if (c->read_paused)
+		if (c->read_paused) {
 			c->eof_seen = true;
-		else
+		} else if (evbuffer_get_length(c->out) > 0) {
+			/* The peer only half-closed and still reads: a client that
+			 * sent its last command and shut its side must hear the
+			 * reply (a lost 250 means the message is sent twice). */
+			c->eof_seen = true;
+			c->eof_after_flush = true;
+			conn_update_events(c);
+		} else {
 			conn_fail(c, CONN_EOF, "connection closed by peer");
+		}
 		break;
 	case CONN_IO_FAIL_SYS:
 		conn_fail(c, CONN_IO_ERROR, "%s", err);
@@ -655,7 +665,11 @@ conn_do_write(struct conn *c)
 			c->flush_wanted = false;
 			if (c->cbs.on_flushed != NULL)
 				c->cbs.on_flushed(c, c->arg);
+			if (conn_gone(c) || c->state != CONN_S_OPEN)
+				break;
 		}
+		if (c->eof_after_flush && evbuffer_get_length(c->out) == 0)
+			conn_fail(c, CONN_EOF, "connection closed by peer");
 		break;
 	case CONN_IO_FAIL_SYS:
 		conn_fail(c, CONN_IO_ERROR, "%s", err);
@@ -817,6 +831,7 @@ conn_begin_handshake(struct conn *c, bool client)
 {
 	evbuffer_drain(c->in, evbuffer_get_length(c->in));
 	c->eof_seen = false;
+	c->eof_after_flush = false;
 	gnutls_transport_set_int(c->tls, c->fd);
 	c->state = CONN_S_HANDSHAKE;
 	c->hs_wants_write = client;

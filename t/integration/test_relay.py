@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: MIT
 """The core path: authenticate, relay, fail over, reload, survive worker deaths."""
 
+import base64
 import json
 import os
 import signal
+import socket
 import smtplib
 import subprocess
 import threading
@@ -273,6 +275,23 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(res.returncode, 1)
         self.assertIn("%s:5:" % path, res.stderr)
         self.assertIn("users[0].downstreams[0].addr", res.stderr)
+
+    def test_client_that_half_closes_after_the_dot_hears_250(self):
+        d = self.start_pair()
+        token = base64.b64encode(("\0%s\0%s" % (USER, PASSWORD)).encode()).decode()
+        script = ("EHLO half.test\r\nAUTH PLAIN %s\r\nMAIL FROM:<app@example.com>\r\n"
+                  "RCPT TO:<rcpt@example.org>\r\nDATA\r\n" % token).encode()
+        with socket.create_connection(("127.0.0.1", d.port), timeout=30) as s:
+            f = s.makefile("rb")
+            self.assertTrue(f.readline().startswith(b"220"))
+            s.sendall(script)
+            while not f.readline().startswith(b"354"):
+                pass
+            s.sendall(make_message("half-close") + b".\r\n")
+            s.shutdown(socket.SHUT_WR)        # no QUIT: done sending, still reading
+            rest = f.read().decode()
+        self.assertRegex(rest, r"^250 2\.0\.0 Ok: queued as \w+", d.log_text())
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 1)
 
     def test_second_daemon_on_the_same_state_file_is_refused(self):
         d = self.start_pair()
