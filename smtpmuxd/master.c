@@ -365,12 +365,11 @@ run_prober(struct master *m)
 	sa.sa_handler = SIG_IGN;
 	sigaction(SIGHUP, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGUSR1, &sa, NULL);
 	if (privdrop_apply(&m->priv) < 0) {
 		config_free(m->cfg);
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
-	sigprocmask(SIG_SETMASK, &m->child_mask, NULL);
+	/* Signals stay blocked: prober_main() lets in those it handles. */
 	status = prober_main(m->cfg, m->health);
 	config_free(m->cfg);
 	return status;

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,7 @@ struct prober {
 	size_t n_probes;
 	struct status_http *http;
 	struct event *sig_term;
+	struct event *sig_reopen;
 };
 
 bool
@@ -183,10 +185,21 @@ on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	event_base_loopbreak(pr->rt.base);
 }
 
+static void
+on_reopen_signal(evutil_socket_t sig, short what, void *arg)
+{
+	(void)sig;
+	(void)what;
+	(void)arg;
+	if (log_reopen() < 0)
+		log_warn("cannot reopen the log file: %s", strerror(errno));
+}
+
 /*
  * Only SIGTERM (from the master, which owns this process's lifetime) stops
- * the prober; the master decides what the others do. A peer closing a probe
- * connection must not kill it.
+ * the prober, and SIGUSR1 (passed on by the master) reopens the log file;
+ * the master decides what the others do. A peer closing a probe connection
+ * must not kill it.
  */
 static int
 signals_setup(struct prober *pr)
@@ -195,11 +208,15 @@ signals_setup(struct prober *pr)
 
 	signal(SIGPIPE, SIG_IGN);
 	pr->sig_term = evsignal_new(pr->rt.base, SIGTERM, on_stop_signal, pr);
-	if (pr->sig_term == NULL || evsignal_add(pr->sig_term, NULL) < 0)
+	pr->sig_reopen = evsignal_new(pr->rt.base, SIGUSR1, on_reopen_signal, pr);
+	if (pr->sig_term == NULL || evsignal_add(pr->sig_term, NULL) < 0 ||
+	    pr->sig_reopen == NULL || evsignal_add(pr->sig_reopen, NULL) < 0)
 		return -1;
-	/* the master may fork with signals blocked */
+	/* The master forks with signals blocked: they are let in only now
+	 * that they have handlers. */
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGUSR1);
 	sigprocmask(SIG_UNBLOCK, &set, NULL);
 	return 0;
 }
@@ -253,6 +270,8 @@ prober_stop(struct prober *pr)
 	probes_free(pr);
 	if (pr->sig_term != NULL)
 		event_free(pr->sig_term);
+	if (pr->sig_reopen != NULL)
+		event_free(pr->sig_reopen);
 	upstream_free_lingering(&pr->rt);
 	if (pr->rt.dns != NULL)
 		evdns_base_free(pr->rt.dns, 0);
