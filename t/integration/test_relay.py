@@ -223,13 +223,13 @@ class RelayTest(DaemonTestCase):
         self.addCleanup(os.umask, old_umask)
         d = self.start_pair(extra={"log_file": log})
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
-        wait_until(lambda: "status=sent" in open(log).read(), what="delivery in the log file")
+        wait_until(lambda: "status=sent" in read_text(log), what="delivery in the log file")
         self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
         os.rename(log, log + ".1")            # what logrotate does
         d.proc.send_signal(signal.SIGUSR1)
         wait_until(lambda: os.path.exists(log), what="log file reopened by the master")
         self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("after rotation"))[0], 250)
-        wait_until(lambda: "status=sent" in open(log).read(), what="worker lines in the new file")
+        wait_until(lambda: "status=sent" in read_text(log), what="worker lines in the new file")
         self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
         with open(log + ".1") as f:
             self.assertEqual(f.read().count("attempts=1 status=sent"), 1)
@@ -311,6 +311,11 @@ class RelayTest(DaemonTestCase):
                                 capture_output=True, text=True, timeout=30)
         sent = [int(line.split()[-3]) for line in status.stdout.splitlines()[1:]]
         self.assertEqual(sum(sent), 2, status.stdout)
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ class InboundTLSTest(DaemonTestCase):
         # A plaintext reply to RSET would now sit in the stream and break the
         # handshake; a successful handshake proves only one reply was sent.
         tls = self.ca.client_context().wrap_socket(raw, server_hostname="smtpmux.test")
+        self.addCleanup(tls.close)
         tf = tls.makefile("rb")
         tls.sendall(b"EHLO client.test\r\n")
         lines = []
@@ -117,6 +118,14 @@ class InboundTLSTest(DaemonTestCase):
         self.assertTrue(tf.readline().startswith(b"554 5.5.1"))
         tls.sendall(b"QUIT\r\n")
         self.assertTrue(tf.readline().startswith(b"221"))
+        # The session's command counts: RSET was never executed.
+        wait_until(lambda: [l for l in self.d.log_text().splitlines()
+                            if "disconnect from" in l and "starttls=" in l],
+                   what="the session's disconnect line")
+        [line] = [l for l in self.d.log_text().splitlines()
+                  if "disconnect from" in l and "starttls=" in l]
+        self.assertIn("ehlo=2", line)
+        self.assertNotIn("rset", line)
 
     def test_garbage_instead_of_client_hello_closes(self):
         raw = socket.create_connection(("127.0.0.1", self.implicit_port), timeout=30)
