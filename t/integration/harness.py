@@ -190,6 +190,7 @@ class Daemon:
         cmd = [SMTPMUXD, "-f", "-c", self.config_path]
         if os.environ.get("SMTPMUX_VALGRIND"):
             cmd = ["valgrind", "--quiet", "--trace-children=yes", "--leak-check=full",
+                   "--suppressions=%s" % os.path.join(SRCDIR, "t", "valgrind.supp"),
                    "--errors-for-leak-kinds=definite", "--error-exitcode=99",
                    "--log-file=%s.vg.%%p" % self.log_path] + cmd
         return cmd

@@ -234,6 +234,25 @@ class RelayTest(DaemonTestCase):
         with open(log + ".1") as f:
             self.assertEqual(f.read().count("attempts=1 status=sent"), 1)
 
+    def test_crash_loop_is_throttled_and_recovers(self):
+        a = self.downstream()
+        scripted = os.path.join(BUILDDIR, "t", "selectors", "scripted.so")
+        user = user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], scripted)
+        del user["selector_algo_path"]
+        user["selector"] = {"path": scripted, "params": {"order": "0", "abort_rcpt": "crash@example.org"}}
+        d = self.daemon({"allow_insecure_auth": True, "workers": 1, "users": [user]})
+        for i in range(7):
+            with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
+                send(d.port, USER, PASSWORD, rcpts=("crash@example.org",))
+        d.wait_log("children are crashing repeatedly: respawning one per second")
+        self.assertEqual(d.proc.poll(), None)         # the master itself carries on
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(a.handler.count(), 1)
+        for name in os.listdir(self.tmpdir):          # each deliberate abort's valgrind report
+            path = os.path.join(self.tmpdir, name)
+            if ".vg." in name and "SIGABRT" in read_text(path):
+                os.unlink(path)
+
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
         workers = d.children()
