@@ -30,11 +30,20 @@ SELECTORS = os.path.join(BUILDDIR, "selectors")
 READY_TIMEOUT = 20.0
 
 
+_handed_out = set()
+
+
 def free_port():
-    """A port nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now (the kernel picks it), and one
+    this process has not handed out before: the kernel may pick a closed
+    port again at once, and a test asking for three must get three."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(predicate, timeout=READY_TIMEOUT, what="condition"):
