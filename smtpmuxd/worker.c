@@ -644,8 +644,9 @@ worker_shut_down(struct worker *w)
 		evtimer_add(w->ev_deadline, &tv);
 }
 
+/* SIGTERM, or the end of a retirement's grace. */
 static void
-worker_stop_cb(evutil_socket_t sig, short what, void *arg)
+worker_shut_down_cb(evutil_socket_t fd_or_sig, short what, void *arg)
 {
 	worker_shut_down(arg);
 }
@@ -670,12 +671,6 @@ worker_retire_cb(evutil_socket_t sig, short what, void *arg)
 		event_base_loopexit(w->rt.base, NULL);
 	else
 		evtimer_add(w->ev_retire_end, &tv);
-}
-
-static void
-worker_retire_end_cb(evutil_socket_t fd, short what, void *arg)
-{
-	worker_shut_down(arg);
 }
 
 static void
@@ -734,9 +729,9 @@ worker_setup(struct worker *w, const struct worker_params *p)
 		if (w->rt.dns == NULL || evdns_base_nameserver_ip_add(w->rt.dns, "127.0.0.1") < 0)
 			return -1;
 	}
-	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_stop_cb, w);
+	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_shut_down_cb, w);
 	w->ev_retire = evsignal_new(w->rt.base, WORKER_RETIRE_SIGNAL, worker_retire_cb, w);
-	w->ev_retire_end = evtimer_new(w->rt.base, worker_retire_end_cb, w);
+	w->ev_retire_end = evtimer_new(w->rt.base, worker_shut_down_cb, w);
 	w->ev_reopen = evsignal_new(w->rt.base, SIGUSR1, worker_reopen_cb, w);
 	w->ev_deadline = evtimer_new(w->rt.base, worker_deadline_cb, w);
 	w->ev_accept_resume = evtimer_new(w->rt.base, worker_accept_resume_cb, w);

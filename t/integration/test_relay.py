@@ -191,13 +191,24 @@ class RelayTest(DaemonTestCase):
         self.assertRegex(d.log_text(), r"reload failed.*smtpmux\.yaml:\d+")
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
 
-    def test_crashing_selector_takes_down_only_its_worker(self):
+    def crashing_daemon(self):
+        """One worker whose selector calls abort() for crash@example.org."""
         a = self.downstream()
         scripted = os.path.join(BUILDDIR, "t", "selectors", "scripted.so")
         user = user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], scripted)
         del user["selector_algo_path"]
         user["selector"] = {"path": scripted, "params": {"order": "0", "abort_rcpt": "crash@example.org"}}
-        d = self.daemon({"allow_insecure_auth": True, "workers": 1, "users": [user]})
+        return a, self.daemon({"allow_insecure_auth": True, "workers": 1, "users": [user]})
+
+    def forget_aborted_reports(self):
+        """Under valgrind, a deliberate abort() leaves a report of that process."""
+        for name in os.listdir(self.tmpdir):
+            path = os.path.join(self.tmpdir, name)
+            if ".vg." in name and "SIGABRT" in read_text(path):
+                os.unlink(path)
+
+    def test_crashing_selector_takes_down_only_its_worker(self):
+        a, d = self.crashing_daemon()
         other = smtplib.SMTP("127.0.0.1", d.port, timeout=30)   # a session of the same worker
         self.addCleanup(other.close)
         other.ehlo("other.test")
@@ -211,10 +222,7 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(a.handler.count(), 1)
         with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
             other.noop()                      # it died with its worker, as documented
-        # The deliberate abort() leaves a valgrind report of that process only.
-        vg = os.path.join(self.tmpdir, "smtpmuxd.log.vg.%d" % worker)
-        if os.path.exists(vg):
-            os.unlink(vg)
+        self.forget_aborted_reports()
 
     def test_log_file_is_private_and_reopened_on_sigusr1(self):
         log = os.path.join(self.tmpdir, "mail.log")
@@ -235,12 +243,7 @@ class RelayTest(DaemonTestCase):
             self.assertEqual(f.read().count("attempts=1 status=sent"), 1)
 
     def test_crash_loop_is_throttled_and_recovers(self):
-        a = self.downstream()
-        scripted = os.path.join(BUILDDIR, "t", "selectors", "scripted.so")
-        user = user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], scripted)
-        del user["selector_algo_path"]
-        user["selector"] = {"path": scripted, "params": {"order": "0", "abort_rcpt": "crash@example.org"}}
-        d = self.daemon({"allow_insecure_auth": True, "workers": 1, "users": [user]})
+        a, d = self.crashing_daemon()
         for i in range(7):
             with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
                 send(d.port, USER, PASSWORD, rcpts=("crash@example.org",))
@@ -248,10 +251,7 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(d.proc.poll(), None)         # the master itself carries on
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         self.assertEqual(a.handler.count(), 1)
-        for name in os.listdir(self.tmpdir):          # each deliberate abort's valgrind report
-            path = os.path.join(self.tmpdir, name)
-            if ".vg." in name and "SIGABRT" in read_text(path):
-                os.unlink(path)
+        self.forget_aborted_reports()
 
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
