@@ -221,8 +221,11 @@ static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_MAPPING_PTR("limits", OPT, struct raw_config, limits, limits_fields),
 	CYAML_FIELD_MAPPING_PTR("tls", OPT, struct raw_config, tls, tls_fields),
 	CYAML_FIELD_MAPPING_PTR("health", OPT, struct raw_config, health, health_fields),
-	CYAML_FIELD_SEQUENCE_COUNT("users", CYAML_FLAG_POINTER, struct raw_config,
-	    users, n_users, &user_schema, 1, CYAML_UNLIMITED),
+	/* May be empty or absent: the file as installed defines no users, and
+	 * the daemon refuses to run it (config_has_users) rather than call it
+	 * broken. */
+	CYAML_FIELD_SEQUENCE_COUNT("users", CYAML_FLAG_POINTER | OPT, struct raw_config,
+	    users, n_users, &user_schema, 0, CYAML_UNLIMITED),
 	CYAML_FIELD_END
 };
 
@@ -485,6 +488,8 @@ check_bools(struct loader *ld, const struct config_node *n)
 {
 	const cyaml_schema_value_t *sv;
 
+	if (n == NULL)                   /* an empty document */
+		return 0;
 	if (n->kind == CONFIG_NODE_SCALAR) {
 		sv = schema_at(n->path);
 		if (sv != NULL && sv->type == CYAML_BOOL && !bool_word(n->value))
@@ -1001,7 +1006,7 @@ check_user(struct loader *ld, const struct config *cfg, size_t i, const struct r
 static int
 check_users(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 {
-	if ((cfg->users = calloc(raw->n_users, sizeof(*cfg->users))) == NULL)
+	if ((cfg->users = calloc(raw->n_users ? raw->n_users : 1, sizeof(*cfg->users))) == NULL)
 		return fail_oom(ld);
 	for (size_t i = 0; i < raw->n_users; i++) {
 		cfg->n_users++;
@@ -1190,9 +1195,10 @@ raw_load(struct loader *ld, const char *data, size_t len, const cyaml_config_t *
 		fail_cyaml(ld, rc);
 		return NULL;
 	}
-	/* An empty document loads as nothing at all. */
-	if (raw == NULL)
-		fail(ld, "users", NULL, "required key missing");
+	/* An empty document (only comments, say) loads as nothing at all:
+	 * it is a file with every default and no users. */
+	if (raw == NULL && (raw = calloc(1, sizeof(*raw))) == NULL)
+		fail_oom(ld);
 	return raw;
 }
 
@@ -1315,6 +1321,16 @@ config_find_user(const struct config *cfg, const char *email)
 		if (strcasecmp(cfg->users[i].email, email) == 0)
 			return &cfg->users[i];
 	return NULL;
+}
+
+int
+config_has_users(const struct config *cfg, char *err, size_t errlen)
+{
+	if (cfg->n_users > 0)
+		return 0;
+	snprintf(err, errlen, "%s: no users defined, so there is nothing to relay: add the "
+	    "applications and their providers under \"users:\" (see smtpmux.yaml(5))", cfg->path);
+	return -1;
 }
 
 const char *

@@ -150,6 +150,14 @@ void config_free(struct config *cfg);
 /* Finds a user by `email`, case-insensitively; NULL when unknown. */
 const struct user_cfg *config_find_user(const struct config *cfg, const char *email);
 
+/*
+ * A file without users loads (the configuration as installed is one), but
+ * there is nothing to run: start-up, -t and reload refuse it. Returns 0
+ * when cfg has at least one user, else -1 with one line in err that says
+ * what to do.
+ */
+int config_has_users(const struct config *cfg, char *err, size_t errlen);
+
 /* Default config file: SYSCONFDIR "/smtpmux/smtpmux.yaml". */
 const char *config_default_path(void);
 

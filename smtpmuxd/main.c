@@ -120,6 +120,11 @@ check_config(const char *path, const char *user)
 		fprintf(stderr, "%s\n", err);
 		return SMTPMUXD_EXIT_CONFIG;
 	}
+	if (config_has_users(cfg, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s\n", err);
+		config_free(cfg);
+		return SMTPMUXD_EXIT_NOTCONFIGURED;
+	}
 	if (privdrop_prepare(&priv, cfg, user, err, sizeof(err)) < 0) {
 		fprintf(stderr, "%s\n", err);
 		config_free(cfg);

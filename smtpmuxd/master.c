@@ -621,7 +621,8 @@ reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, si
 
 	if (cfg == NULL)
 		return NULL;
-	if (privdrop_prepare(priv, cfg, m->opt->user, err, errlen) < 0 ||
+	if (config_has_users(cfg, err, errlen) < 0 ||
+	    privdrop_prepare(priv, cfg, m->opt->user, err, errlen) < 0 ||
 	    health_bind(m->health, cfg, err, errlen) < 0 ||
 	    (*fds = listeners_open(cfg, m->cfg, m->listen_fds, err, errlen)) == NULL) {
 		/* The segment may now name the rejected configuration's records
@@ -892,6 +893,8 @@ master_init(struct master *m, char *err, size_t errlen)
 	m->cfg = config_load(m->opt->config_path, err, errlen);
 	if (m->cfg == NULL)
 		return SMTPMUXD_EXIT_CONFIG;
+	if (config_has_users(m->cfg, err, errlen) < 0)
+		return SMTPMUXD_EXIT_NOTCONFIGURED;
 	if (privdrop_prepare(&m->priv, m->cfg, m->opt->user, err, errlen) < 0)
 		return SMTPMUXD_EXIT_CONFIG;
 	privdrop_check_config_mode(m->cfg->path);
@@ -983,7 +986,7 @@ master_run(const struct master_options *opt)
 	m.opt = opt;
 	m.generation = 1;
 	status = master_init(&m, err, sizeof(err));
-	if (status == SMTPMUXD_EXIT_CONFIG)
+	if (status == SMTPMUXD_EXIT_CONFIG || status == SMTPMUXD_EXIT_NOTCONFIGURED)
 		fprintf(stderr, "%s\n", err);
 	else if (status != SMTPMUXD_EXIT_OK)
 		log_err("%s", err);

@@ -9,7 +9,10 @@ enum smtpmuxd_exit {
 	SMTPMUXD_EXIT_OK = 0,
 	SMTPMUXD_EXIT_CONFIG = 1,        /* the configuration does not load */
 	SMTPMUXD_EXIT_USAGE = 2,         /* bad command line */
-	SMTPMUXD_EXIT_RUNTIME = 3        /* bind, pidfile, state file, fork... */
+	SMTPMUXD_EXIT_RUNTIME = 3,       /* bind, pidfile, state file, fork... */
+	/* The file defines no users (as installed): LSB's "program is not
+	 * configured", which systemd shows as 6/NOTCONFIGURED. */
+	SMTPMUXD_EXIT_NOTCONFIGURED = 6
 };
 
 struct master_options {

@@ -531,9 +531,10 @@ START_TEST(test_tls_verify_false_warns)
 }
 END_TEST
 
-START_TEST(test_example_config)
+/* The demo of `make run`; never installed. */
+START_TEST(test_demo_config)
 {
-	struct config *cfg = load_ok(SRCDIR "/etc/smtpmux.yaml");
+	struct config *cfg = load_ok(SRCDIR "/contrib/demo/smtpmux.yaml");
 	const struct user_cfg *u;
 
 	ck_assert_uint_eq(cfg->n_listen, 1);
@@ -551,6 +552,59 @@ START_TEST(test_example_config)
 	ck_assert_int_eq(u->downstreams[0].tls, TLS_MODE_NONE);
 	ck_assert_int_eq(u->downstreams[1].tls, TLS_MODE_NONE);
 	ck_assert_ptr_null(u->downstreams[0].user);
+	config_free(cfg);
+}
+END_TEST
+
+/*
+ * A file without users (as installed by the package) loads: it is not
+ * broken, just not configured yet; config_has_users says what to do.
+ */
+static const char *const no_users_files[] = {
+	"no_users_missing.yaml", "no_users_empty_list.yaml", "no_users_empty_file.yaml",
+};
+
+START_TEST(test_no_users_is_not_configured)
+{
+	char path[512], err[1024];
+	struct config *cfg;
+
+	snprintf(path, sizeof(path), FIXTURES "/%s", no_users_files[_i]);
+	cfg = load_ok(path);
+	ck_assert_uint_eq(cfg->n_users, 0);
+	ck_assert_int_eq(config_has_users(cfg, err, sizeof(err)), -1);
+	ck_assert_msg(strncmp(err, path, strlen(path)) == 0, "%s", err);
+	ck_assert_msg(strstr(err, ": no users defined, so there is nothing to relay: add the "
+	    "applications and their providers under \"users:\"") != NULL, "%s", err);
+	config_free(cfg);
+	cfg = load_ok(FIXTURES "/minimal.yaml");
+	ck_assert_int_eq(config_has_users(cfg, err, sizeof(err)), 0);
+	config_free(cfg);
+}
+END_TEST
+
+/*
+ * The file `make install` and the package install: no users (so nothing
+ * runs until the administrator adds one), and the commented example user
+ * at its end loads once uncommented, so the template cannot rot.
+ */
+START_TEST(test_installed_config)
+{
+	struct config *cfg = load_ok(SRCDIR "/etc/smtpmux.yaml");
+	char path[512], cmd[1200];
+
+	ck_assert_uint_eq(cfg->n_users, 0);
+	ck_assert(!cfg->allow_insecure_auth);
+	config_free(cfg);
+	snprintf(path, sizeof(path), "%s/installed-uncommented.yaml", tmpdir);
+	snprintf(cmd, sizeof(cmd), "sed -e 's/^users: \\[\\]$/users:/' -e '/^users:/,$s/^#//' "
+	    "'%s/etc/smtpmux.yaml' >'%s'", SRCDIR, path);
+	run(cmd);
+	cfg = load_ok(path);
+	ck_assert_uint_eq(cfg->n_users, 1);
+	ck_assert_str_eq(cfg->users[0].selector_path, "weighted");
+	ck_assert_uint_eq(cfg->users[0].n_downstreams, 3);
+	ck_assert_uint_eq(cfg->users[0].downstreams[0].max_per_day, 500);
 	config_free(cfg);
 }
 END_TEST
@@ -586,9 +640,6 @@ static const struct bad_case bad_cases[] = {
 	  "expected a mapping of names to strings", false },
 	{ "bad_missing_addr.yaml", false, 7, "users[0].downstreams[1].addr",
 	  "required key missing", false },
-	{ "bad_missing_users.yaml", false, 2, "users", "required key missing", false },
-	{ "bad_empty.yaml", false, 1, "users", "required key missing", false },
-	{ "bad_users_empty.yaml", false, 2, "users", "must not be empty", false },
 	{ "bad_duplicate_key.yaml", false, 2, "users[0].email", "duplicate key", false },
 	{ "bad_missing_port.yaml", false, 6, "users[0].downstreams[1].addr", "missing port", false },
 	{ "bad_port_range.yaml", false, 5, "users[0].downstreams[0].addr",
@@ -873,8 +924,11 @@ config_suite(void)
 	tcase_add_test(tc, test_aliases);
 	tcase_add_test(tc, test_find_user);
 	tcase_add_test(tc, test_tls_verify_false_warns);
-	tcase_add_test(tc, test_example_config);
+	tcase_add_test(tc, test_demo_config);
+	tcase_add_test(tc, test_installed_config);
 	tcase_add_test(tc, test_default_path);
+	tcase_add_loop_test(tc, test_no_users_is_not_configured, 0,
+	    (int)(sizeof(no_users_files) / sizeof(no_users_files[0])));
 	tcase_add_loop_test(tc, test_bad, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
 	tcase_add_test(tc, test_unreadable);
 	tcase_add_test(tc, test_bool_words);
