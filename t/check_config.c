@@ -784,8 +784,8 @@ START_TEST(test_man_page_documents_schema)
 {
 	static struct man_keys mk;
 	size_t len;
-	char *page = file_slurp(SRCDIR "/man/smtpmux.yaml.5", &len);
-	struct key_check kc = { mk.text, "man/smtpmux.yaml.5" };
+	char *page = file_slurp(SRCDIR "/man/smtpmux.yaml.5.in", &len);
+	struct key_check kc = { mk.text, "man/smtpmux.yaml.5.in" };
 	char *left;
 
 	man_keys_parse(&mk, page);
