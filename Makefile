@@ -2,8 +2,10 @@
 #
 # Bootstrap shim. A fresh checkout has no configure script yet; this file
 # lets the README's commands (`make deps run`, `make deps check`) work
-# there: `deps` installs the Debian build and test dependencies, and every
-# other target generates configure, runs it, and re-invokes make. Once
+# there: `deps` installs the Debian packages that the other goals on the
+# command line need (contrib/install-deps: the build dependencies always,
+# the test tools only for check...), and every other target generates
+# configure, runs it, and re-invokes make. Once
 # ./configure has run, GNU make reads the generated GNUmakefile instead
 # of this file (GNUmakefile.am is the real build description).
 
@@ -12,7 +14,7 @@ CONFIGURE_FLAGS ?=
 .DEFAULT_GOAL := all
 
 deps:
-	$(SHELL) contrib/install-deps
+	$(SHELL) contrib/install-deps $(MAKECMDGOALS)
 
 Makefile: ;
 

@@ -45,8 +45,12 @@ class InstallTest(unittest.TestCase):
                     found.add(os.path.relpath(os.path.join(root, name), dest))
             self.assertEqual(found, EXPECTED)
             self.assertTrue(os.access(os.path.join(dest, "usr/sbin/smtpmuxd"), os.X_OK))
-            # An existing config is never overwritten.
+            # It will hold passwords; as installed it defines no users.
             conf = os.path.join(dest, "etc/smtpmux/smtpmux.yaml")
+            self.assertEqual(os.stat(conf).st_mode & 0o777, 0o640)
+            with open(conf) as f:
+                self.assertRegex(f.read(), r"(?m)^users: \[\]$")
+            # An existing config is never overwritten.
             with open(conf, "w") as f:
                 f.write("# mine\n")
             self.make("install", "DESTDIR=" + dest, "prefix=/usr", "sysconfdir=/etc")

@@ -1,13 +1,15 @@
 # SPDX-License-Identifier: MIT
 """The Debian package, end to end, as an administrator uses it (root only).
 
-Builds the .deb from `make dist` with contrib/debian/build-deb, checks it
-with lintian, installs it on this machine, starts the daemon through its
-SysV init script, relays a message to a test downstream, reloads a changed
-(and then a broken) config, rotates the log, stops, and purges. A second
-test runs the daemon the way the installed systemd unit would (its
-commands, capability bounding set, NoNewPrivileges and UMask), since
-systemd is not PID 1 here.
+Builds the source package from `make dist` and the .debs from it with
+contrib/debian/build-deb, checks them with lintian, installs them on this
+machine (with port 2525 taken and no users configured: nothing starts, and
+the administrator is told why), starts the daemon through its SysV init
+script, relays a message to a test downstream, reloads a changed (and then
+a broken) config, rotates the log, stops, and purges. Another test runs
+the daemon the way the installed systemd unit would (its commands,
+capability bounding set, NoNewPrivileges and UMask), since systemd is not
+PID 1 here.
 
 Whatever happens, each test leaves the machine as it found it: the package
 purged, the smtpmux account and its files gone, no smtpmuxd left running.
@@ -16,6 +18,10 @@ Runs of this file on one machine take turns (a lock in /run/lock).
 
 import fcntl
 import glob
+import gzip
+import shlex
+import socket
+import tarfile
 import json
 import os
 import pwd
@@ -33,6 +39,9 @@ from harness import Downstream, free_port, read_banner, send, wait_until
 BUILDDIR = os.environ["BUILDDIR"]
 SRCDIR = os.environ["SRCDIR"]
 DAEMON = "/usr/sbin/smtpmuxd"
+PACKAGES = ("smtpmux", "smtpmux-dev")
+POLICY = "/usr/sbin/policy-rc.d"
+NOT_CONFIGURED = 6
 INIT = "/etc/init.d/smtpmuxd"
 UNIT = "/lib/systemd/system/smtpmuxd.service"
 LOGROTATE = "/etc/logrotate.d/smtpmuxd"
@@ -69,9 +78,9 @@ def dpkg(*args, check=True):
     return res
 
 
-def package_installed():
-    """True if dpkg knows smtpmux in any state but not-installed/purged."""
-    res = run("dpkg-query", "-W", "-f=${db:Status-Status}", "smtpmux", check=False)
+def package_installed(name="smtpmux"):
+    """True if dpkg knows the package in any state but not-installed/purged."""
+    res = run("dpkg-query", "-W", "-f=${db:Status-Status}", name, check=False)
     return res.returncode == 0 and res.stdout.strip() not in ("", "not-installed")
 
 
@@ -131,6 +140,18 @@ def write_config(config):
         json.dump(config, f)
 
 
+def unit_command(unit, line):
+    """An Exec line of the unit as a command that runs with the privileges
+    the unit gives it ($$ is a dollar sign; ${CONFIG} from Environment=)."""
+    env = dict(re.findall(r"(\w+)=(\S*)", unit["Environment"][0]))
+    line = line.replace("${CONFIG}", env["CONFIG"]).replace("$DAEMON_OPTS", "").replace("$$", "$")
+    caps = unit["CapabilityBoundingSet"][0].split()
+    groups = unit.get("SupplementaryGroups", [""])[0].split()
+    return (["setpriv", "--bounding-set", "-all," + ",".join("+" + c[4:].lower() for c in caps),
+             "--no-new-privs"] + (["--groups", ",".join(groups)] if groups else []) +
+            shlex.split(line))
+
+
 def parse_unit(path):
     """The [Service] section as {key: [values]} (keys may repeat)."""
     keys, section = {}, None
@@ -165,7 +186,7 @@ class DebianPackageTest(unittest.TestCase):
                 if time.monotonic() > deadline:
                     raise AssertionError("another package test has held %s for %d s" % (LOCK, LOCK_TIMEOUT))
                 time.sleep(1)
-        if package_installed():
+        if any(package_installed(p) for p in PACKAGES):
             raise unittest.SkipTest("smtpmux is installed on this machine already; not touching it")
         # An account the package made (a crashed run's leftover) is fine: the
         # cleanup removes it.
@@ -177,12 +198,17 @@ class DebianPackageTest(unittest.TestCase):
         run("make", "-s", "-C", BUILDDIR, "dist", timeout=300)
         tarball = os.path.join(BUILDDIR, "smtpmux-%s.tar.gz" % cls.version())
         # Out of the build tree: distcheck wants it as distclean left it.
-        shutil.move(tarball, cls.out)
-        run(os.path.join(SRCDIR, "contrib/debian/build-deb"),
-            os.path.join(cls.out, os.path.basename(tarball)), cls.out, timeout=600)
-        debs = glob.glob(os.path.join(cls.out, "smtpmux_*.deb"))
-        assert len(debs) == 1, debs
-        cls.deb = debs[0]
+        cls.tarball = shutil.move(tarball, tempfile.mkdtemp(prefix="smtpmux-dist-"))
+        cls.addClassCleanup(shutil.rmtree, os.path.dirname(cls.tarball), ignore_errors=True)
+        env = dict(os.environ)
+        env.pop("DEB_BUILD_OPTIONS", None)       # the unit tests run in the build
+        run(os.path.join(SRCDIR, "contrib/debian/build-deb"), cls.tarball, cls.out, timeout=900, env=env)
+        cls.debs = []
+        for name in PACKAGES:
+            debs = glob.glob(os.path.join(cls.out, "%s_*.deb" % name))
+            assert len(debs) == 1, debs
+            cls.debs.append(debs[0])
+        cls.deb = cls.debs[0]
 
     @staticmethod
     def version():
@@ -212,8 +238,9 @@ class DebianPackageTest(unittest.TestCase):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if package_installed():
-            dpkg("--purge", "smtpmux", check=False)
+        installed = [p for p in PACKAGES if package_installed(p)]
+        if installed:
+            dpkg("--purge", *installed, check=False)
         acct = account()
         if acct is not None and acct.pw_gecos.split(",")[0] == GECOS:
             run("userdel", USER, check=False)
@@ -227,11 +254,29 @@ class DebianPackageTest(unittest.TestCase):
         self.assertEqual(daemon_pids(), [], "smtpmuxd processes survived the cleanup")
 
     def install(self):
-        dpkg("-i", self.deb)
-        # A machine without a policy-rc.d lets postinst start the daemon with
-        # the example config: the tests start it themselves.
-        run(INIT, "stop")
-        wait_until(lambda: not daemon_pids(), what="the postinst's daemon to stop")
+        """Installs both packages; returns dpkg's output."""
+        res = dpkg("-i", *self.debs)
+        # As installed no users are configured: nothing may run.
+        self.assertEqual(daemon_pids(), [])
+        return res.stdout + res.stderr
+
+    def allow_smtpmuxd_starts(self):
+        """A policy-rc.d that lets maintainer scripts start smtpmuxd (only),
+        as on a machine without one; the machine's own comes back after."""
+        saved = None
+        if os.path.lexists(POLICY):
+            saved = POLICY + ".smtpmux-test"
+            os.rename(POLICY, saved)
+        self.addCleanup(self.restore_policy, saved)
+        with open(POLICY, "w") as f:
+            f.write('#!/bin/sh\n[ "$1" = smtpmuxd ] && exit 0\nexit 101\n')
+        os.chmod(POLICY, 0o755)
+
+    @staticmethod
+    def restore_policy(saved):
+        os.unlink(POLICY)
+        if saved is not None:
+            os.rename(saved, POLICY)
 
     def diagnostics(self):
         return "\n--- %s:\n%s" % (LOG, read(LOG))
@@ -277,6 +322,7 @@ class DebianPackageTest(unittest.TestCase):
         create = re.search(r"^\s*create\s+(\d+)\s+(\S+)\s+(\S+)\s*$", conf, re.M)
         script = re.search(r"postrotate\n(.*?)\n\s*endscript", conf, re.S).group(1)
         os.rename(LOG, LOG + ".1")
+        self.assertEqual(create.group(3), "adm")           # Debian's log readers
         if create:
             fd = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
             os.fchmod(fd, int(create.group(1), 8))
@@ -302,14 +348,110 @@ class DebianPackageTest(unittest.TestCase):
         wait_until(lambda: "status=sent" in read(LOG), what="a delivery logged to the new " + LOG)
 
     def test_lintian_is_clean(self):
-        res = run("lintian", "-I", "--fail-on", "error,warning", self.deb, check=False, timeout=300)
+        """Source and binary packages, every tag shown (-I -E --pedantic):
+        none but the overridden ones, and every override still needed."""
+        changes = sorted(glob.glob(os.path.join(self.out, "*.changes")))
+        self.assertEqual(len(changes), 2, changes)         # source, and amd64 (or so)
+        res = run("lintian", "-I", "-E", "--pedantic", *changes, check=False, timeout=600)
         out = res.stdout + res.stderr
         self.assertEqual(res.returncode, 0, out)
-        # Every override in contrib/debian/smtpmux.lintian-overrides is still needed.
-        self.assertNotRegex(out, r"(unused|mismatched)-override", out)
+        tags = [l for l in res.stdout.splitlines() if re.match(r"[EWIPXCO]: ", l)]
+        self.assertEqual(tags, [])
+
+    def test_source_package(self):
+        """3.0 (quilt) with the release tarball as orig.tar.gz and a watch
+        file; the binaries were built from it, with the unit tests run, and
+        every file the builds leave is kept."""
+        version = self.version()
+        dsc = os.path.join(self.out, "smtpmux_%s-1.dsc" % version)
+        with open(dsc) as f:
+            self.assertRegex(f.read(), r"(?m)^Format: 3\.0 \(quilt\)$")
+        with open(self.tarball, "rb") as a, open(os.path.join(self.out, "smtpmux_%s.orig.tar.gz" % version), "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        with tarfile.open(os.path.join(self.out, "smtpmux_%s-1.debian.tar.xz" % version)) as t:
+            names = t.getnames()
+        for name in ("debian/watch", "debian/control", "debian/rules", "debian/source/format",
+                     "debian/smtpmux.smtpmuxd.init", "debian/smtpmux.smtpmuxd.service"):
+            self.assertIn(name, names)
+        for pattern in ("*_source.changes", "*_source.buildinfo", "*.source.build",
+                        "smtpmux_*_*.changes", "smtpmux_*_*.buildinfo", "*.binary.build"):
+            self.assertTrue(glob.glob(os.path.join(self.out, pattern)), pattern)
+        log = read(glob.glob(os.path.join(self.out, "*.binary.build"))[0])
+        # dpkg-source -x of the .dsc, then the build: the unit suites ran.
+        self.assertIn("check-unit", log)
+        self.assertRegex(log, r"(?m)^PASS: t/check_config$")
+        self.assertRegex(log, r"(?m)^# FAIL: +0$")
+        # With DEB_BUILD_OPTIONS=nocheck they do not (dry run of the rule).
+        src = os.path.join(tempfile.mkdtemp(prefix="smtpmux-src-"), "src")
+        self.addCleanup(shutil.rmtree, os.path.dirname(src), ignore_errors=True)
+        run("dpkg-source", "-x", dsc, src)
+        for opts, runs in (("", True), ("nocheck", False)):
+            res = run("make", "-n", "-f", "debian/rules", "override_dh_auto_test", "MAKE=true",
+                      cwd=src, env=dict(os.environ, DEB_BUILD_OPTIONS=opts))
+            self.assertEqual("check-unit" in res.stdout, runs, (opts, res.stdout))
+
+    def test_install_unconfigured(self):
+        """As installed no users are configured: the install succeeds even
+        with port 2525 taken, nothing starts, and the administrator is
+        told why and where to begin."""
+        self.allow_smtpmuxd_starts()
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        try:
+            taken.bind(("127.0.0.1", 2525))
+            taken.listen()
+        except OSError:
+            pass                                  # taken by someone else: as good
+        out = self.install()
+        self.assertEqual(run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "smtpmux").stdout.strip(), "ii")
+        self.assertRegex(out, r"Not starting SMTP relay smtpmuxd: %s: no users defined" % CONF)
+        self.assertIn("README.Debian", out)
+        self.assertEqual(daemon_pids(), [])
+        # The init script, asked by the administrator, says the same.
+        res = run(INIT, "start")
+        self.assertIn("no users defined", res.stdout + res.stderr)
+        self.assertEqual(daemon_pids(), [])
+        self.assertEqual(run(INIT, "status", check=False).returncode, 3)
+        res = run(INIT, "configtest", check=False)
+        self.assertEqual(res.returncode, NOT_CONFIGURED, res.stderr)
+        self.assertIn("no users defined", res.stderr)
+        # systemd would skip the start (ExecCondition fails), not fail it.
+        unit = parse_unit(UNIT)
+        res = run(*unit_command(unit, unit["ExecCondition"][0]), check=False)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn("no users defined", res.stderr)
+        # Where to begin, and the example selector.
+        doc = "/usr/share/doc/smtpmux/"
+        readme = doc + "README.Debian"
+        with (open(readme) if os.path.exists(readme) else gzip.open(readme + ".gz", "rt")) as f:
+            self.assertIn("Replace `users: []`", f.read())
+        self.assertTrue(os.path.exists(doc + "examples/by_domain.c"))
+        self.assertIn("ca-certificates", run("dpkg-query", "-W", "-f=${Recommends}", "smtpmux").stdout)
+        # A reinstall (postinst configure with the old version) keeps the
+        # administrator's owner and mode of the config.
+        os.chmod(CONF, 0o600)
+        self.install()
+        self.assertEqual(os.stat(CONF).st_mode & 0o777, 0o600)
+
+    def test_man_pages_show_debian_paths(self):
+        self.install()
+        pages = {}
+        for path in ("/usr/share/man/man8/smtpmuxd.8.gz", "/usr/share/man/man5/smtpmux.yaml.5.gz",
+                     "/usr/share/man/man3/smtpmux-selector.3.gz"):
+            with gzip.open(path, "rt") as f:
+                pages[path] = f.read()
+            # (An administrator's own selector may well live in /usr/local.)
+            self.assertIsNone(re.search(r"/usr/local(?!/lib/smtpmux/by_domain\.so)", pages[path]), path)
+            self.assertIsNone(re.search(r"@[a-z_A-Z]+@", pages[path]), path)
+        smtpmuxd = pages["/usr/share/man/man8/smtpmuxd.8.gz"]
+        for path in (PIDFILE, "/etc/smtpmux/smtpmux.yaml", "/etc/default/smtpmuxd",
+                     "/etc/init.d/smtpmuxd", "/var/log/smtpmux/", "/usr/lib/smtpmux/",
+                     "/run/smtpmux/smtpmuxd.state"):
+            self.assertIn(path, smtpmuxd)
+        self.assertIn("/usr/lib/smtpmux", pages["/usr/share/man/man5/smtpmux.yaml.5.gz"])
+        self.assertIn("/usr/lib/smtpmux", pages["/usr/share/man/man3/smtpmux-selector.3.gz"])
 
     def test_install_run_reload_stop_purge(self):
-        existed = account() is not None
         self.install()
 
         # The system user, and the config as a conffile the workers cannot read
@@ -373,13 +515,18 @@ class DebianPackageTest(unittest.TestCase):
         wait_until(lambda: not daemon_pids(), what="the daemon and its workers to exit")
         self.assertNotEqual(run(INIT, "status", check=False).returncode, 0)
 
-        dpkg("--purge", "smtpmux")
+        res = dpkg("--purge", *PACKAGES)
         for path in ("/etc/smtpmux", DAEMON, INIT, UNIT, LOGDIR, RUNDIR):
             self.assertFalse(os.path.exists(path), path)
-        if not existed:
-            self.assertIsNone(account())
-            with self.assertRaises(KeyError):
-                grp.getgrnam(USER)
+        # As README.Debian says: purge keeps the system account (and says
+        # nothing about it going wrong).
+        self.assertIsNotNone(account())
+        self.assertEqual(grp.getgrnam(USER).gr_gid, account().pw_gid)
+        self.assertIsNone(re.search(r"(?i)deluser|delgroup|warning|error", res.stdout + res.stderr),
+                          res.stdout + res.stderr)
+        for doc in ("README", "contrib/debian/smtpmux.README.Debian"):
+            text = " ".join(read(os.path.join(SRCDIR, doc)).split())
+            self.assertTrue("keeps the smtpmux system account" in text, doc)
 
     def test_systemd_unit(self):
         """The unit is checked by systemd-analyze, and its commands run with
@@ -410,16 +557,13 @@ class DebianPackageTest(unittest.TestCase):
         self.assertIn("-p " + unit["PIDFile"][0], unit["ExecStart"][0])
 
         def command(line):
-            env = dict(re.findall(r"(\w+)=(\S*)", unit["Environment"][0]))
-            line = line.replace("${CONFIG}", env["CONFIG"]).replace("$DAEMON_OPTS", "")
-            return ["setpriv", "--bounding-set",
-                    "-all," + ",".join("+" + c[4:].lower() for c in caps),
-                    "--no-new-privs"] + line.split()
+            return unit_command(unit, line)
 
         umask = int(unit["UMask"][0], 8)
 
         def start():
             os.makedirs(RUNDIR, mode=int(unit.get("RuntimeDirectoryMode", ["0755"])[0], 8), exist_ok=True)
+            run(*command(unit["ExecCondition"][0]))       # 0: configured, go on
             run(*command(unit["ExecStartPre"][0]))
             run(*command(unit["ExecStart"][0]), preexec_fn=lambda: os.umask(umask))
 
