@@ -998,3 +998,12 @@ health_snapshot(const struct health *h, size_t index, const struct health_cfg *h
 	error_read(r, out->last_error, sizeof(out->last_error), &out->last_error_time);
 	return atomic_load(&r->generation) == atomic_load(&h->hdr.generation) ? 0 : 1;
 }
+
+int
+health_snapshot_of(const struct health *h, const struct health_rec *rec,
+    const struct health_cfg *hc, time_t now, struct health_snapshot *out)
+{
+	if (rec < h->rec || rec >= h->rec + HEALTH_MAX_DOWNSTREAMS)
+		return -1;
+	return health_snapshot(h, (size_t)(rec - h->rec), hc, now, out);
+}

@@ -159,5 +159,8 @@ struct health_snapshot {
  */
 int health_snapshot(const struct health *, size_t index, const struct health_cfg *,
     time_t now, struct health_snapshot *out);
+/* health_snapshot() of the record a downstream_cfg was bound to. */
+int health_snapshot_of(const struct health *, const struct health_rec *,
+    const struct health_cfg *, time_t now, struct health_snapshot *out);
 
 #endif

@@ -250,13 +250,14 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h)
 		return -1;
 	}
 	if (cfg->status_listen != NULL && cfg->status_listen[0] != '\0') {
-		pr->http = status_http_start(pr->rt.base, cfg->status_listen, h, &cfg->health,
+		pr->http = status_http_start(pr->rt.base, cfg->status_listen, cfg, h,
 		    err, sizeof(err));
 		if (pr->http == NULL) {
 			log_err("%s", err);
 			return -1;
 		}
-		log_info("serving metrics on http://%s/metrics", cfg->status_listen);
+		log_info("serving the status page on http://%s/ and metrics on /metrics",
+		    cfg->status_listen);
 	}
 	for (size_t i = 0; i < pr->n_probes; i++)
 		probe_schedule(&pr->probes[i], 0);

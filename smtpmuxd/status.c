@@ -15,6 +15,7 @@
 #include "log.h"
 #include "netaddr.h"
 #include "status.h"
+#include "status_page.h"
 
 /* --- reading the segment */
 
@@ -272,6 +273,7 @@ status_metrics(struct evbuffer *out, const struct health *h,
 struct status_http {
 	struct evhttp *http;
 	struct evhttp_bound_socket *bound;
+	const struct config *cfg;
 	struct health *health;
 	const struct health_cfg *hc;
 };
@@ -309,11 +311,44 @@ metrics_cb(struct evhttp_request *req, void *arg)
 	evbuffer_free(buf);
 }
 
+/* The page loads nothing from anywhere, and no other site may frame it. */
+static const char page_csp[] =
+    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'";
+
+static void
+page_cb(struct evhttp_request *req, void *arg)
+{
+	struct status_http *sh = arg;
+	struct evkeyvalq *headers = evhttp_request_get_output_headers(req);
+	struct status_snapshot snap;
+	struct evbuffer *buf = evbuffer_new();
+	int rc = -1;
+
+	if (buf != NULL && status_snapshot_take(&snap, sh->cfg, sh->health, time(NULL)) == 0) {
+		rc = status_page_render(buf, &snap);
+		status_snapshot_free(&snap);
+	}
+	if (rc < 0) {
+		log_warn("status: out of memory building the status page");
+		if (buf != NULL)
+			evbuffer_free(buf);
+		reply_text(req, 500, "Internal Server Error", "out of memory");
+		return;
+	}
+	evhttp_add_header(headers, "Content-Type", "text/html; charset=utf-8");
+	evhttp_add_header(headers, "Content-Security-Policy", page_csp);
+	evhttp_add_header(headers, "X-Content-Type-Options", "nosniff");
+	evhttp_add_header(headers, "Referrer-Policy", "no-referrer");
+	evhttp_add_header(headers, "Cache-Control", "no-store");
+	evhttp_send_reply(req, HTTP_OK, "OK", buf);
+	evbuffer_free(buf);
+}
+
 static void
 not_found_cb(struct evhttp_request *req, void *arg)
 {
 	(void)arg;
-	reply_text(req, HTTP_NOTFOUND, "Not Found", "not found; try /metrics");
+	reply_text(req, HTTP_NOTFOUND, "Not Found", "not found; try / or /metrics");
 }
 
 /* The address is read as the configuration reads it: numeric, "[v6]:port". */
@@ -348,7 +383,7 @@ listen_numeric(struct event_base *base, const char *addr, char *err, size_t errl
 
 struct status_http *
 status_http_start(struct event_base *base, const char *listen_addr,
-    struct health *h, const struct health_cfg *hc, char *err, size_t errlen)
+    const struct config *cfg, struct health *h, char *err, size_t errlen)
 {
 	struct status_http *sh = calloc(1, sizeof(*sh));
 	struct evconnlistener *l;
@@ -358,12 +393,14 @@ status_http_start(struct event_base *base, const char *listen_addr,
 		free(sh);
 		return NULL;
 	}
+	sh->cfg = cfg;
 	sh->health = h;
-	sh->hc = hc;
+	sh->hc = &cfg->health;
 	evhttp_set_timeout(sh->http, 10);
 	evhttp_set_max_headers_size(sh->http, 8192);
 	evhttp_set_max_body_size(sh->http, 0);
 	evhttp_set_allowed_methods(sh->http, EVHTTP_REQ_GET);
+	evhttp_set_cb(sh->http, "/", page_cb, sh);
 	evhttp_set_cb(sh->http, "/metrics", metrics_cb, sh);
 	evhttp_set_gencb(sh->http, not_found_cb, sh);
 	if ((l = listen_numeric(base, listen_addr, err, errlen)) == NULL)

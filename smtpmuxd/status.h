@@ -31,13 +31,14 @@ int status_metrics(struct evbuffer *out, const struct health *h,
     const struct health_cfg *hc, time_t now);
 
 /*
- * `status_listen:`: serves GET /metrics on listen_addr ("127.0.0.1:9100",
- * "[::1]:9100"; numeric) in base's loop; any other path is 404. NULL
- * with a message in err on failure.
+ * `status_listen:`: serves, in base's loop, GET / (the status page of
+ * cfg's users, status_page.h) and GET /metrics on listen_addr
+ * ("127.0.0.1:9100", "[::1]:9100"; numeric); any other path is 404.
+ * cfg and h must outlive it. NULL with a message in err on failure.
  */
 struct status_http;
 struct status_http *status_http_start(struct event_base *base, const char *listen_addr,
-    struct health *h, const struct health_cfg *hc, char *err, size_t errlen);
+    const struct config *cfg, struct health *h, char *err, size_t errlen);
 /* The port bound, 0 if unknown. */
 unsigned status_http_port(const struct status_http *);
 void status_http_free(struct status_http *);

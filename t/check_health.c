@@ -923,13 +923,14 @@ START_TEST(test_metrics_http)
 	struct status_http *sh;
 	char err[256], addr[32];
 
+	t.cfg.health = hcfg;
 	f->base = event_base_new();
-	ck_assert_ptr_null(status_http_start(f->base, "localhost:x", h, &hcfg, err, sizeof(err)));
+	ck_assert_ptr_null(status_http_start(f->base, "localhost:x", &t.cfg, h, err, sizeof(err)));
 	ck_assert_ptr_nonnull(strstr(err, "localhost:x"));
-	ck_assert_ptr_null(status_http_start(f->base, "localhost:9100", h, &hcfg, err, sizeof(err)));
+	ck_assert_ptr_null(status_http_start(f->base, "localhost:9100", &t.cfg, h, err, sizeof(err)));
 	ck_assert_ptr_nonnull(strstr(err, "numeric"));
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", free_port());
-	sh = status_http_start(f->base, addr, h, &hcfg, err, sizeof(err));
+	sh = status_http_start(f->base, addr, &t.cfg, h, err, sizeof(err));
 	ck_assert_msg(sh != NULL, "%s", err);
 	ck_assert_str_eq(strchr(addr, ':') + 1, (snprintf(err, sizeof(err), "%u", status_http_port(sh)), err));
 
@@ -963,7 +964,13 @@ START_TEST(test_metrics_http)
 	    "user=\"acct\",window=\"hour\"}"));
 	ck_assert_ptr_nonnull(strstr(f->body, "user=\"acct\",window=\"minute\"} 10\n"));
 
+	/* The status page (t/check_status_page.c tests what it shows). */
 	fetch(f, status_http_port(sh), "/");
+	ck_assert_int_eq(f->code, 200);
+	ck_assert_ptr_nonnull(strstr(f->body, "<h2>app@example.org</h2>"));
+	ck_assert_ptr_nonnull(strstr(f->body, "<span class=\"name\">primary &quot;eu&quot;</span>"));
+	ck_assert_ptr_nonnull(strstr(f->body, "data-state=\"down\""));
+	fetch(f, status_http_port(sh), "/x");
 	ck_assert_int_eq(f->code, 404);
 	fetch(f, status_http_port(sh), "/metrics/x");
 	ck_assert_int_eq(f->code, 404);

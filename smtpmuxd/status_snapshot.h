@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef SMTPMUXD_STATUS_SNAPSHOT_H
+#define SMTPMUXD_STATUS_SNAPSHOT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "config.h"
+#include "health.h"
+
+/*
+ * What the status page shows, taken at one moment: the configuration's
+ * users, each with its downstreams as the shared health segment has them.
+ * Copies only: no pointer into the segment or the configuration, and no
+ * secret (passwords and downstream logins are never copied).
+ */
+
+struct status_downstream {
+	char name[64];                   /* the user's name for it (`name:`, else addr) */
+	struct health_snapshot hs;       /* state, counters, quota windows, last error */
+};
+
+struct status_user {
+	char email[128];
+	struct status_downstream *ds;
+	size_t n_ds;
+};
+
+/*
+ * The queue's figures. Nothing fills them until smtpmux has a queue: the
+ * page shows its queue section only when `present` is true. The queue
+ * fills this in status_snapshot_take() (see "queue summary" there).
+ */
+struct status_queue_summary {
+	bool present;
+	uint64_t messages;               /* waiting in the queue, all users */
+	uint64_t deferred;               /* of which waiting for a retry */
+	uint64_t oldest_age;             /* seconds since the oldest was accepted */
+};
+
+struct status_snapshot {
+	time_t now;
+	char hostname[256];
+	struct status_user *users;
+	size_t n_users;
+	struct status_queue_summary queue;
+};
+
+/* Takes a snapshot of cfg's users from h at now. 0, or -1 out of memory. */
+int status_snapshot_take(struct status_snapshot *out, const struct config *cfg,
+    const struct health *h, time_t now);
+void status_snapshot_free(struct status_snapshot *);
+
+#endif
