@@ -781,6 +781,27 @@ check_status_listen(struct loader *ld, const char *text)
 	return rc;
 }
 
+/*
+ * The status page names users and providers: a bare port ("9125") means
+ * the loopback address, so that it is only reachable from this host
+ * unless an address is written.
+ */
+static int
+build_status_listen(struct loader *ld, const char *text, char **dst)
+{
+	char loopback[32];
+
+	*dst = NULL;
+	if (text != NULL && text[0] != '\0' && strspn(text, "0123456789") == strlen(text) &&
+	    strlen(text) <= 5) {
+		snprintf(loopback, sizeof(loopback), "127.0.0.1:%s", text);
+		text = loopback;
+	}
+	if (check_status_listen(ld, text) == -1)
+		return -1;
+	return copy_str(ld, dst, text);
+}
+
 static int
 default_hostname(struct loader *ld, char **dst)
 {
@@ -844,8 +865,7 @@ check_top(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 	    copy_path(ld, cfg, &cfg->tmp_dir, raw->tmp_dir ? raw->tmp_dir :
 	        tmp && *tmp ? tmp : "/tmp") == -1 ||
 	    copy_path(ld, cfg, &cfg->log_file, raw->log_file) == -1 ||
-	    check_status_listen(ld, raw->status_listen) == -1 ||
-	    copy_str(ld, &cfg->status_listen, raw->status_listen) == -1)
+	    build_status_listen(ld, raw->status_listen, &cfg->status_listen) == -1)
 		return -1;
 	return 0;
 }

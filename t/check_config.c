@@ -451,6 +451,27 @@ START_TEST(test_listen_default_tls_with_cert)
 }
 END_TEST
 
+/* The status page names users and providers: a bare port is loopback only. */
+START_TEST(test_status_listen_bare_port_is_loopback)
+{
+	static const char *const written[] = { "9125", "\"9125\"", "\"[::1]:9125\"" };
+	static const char *const used[] = { "127.0.0.1:9125", "127.0.0.1:9125", "[::1]:9125" };
+	char path[512], text[256];
+	struct config *cfg;
+
+	snprintf(path, sizeof(path), "%s/status.yaml", tmpdir);
+	for (size_t i = 0; i < sizeof(written) / sizeof(written[0]); i++) {
+		snprintf(text, sizeof(text), "status_listen: %s\n"
+		    "users: [{email: a@b, password: pw, downstreams: [{addr: \"127.0.0.1:2526\"}]}]\n",
+		    written[i]);
+		write_file(tmpdir, "status.yaml", text);
+		cfg = load_ok(path);
+		ck_assert_str_eq(cfg->status_listen, used[i]);
+		config_free(cfg);
+	}
+}
+END_TEST
+
 START_TEST(test_env_insecure_auth)
 {
 	struct config *cfg;
@@ -927,6 +948,7 @@ config_suite(void)
 	tcase_add_test(tc, test_demo_config);
 	tcase_add_test(tc, test_installed_config);
 	tcase_add_test(tc, test_default_path);
+	tcase_add_test(tc, test_status_listen_bare_port_is_loopback);
 	tcase_add_loop_test(tc, test_no_users_is_not_configured, 0,
 	    (int)(sizeof(no_users_files) / sizeof(no_users_files[0])));
 	tcase_add_loop_test(tc, test_bad, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
