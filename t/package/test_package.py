@@ -376,6 +376,10 @@ class DebianPackageTest(unittest.TestCase):
         for pattern in ("*_source.changes", "*_source.buildinfo", "*.source.build",
                         "smtpmux_*_*.changes", "smtpmux_*_*.buildinfo", "*.binary.build"):
             self.assertTrue(glob.glob(os.path.join(self.out, pattern)), pattern)
+        # NEWS's newest entry is the version packaged (dated once released).
+        with open(os.path.join(SRCDIR, "NEWS")) as f:
+            self.assertRegex(f.readline(), r"^smtpmux %s \((unreleased|\d{4}-\d\d-\d\d)\)$"
+                             % re.escape(version))
         log = read(glob.glob(os.path.join(self.out, "*.binary.build"))[0])
         # dpkg-source -x of the .dsc, then the build: the unit suites ran.
         self.assertIn("check-unit", log)
