@@ -3,7 +3,8 @@
 
 #include "smtp_data.h"
 
-/* RFC 5321 4.5.3.1.6: 1000 octets per text line, CRLF included. */
+/* RFC 5321 4.5.3.1.6: 1000 octets per text line, CRLF included, not
+ * counting the leading dot doubled for transparency (4.5.2). */
 #define DATA_LINE_MAX 998
 
 /*
@@ -78,8 +79,7 @@ static void
 soft_start_byte(struct smtp_data_reader *r, char c, struct evbuffer *out)
 {
 	if (c == '.') {
-		count_line(r, 1);       /* the stuffed dot is dropped */
-		r->state = RD_TEXT;
+		r->state = RD_TEXT;     /* the stuffed dot is dropped, and not counted */
 		return;
 	}
 	text_byte(r, c, out);
@@ -101,10 +101,10 @@ feed_byte(struct smtp_data_reader *r, char c, struct evbuffer *out)
 {
 	switch (r->state) {
 	case RD_LINE_START:
-		if (c == '.') {
-			count_line(r, 1);
+		/* Stuffing or the terminator: neither counts toward the line. */
+		if (c == '.')
 			r->state = RD_DOT;
-		} else
+		else
 			text_byte(r, c, out);
 		break;
 	case RD_SOFT_START:

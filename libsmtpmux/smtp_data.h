@@ -18,7 +18,7 @@
  * so "\n.\n", "\r.\r", "\n.\r\n" and "\r\n.\n" can never split one message
  * into two transactions downstream (SMTP smuggling). Dot-unstuffing removes
  * the leading dot of lines that start with one. Lines longer than 998
- * octets plus CRLF set too_long (550 5.5.2 / RFC 5321 4.5.3.1.6); octets
+ * octets plus CRLF, not counting that leading dot, set too_long (550 5.5.2 / RFC 5321 4.5.3.1.6); octets
  * beyond max_size set too_big (552 5.3.4), and stop being stored.
  */
 

@@ -805,10 +805,23 @@ START_TEST(data_line_length)
 	result_free(&res);
 	free(msg);
 
-	/* The limit is on the wire: a stuffed dot counts. */
-	msg = line_of(998, "ok\r\n.", "\r\n.\r\n");
+	/* RFC 5321 4.5.3.1.6: the dot doubled for transparency does not
+	 * count, so a 998-octet line starting with "." is 999 on the wire. */
+	msg = line_of(997, "ok\r\n..", "\r\n.\r\n");
+	read_every_way(msg, strlen(msg), 0, &res);
+	ck_assert(res.done && !res.too_long);
+	ck_assert_uint_eq(res.out_len, 4 + 998 + 2);
+	result_free(&res);
+	free(msg);
+	msg = line_of(998, "ok\r\n..", "\r\n.\r\n");
 	read_every_way(msg, strlen(msg), 0, &res);
 	ck_assert(res.done && res.too_long);
+	result_free(&res);
+	free(msg);
+	/* The same after a bare line end (such a message is refused anyway). */
+	msg = line_of(997, "ok\n..", "\r\n.\r\n");
+	read_every_way(msg, strlen(msg), 0, &res);
+	ck_assert(res.done && !res.too_long && res.bare_lf);
 	result_free(&res);
 	free(msg);
 

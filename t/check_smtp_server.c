@@ -1130,6 +1130,28 @@ START_TEST(test_message_line_too_long)
 }
 END_TEST
 
+/* RFC 5321 4.5.3.1.6: a 998-octet line starting with "." is valid; its
+ * transparency dot makes it 999 octets on the wire. */
+START_TEST(test_message_dot_line_998)
+{
+	char line[2 + 997 + 2 + 1];
+
+	memset(line, 'd', sizeof(line));
+	memcpy(line, "..", 2);
+	memcpy(line + sizeof(line) - 3, "\r\n", 3);
+	h_ready_for_data();
+	feed(line, sizeof(line) - 1);
+	send_str(".\r\n");
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(strlen(body_after_received()), 998 + 2);
+	ck_assert_int_eq(body_after_received()[0], '.');
+	ck_assert_int_eq(body_after_received()[1], 'd');
+	relay_answer(true, 250, "2.0.0", "Ok");
+	ck_assert_msg(strncmp(take(), "250 2.0.0 Ok: queued as ", 24) == 0, "%s", H.text);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- limits, timeouts, shutdown */
 
 START_TEST(test_error_budget)
@@ -1386,6 +1408,7 @@ server_suite(void)
 	tcase_add_test(tc, test_smuggling_crlf_dot_lf);
 	tcase_add_test(tc, test_message_too_big);
 	tcase_add_test(tc, test_message_line_too_long);
+	tcase_add_test(tc, test_message_dot_line_998);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("lifecycle");
