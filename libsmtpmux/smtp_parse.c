@@ -309,13 +309,18 @@ parse_path(struct cursor *c, char *out, bool allow_postmaster, bool *bad_addr)
 	return 0;
 }
 
-/* SIZE=digits, into a uint64_t without overflow. */
+/*
+ * SIZE=digits (RFC 1870 size-value). A number beyond 2^64-1 is valid syntax
+ * for a message no server can take: it saturates and is flagged, so the
+ * client hears 552 (too big) rather than 501.
+ */
 static bool
-parse_size(const char *v, size_t len, uint64_t *size)
+parse_size(const char *v, size_t len, uint64_t *size, bool *overflow)
 {
 	uint64_t n = 0;
 
-	if (len == 0 || len > 20)
+	*overflow = false;
+	if (len == 0)
 		return false;
 	for (size_t i = 0; i < len; i++) {
 		unsigned d;
@@ -323,9 +328,12 @@ parse_size(const char *v, size_t len, uint64_t *size)
 		if (!is_digit((unsigned char)v[i]))
 			return false;
 		d = (unsigned)(v[i] - '0');
-		if (n > (UINT64_MAX - d) / 10)
-			return false;
-		n = n * 10 + d;
+		if (*overflow || n > (UINT64_MAX - d) / 10) {
+			*overflow = true;
+			n = UINT64_MAX;
+		} else {
+			n = n * 10 + d;
+		}
 	}
 	*size = n;
 	return true;
@@ -371,7 +379,8 @@ parse_mail_param(const char *s, size_t len, struct smtp_cmd *cmd,
 	size_t vlen = eq ? len - klen - 1 : 0;
 
 	if (klen == 4 && strncasecmp(s, "SIZE", 4) == 0) {
-		if (cmd->has_size || v == NULL || !parse_size(v, vlen, &cmd->size))
+		if (cmd->has_size || v == NULL ||
+		    !parse_size(v, vlen, &cmd->size, &cmd->size_overflow))
 			return syntax_error(err, "Bad SIZE parameter");
 		cmd->has_size = true;
 		return 0;
@@ -590,6 +599,18 @@ smtp_parse_command(const char *line, size_t len, struct smtp_cmd *cmd,
 		return -1;
 	}
 	return 0;
+}
+
+size_t
+smtp_cmd_line_max(const struct smtp_cmd *cmd)
+{
+	if (cmd == NULL)
+		return SMTP_CMD_LINE_MAX;
+	if (cmd->verb == SMTP_VERB_AUTH)
+		return SMTP_AUTH_LINE_MAX;
+	if (cmd->verb == SMTP_VERB_MAIL && cmd->has_auth)
+		return SMTP_MAIL_AUTH_LINE_MAX;
+	return SMTP_CMD_LINE_MAX;
 }
 
 long

@@ -12,6 +12,7 @@
  */
 
 #define SMTP_CMD_LINE_MAX 512        /* RFC 5321 4.5.3.1.4, with CRLF */
+#define SMTP_MAIL_AUTH_LINE_MAX 1012 /* RFC 4954 5: MAIL with AUTH= is 500 longer */
 #define SMTP_AUTH_LINE_MAX 12288     /* RFC 4954 4: AUTH lines may be longer */
 #define SMTP_PATH_MAX 256            /* RFC 5321 4.5.3.1.3 */
 #define SMTP_DOMAIN_MAX 255
@@ -44,6 +45,8 @@ struct smtp_cmd {
 	/* MAIL parameters (RFC 1870, RFC 6152, RFC 4954 5). */
 	bool has_size;
 	uint64_t size;
+	bool size_overflow;              /* SIZE= above 2^64-1: too big, not a syntax
+	                                    error (size is then UINT64_MAX) */
 	enum smtp_body body;
 	bool has_auth;                   /* AUTH=<> or AUTH=xtext: accepted, not forwarded */
 	/* AUTH: mechanism (upper-cased) and optional initial response. */
@@ -73,11 +76,20 @@ int smtp_parse_command(const char *line, size_t len, struct smtp_cmd *cmd,
     struct smtp_error *err);
 
 /*
+ * The longest line, with its CRLF, that a command may have: SMTP_AUTH_LINE_MAX
+ * for AUTH, SMTP_MAIL_AUTH_LINE_MAX for MAIL with an AUTH= parameter,
+ * SMTP_CMD_LINE_MAX for everything else (and for a line that did not parse:
+ * pass NULL). A longer line is answered 500 5.5.2.
+ */
+size_t smtp_cmd_line_max(const struct smtp_cmd *cmd);
+
+/*
  * Finds the end of the next command line in buf. Returns the length of
  * the line (without CRLF or LF) and sets *consumed to the bytes to drop,
  * or returns -1 when no complete line is present yet (*consumed = 0), or
  * -2 when more than max octets arrived without a line end (*consumed = 0;
- * the caller replies 500 5.5.6 and discards up to the next line end).
+ * the caller replies 500 5.5.2, or 500 5.5.6 inside an AUTH exchange, and
+ * discards up to the next line end).
  * max counts the line end, as SMTP_CMD_LINE_MAX does. Only the CR right
  * before the LF is stripped; any other CR stays and the parser refuses it.
  */

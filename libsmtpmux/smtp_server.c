@@ -49,10 +49,6 @@ enum helo_kind { HELO_NONE, HELO_HELO, HELO_EHLO };
 /* Counter slots: one per verb (SMTP_VERB_UNKNOWN, 0, counts bad lines). */
 #define N_VERBS (SMTP_VERB_BDAT + 1)
 
-/* Command text limit without CRLF (RFC 5321 4.5.3.1.4); AUTH lines may be
- * longer (RFC 4954 4), so lines are read up to SMTP_AUTH_LINE_MAX and the
- * shorter limit is applied once the verb is known. */
-#define CMD_TEXT_MAX (SMTP_CMD_LINE_MAX - 2)
 
 struct txn {
 	char *mail_from;
@@ -500,7 +496,7 @@ cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 		reply_error(s, 530, "5.7.0", "Authentication required");
 	else if (in_transaction(s))
 		reply_error(s, 503, "5.5.1", "Nested MAIL command");
-	else if (cmd->has_size && max != 0 && cmd->size > max)
+	else if (cmd->has_size && (cmd->size_overflow || (max != 0 && cmd->size > max)))
 		reply_error(s, 552, "5.3.4", "Message size exceeds fixed maximum message size");
 	else if ((s->tx.mail_from = strdup(cmd->path)) == NULL)
 		reply(s, 451, "4.3.0", "Out of memory");
@@ -878,13 +874,20 @@ count_command(struct smtp_session *s, enum smtp_verb verb)
 	s->verb_pending = true;
 }
 
+/* RFC 4954 4 names X.5.6 for an over-long line inside an AUTH exchange;
+ * any other over-long line is a syntax error, X.5.2 (RFC 3463). */
 static void
-line_too_long(struct smtp_session *s)
+line_too_long(struct smtp_session *s, bool in_auth)
 {
 	count_command(s, SMTP_VERB_UNKNOWN);
-	reply_error(s, 500, "5.5.6", "Line too long");
+	if (in_auth)
+		reply_error(s, 500, "5.5.6", "Authentication Exchange line is too long");
+	else
+		reply_error(s, 500, "5.5.2", "Line too long");
 }
 
+/* Lines are read up to SMTP_AUTH_LINE_MAX; the limit of each command
+ * (RFC 5321 4.5.3.1.4, RFC 4954) is applied once it is parsed. */
 static void
 handle_command(struct smtp_session *s, const char *line, size_t len)
 {
@@ -894,8 +897,8 @@ handle_command(struct smtp_session *s, const char *line, size_t len)
 
 	memset(&cmd, 0, sizeof(cmd));
 	parsed = smtp_parse_command(line, len, &cmd, &err) == 0;
-	if (len > CMD_TEXT_MAX && !(parsed && cmd.verb == SMTP_VERB_AUTH)) {
-		line_too_long(s);
+	if (len + 2 > smtp_cmd_line_max(parsed ? &cmd : NULL)) {
+		line_too_long(s, false);
 		return;
 	}
 	/* The parser keeps the verb of a line with bad arguments. */
@@ -930,12 +933,14 @@ read_line(struct smtp_session *s)
 	if (len == -1)
 		return false;
 	if (len < 0 || (size_t)len > SMTP_AUTH_LINE_MAX) {
+		bool in_auth = in_auth_exchange(s);
+
 		s->discarding = true;
-		if (in_auth_exchange(s)) {   /* RFC 4954 4: the exchange is over */
+		if (in_auth) {               /* RFC 4954 4: the exchange is over */
 			set_state(s, SESS_GREETED);
 			auth_wipe(s->login_user, sizeof(s->login_user));
 		}
-		line_too_long(s);
+		line_too_long(s, in_auth);
 		return true;
 	}
 	memcpy(s->line, buf, (size_t)len);

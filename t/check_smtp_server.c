@@ -6,6 +6,7 @@
  * answers through the done callback with the result it wants.
  */
 #include <check.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,7 @@
 #include "config.h"
 #include "log.h"
 #include "msgbody.h"
+#include "smtp_parse.h"
 #include "smtp_server.h"
 
 #define CLIENT "192.0.2.1"
@@ -791,16 +793,69 @@ START_TEST(test_line_too_long)
 	memcpy(line + sizeof(line) - 2, "\r\n", 2);
 	h_start();
 	feed(line, sizeof(line));
-	ck_assert_str_eq(take(), "500 5.5.6 Line too long\r\n");
+	ck_assert_str_eq(take(), "500 5.5.2 Line too long\r\n");
 	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
 	/* no line end at all: one 500, then everything up to the LF is dropped */
 	memset(huge, 'y', 20000);
 	feed(huge, 20000);
-	ck_assert_str_eq(take(), "500 5.5.6 Line too long\r\n");
+	ck_assert_str_eq(take(), "500 5.5.2 Line too long\r\n");
 	feed(huge, 20000);
 	ck_assert_str_eq(take(), "");
 	ck_exchange("QUIT\r\nNOOP\r\n", "250 2.0.0 Ok\r\n");
 	free(huge);
+}
+END_TEST
+
+/* RFC 4954 4: inside an AUTH exchange an over-long line is X.5.6. */
+START_TEST(test_auth_line_too_long)
+{
+	char *huge = malloc(SMTP_AUTH_LINE_MAX + 100);
+
+	memset(huge, 'Q', SMTP_AUTH_LINE_MAX + 100);
+	memcpy(huge + SMTP_AUTH_LINE_MAX + 98, "\r\n", 2);
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("AUTH PLAIN\r\n", "334 \r\n");
+	feed(huge, SMTP_AUTH_LINE_MAX + 100);
+	ck_assert_str_eq(take(), "500 5.5.6 Authentication Exchange line is too long\r\n");
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+	free(huge);
+}
+END_TEST
+
+/* RFC 4954 5: MAIL with AUTH= may be 1012 octets; longer is 500 5.5.2. */
+START_TEST(test_mail_auth_param_long_line)
+{
+	char line[1100];
+	int pad;
+
+	h_start();
+	h_auth();
+	pad = 1012 - (int)strlen("MAIL FROM:<a@example.com> AUTH=\r\n");
+	snprintf(line, sizeof(line), "MAIL FROM:<a@example.com> AUTH=%0*d\r\n", pad, 7);
+	ck_assert_uint_eq(strlen(line), 1012);
+	ck_exchange(line, MAIL_OK);
+	ck_exchange("RSET\r\n", "250 2.0.0 Ok\r\n");
+	snprintf(line, sizeof(line), "MAIL FROM:<a@example.com> AUTH=%0*d\r\n", pad + 1, 7);
+	ck_exchange(line, "500 5.5.2 Line too long\r\n");
+	/* Without AUTH= the limit stays 512. */
+	snprintf(line, sizeof(line), "MAIL FROM:<%0*d@example.com>\r\n", 600, 7);
+	ck_exchange(line, "500 5.5.2 Line too long\r\n");
+}
+END_TEST
+
+/* A SIZE no server can take is too big, not a syntax error. */
+START_TEST(test_mail_size_overflow)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com> SIZE=18446744073709551616\r\n",
+	    "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+	ck_exchange("MAIL FROM:<a@example.com> SIZE=99999999999999999999999999\r\n",
+	    "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+	H.cfg.limits.max_message_size = UINT64_MAX;
+	ck_exchange("MAIL FROM:<a@example.com> SIZE=18446744073709551616\r\n",
+	    "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
 }
 END_TEST
 
@@ -1387,6 +1442,9 @@ server_suite(void)
 	tcase_add_test(tc, test_parser_errors);
 	tcase_add_test(tc, test_quit);
 	tcase_add_test(tc, test_line_too_long);
+	tcase_add_test(tc, test_auth_line_too_long);
+	tcase_add_test(tc, test_mail_auth_param_long_line);
+	tcase_add_test(tc, test_mail_size_overflow);
 	tcase_add_test(tc, test_starttls_injection);
 	tcase_add_test(tc, test_starttls_forgets_auth);
 	suite_add_tcase(s, tc);
