@@ -73,6 +73,15 @@ is_atext(unsigned char c)
 }
 
 static bool
+is_ascii(const char *s)
+{
+	for (; *s != '\0'; s++)
+		if ((unsigned char)*s >= 0x80)
+			return false;
+	return true;
+}
+
+static bool
 has_ctl(const char *s, size_t len)
 {
 	for (size_t i = 0; i < len; i++)
@@ -449,6 +458,11 @@ parse_path_arg(struct cursor *c, const char *prefix, struct smtp_cmd *cmd,
 		    fail(err, 501, "5.1.3", "Bad recipient address syntax") :
 		    fail(err, 501, "5.1.7", "Bad sender address syntax");
 	}
+	/* The grammar allows UTF-8 (RFC 6531), but only with SMTPUTF8, which
+	 * is not offered: relaying such an address raw would break every
+	 * downstream that expects ASCII (RFC 6531 3.5). */
+	if (!is_ascii(cmd->path))
+		return fail(err, 553, "5.6.7", "Non-ASCII address not permitted without SMTPUTF8");
 	return 0;
 }
 

@@ -65,7 +65,8 @@ struct smtp_cmd {
  * 500 5.5.2 for an unknown verb or a CR, LF or NUL anywhere in the line,
  * 501 5.5.4 for bad arguments (also SIZE/BODY/AUTH= values), 555 5.5.4 for
  * unknown MAIL/RCPT parameters, 501 5.1.7 / 5.1.3 for bad sender /
- * recipient addresses (and 5.1.3 for RCPT TO:<>). On error cmd holds only
+ * recipient addresses (and 5.1.3 for RCPT TO:<>), 553 5.6.7 for an address
+ * with a non-ASCII octet (SMTPUTF8 is not offered). On error cmd holds only
  * the verb. Verbs and parameter names are case-insensitive, trailing
  * white space is ignored, "MAIL FROM: <a@b>" (one space) is tolerated, a
  * source route "<@a,@b:u@d>" is reduced to "u@d", and RCPT accepts a bare

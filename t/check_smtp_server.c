@@ -859,6 +859,21 @@ START_TEST(test_mail_size_overflow)
 }
 END_TEST
 
+/* SMTPUTF8 is not offered: a non-ASCII address is refused, never relayed raw. */
+START_TEST(test_non_ascii_address)
+{
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<jos\xc3\xa9@example.com>\r\n",
+	    "553 5.6.7 Non-ASCII address not permitted without SMTPUTF8\r\n");
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	ck_exchange("RCPT TO:<b@b\xc3\xbc" "cher.example>\r\n",
+	    "553 5.6.7 Non-ASCII address not permitted without SMTPUTF8\r\n");
+	ck_exchange("DATA\r\n", SEQ_ERR "Need RCPT command\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- STARTTLS */
 
 START_TEST(test_starttls_injection)
@@ -1445,6 +1460,7 @@ server_suite(void)
 	tcase_add_test(tc, test_auth_line_too_long);
 	tcase_add_test(tc, test_mail_auth_param_long_line);
 	tcase_add_test(tc, test_mail_size_overflow);
+	tcase_add_test(tc, test_non_ascii_address);
 	tcase_add_test(tc, test_starttls_injection);
 	tcase_add_test(tc, test_starttls_forgets_auth);
 	suite_add_tcase(s, tc);
