@@ -203,14 +203,21 @@ reply(struct smtp_session *s, int code, const char *enhanced, const char *fmt, .
 	va_end(ap);
 }
 
-/* Sends 421 and asks the owner to close once it is written. */
+/* Sends a final reply and asks the owner to close once it is written;
+ * nothing the client sent after it is read. */
 static void
-reply_close(struct smtp_session *s, const char *enhanced, const char *why)
+reply_and_close(struct smtp_session *s, int code, const char *enhanced, const char *why)
 {
-	reply(s, 421, enhanced, "%s %s", hostname(s), why);
+	reply(s, code, enhanced, "%s %s", hostname(s), why);
 	s->state = SESS_CLOSING;
 	flush(s);
 	s->io->close(s->ctx);
+}
+
+static void
+reply_close(struct smtp_session *s, const char *enhanced, const char *why)
+{
+	reply_and_close(s, 421, enhanced, why);
 }
 
 /* An error caused by the client: counts toward limits.max_errors (0: no
@@ -819,8 +826,24 @@ cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *cmd)
 static void
 cmd_not_implemented(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-	/* EXPN (no lists) and BDAT (CHUNKING is not offered). */
+	/* EXPN: no lists. */
 	reply_error(s, 502, "5.5.1", "Command not implemented");
+}
+
+/*
+ * CHUNKING (RFC 3030) is not offered, so a BDAT is followed by a chunk of
+ * octets we must not read as commands, and whose announced size we have no
+ * reason to trust: hang up, as Postfix does with CHUNKING off. Accepting
+ * BDAT would need a second, length-framed body path (and dot-stuffing
+ * and line-end checks of its content for downstreams that only take DATA)
+ * for clients that all speak DATA anyway.
+ */
+static void
+cmd_bdat(struct smtp_session *s)
+{
+	log_warn("%s: BDAT without CHUNKING from [%s]: closing", s->id, s->client);
+	txn_reset(s);
+	reply_and_close(s, 521, "5.5.1", "BDAT not supported: CHUNKING is not offered");
 }
 
 static void
@@ -859,7 +882,6 @@ static cmd_handler *const handlers[N_VERBS] = {
 	[SMTP_VERB_EXPN] = cmd_not_implemented,
 	[SMTP_VERB_AUTH] = cmd_auth,
 	[SMTP_VERB_STARTTLS] = cmd_starttls,
-	[SMTP_VERB_BDAT] = cmd_not_implemented,
 };
 
 /* ---------------------------------------------------------------- input */
@@ -903,7 +925,9 @@ handle_command(struct smtp_session *s, const char *line, size_t len)
 	}
 	/* The parser keeps the verb of a line with bad arguments. */
 	count_command(s, cmd.verb);
-	if (!parsed)
+	if (cmd.verb == SMTP_VERB_BDAT)
+		cmd_bdat(s);            /* whatever its arguments: a chunk may follow */
+	else if (!parsed)
 		reply_error(s, err.code, err.enhanced, "%s", err.text);
 	else if ((unsigned)cmd.verb < N_VERBS && handlers[cmd.verb] != NULL)
 		handlers[cmd.verb](s, &cmd);

@@ -751,9 +751,8 @@ START_TEST(test_misc_commands)
 	ck_assert_msg(strncmp(take(), "214 2.0.0 ", 10) == 0, "HELP: %s", H.text);
 	ck_exchange("VRFY postmaster\r\n", "252 2.5.2 Cannot VRFY user, but will accept message\r\n");
 	ck_exchange("EXPN staff\r\n", "502 5.5.1 Command not implemented\r\n");
-	ck_exchange("BDAT 10 LAST\r\n", "502 5.5.1 Command not implemented\r\n");
 	ck_exchange("STARTTLS\r\n", "502 5.5.1 STARTTLS not available\r\n");
-	ck_assert_str_eq(calls(), "FFFFFFF");
+	ck_assert_str_eq(calls(), "FFFFFF");
 }
 END_TEST
 
@@ -871,6 +870,35 @@ START_TEST(test_non_ascii_address)
 	    "553 5.6.7 Non-ASCII address not permitted without SMTPUTF8\r\n");
 	ck_exchange("DATA\r\n", SEQ_ERR "Need RCPT command\r\n");
 	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
+/* CHUNKING is not offered: the octets after BDAT are never read as
+ * commands, whatever the BDAT line says. */
+START_TEST(test_bdat_closes)
+{
+	static const char *const lines[] = {
+		"BDAT 26 LAST\r\n", "BDAT x\r\n", "BDAT\r\n", "bdat 0\r\n",
+	};
+
+	for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+		h_start();
+		h_auth();
+		ck_exchange("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n",
+		    MAIL_OK RCPT_OK);
+		calls_reset();
+		send_str(lines[i]);
+		send_str("RSET\r\nNOOP\r\nQUIT\r\n");
+		ck_assert_str_eq(take(),
+		    "521 5.5.1 " HOST " BDAT not supported: CHUNKING is not offered\r\n");
+		ck_assert_str_eq(calls(), "FC");
+		smtp_session_input(H.s);
+		ck_assert_str_eq(take(), "");
+		ck_assert_uint_eq(H.relay_starts, 0);
+		smtp_session_free(H.s);
+		H.s = NULL;
+		evbuffer_drain(H.in, evbuffer_get_length(H.in));
+	}
 }
 END_TEST
 
@@ -1461,6 +1489,7 @@ server_suite(void)
 	tcase_add_test(tc, test_mail_auth_param_long_line);
 	tcase_add_test(tc, test_mail_size_overflow);
 	tcase_add_test(tc, test_non_ascii_address);
+	tcase_add_test(tc, test_bdat_closes);
 	tcase_add_test(tc, test_starttls_injection);
 	tcase_add_test(tc, test_starttls_forgets_auth);
 	suite_add_tcase(s, tc);
