@@ -13,6 +13,7 @@
 #include <event2/util.h>
 #include <gnutls/gnutls.h>
 
+#include "buffer_wipe.h"
 #include "conn.h"
 #include "tls_session.h"
 
@@ -309,8 +310,10 @@ conn_destroy(struct conn *c)
 		event_free(c->ev_write);
 	if (c->ev_timer != NULL)
 		event_free(c->ev_timer);
-	if (c->in != NULL)
+	if (c->in != NULL) {
+		buffer_wipe_all(c->in);         /* unread input may be an AUTH line */
 		evbuffer_free(c->in);
+	}
 	if (c->out != NULL)
 		evbuffer_free(c->out);
 	if (c->fd >= 0)
@@ -458,19 +461,25 @@ conn_read_plain(struct conn *c, size_t *got, char *err, size_t errlen)
 static enum conn_io
 conn_read_tls(struct conn *c, size_t *got, char *err, size_t errlen)
 {
-	struct evbuffer_iovec v;
+	struct evbuffer_iovec v[2];
 	ssize_t n;
 
 	c->recv_wants_write = false;
 	while (*got < CONN_IO_BUDGET) {
-		if (evbuffer_reserve_space(c->in, CONN_CHUNK, &v, 1) < 1) {
+		/*
+		 * Two vectors, of which only the first is used: with one,
+		 * libevent may grow the last chain by copying it into a new one
+		 * and freeing the old one unwiped (evbuffer_expand_singlechain);
+		 * with more it never moves data, as evbuffer_read does not.
+		 */
+		if (evbuffer_reserve_space(c->in, CONN_CHUNK, v, 2) < 1) {
 			snprintf(err, errlen, "read: %s", strerror(ENOMEM));
 			return CONN_IO_FAIL_SYS;
 		}
-		n = gnutls_record_recv(c->tls, v.iov_base, v.iov_len);
+		n = gnutls_record_recv(c->tls, v[0].iov_base, v[0].iov_len);
 		if (n > 0) {
-			v.iov_len = (size_t)n;
-			evbuffer_commit_space(c->in, &v, 1);
+			v[0].iov_len = (size_t)n;
+			evbuffer_commit_space(c->in, v, 1);
 			*got += (size_t)n;
 			continue;
 		}
@@ -829,7 +838,7 @@ conn_on_timeout(evutil_socket_t fd, short what, void *arg)
 static void
 conn_begin_handshake(struct conn *c, bool client)
 {
-	evbuffer_drain(c->in, evbuffer_get_length(c->in));
+	buffer_wipe_all(c->in);
 	c->eof_seen = false;
 	c->eof_after_flush = false;
 	gnutls_transport_set_int(c->tls, c->fd);

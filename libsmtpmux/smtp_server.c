@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "auth.h"
+#include "buffer_wipe.h"
 #include "log.h"
 #include "msgbody.h"
 #include "smtp_data.h"
@@ -942,21 +943,43 @@ in_auth_exchange(const struct smtp_session *s)
 	    s->state == SESS_AUTH_LOGIN_PASS;
 }
 
+/*
+ * Copies the next line, up to and with its LF, into s->line; returns its
+ * length without the line end (*consumed: with it), -1 when no complete
+ * line is there yet, -2 when SMTP_AUTH_LINE_MAX octets came without a line
+ * end. `in` is searched where it lies, never linearised: evbuffer_pullup
+ * would leave copies of an AUTH line in chains it frees.
+ */
+static long
+copy_line(struct smtp_session *s, size_t *consumed)
+{
+	size_t avail = evbuffer_get_length(s->in);
+	size_t scan = avail < SMTP_AUTH_LINE_MAX ? avail : SMTP_AUTH_LINE_MAX;
+	struct evbuffer_ptr end, lf;
+
+	*consumed = 0;
+	if (evbuffer_ptr_set(s->in, &end, scan, EVBUFFER_PTR_SET) < 0)
+		return -1;
+	lf = evbuffer_search_range(s->in, "\n", 1, NULL, &end);
+	if (lf.pos < 0)
+		return avail >= SMTP_AUTH_LINE_MAX ? -2 : -1;
+	evbuffer_copyout(s->in, s->line, (size_t)lf.pos + 1);
+	return smtp_next_line(s->line, (size_t)lf.pos + 1, SMTP_AUTH_LINE_MAX, consumed);
+}
+
 /* Takes one line off `in`; false when no complete line is there yet. The
- * line is copied out first so callbacks may touch `in` freely. */
+ * line is copied out first so callbacks may touch `in` freely. Every
+ * command line is wiped from `in` as it is drained: any of them may be an
+ * AUTH line or a response carrying a password. */
 static bool
 read_line(struct smtp_session *s)
 {
-	size_t avail = evbuffer_get_length(s->in), want, consumed = 0;
-	const char *buf;
-	long len;
+	size_t consumed;
+	long len = copy_line(s, &consumed);
 
-	want = avail < SMTP_AUTH_LINE_MAX + 2 ? avail : SMTP_AUTH_LINE_MAX + 2;
-	buf = (const char *)evbuffer_pullup(s->in, (ssize_t)want);
-	len = smtp_next_line(buf, want, SMTP_AUTH_LINE_MAX, &consumed);
 	if (len == -1)
 		return false;
-	if (len < 0 || (size_t)len > SMTP_AUTH_LINE_MAX) {
+	if (len < 0) {
 		bool in_auth = in_auth_exchange(s);
 
 		s->discarding = true;
@@ -967,17 +990,16 @@ read_line(struct smtp_session *s)
 		line_too_long(s, in_auth);
 		return true;
 	}
-	memcpy(s->line, buf, (size_t)len);
 	s->line[len] = '\0';
-	evbuffer_drain(s->in, consumed);
+	buffer_wipe_drain(s->in, consumed);
 	if (in_auth_exchange(s)) {
 		auth_continue(s, s->line, (size_t)len);
-		auth_wipe(s->line, (size_t)len);
+		auth_wipe(s->line, consumed);
 	} else {
 		handle_command(s, s->line, (size_t)len);
 		/* An initial response carries the password. */
 		if (len > 5 && strncasecmp(s->line, "AUTH ", 5) == 0)
-			auth_wipe(s->line, (size_t)len);
+			auth_wipe(s->line, consumed);
 	}
 	return true;
 }
@@ -989,9 +1011,9 @@ discard_line(struct smtp_session *s)
 	struct evbuffer_ptr p = evbuffer_search(s->in, "\n", 1, NULL);
 
 	if (p.pos < 0) {
-		evbuffer_drain(s->in, evbuffer_get_length(s->in));
+		buffer_wipe_all(s->in);
 	} else {
-		evbuffer_drain(s->in, (size_t)p.pos + 1);
+		buffer_wipe_drain(s->in, (size_t)p.pos + 1);
 		s->discarding = false;
 	}
 	return true;

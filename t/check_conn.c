@@ -23,6 +23,7 @@
 #include <gnutls/x509.h>
 
 #include "conn.h"
+#include "freed_watch.h"
 #include "tls.h"
 
 #define SERVER_NAME "mx.test"
@@ -606,6 +607,43 @@ START_TEST(pause_resume_read)
 	ck_assert_int_eq(s.err, CONN_EOF);
 	ck_assert(side_got(&s, "one\r\ntwo\r\n"));
 	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/*
+ * Input the owner never read (a client that sent AUTH and hung up, or
+ * pipelined it after STARTTLS) is wiped before the connection's buffers go
+ * back to malloc.
+ */
+START_TEST(unread_input_wiped)
+{
+	static const char line[] = "AUTH PLAIN AHVzZXIAc2VjcmV0LXBhc3N3b3Jk\r\n";
+	struct event_base *base = event_base_new();
+	struct tls_server_ctx *sctx = server_ctx();
+	struct side s;
+	int peer;
+
+	for (int starttls = 0; starttls < 2; starttls++) {
+		side_init(&s, base, true, NULL);
+		s.keep_input = true;
+		peer = pair_raw(&s);
+		freed_watch_secret("c2VjcmV0LXBhc3N3");
+		ck_assert_int_eq(write(peer, line, sizeof(line) - 1), (ssize_t)sizeof(line) - 1);
+		while (s.reads == 0)
+			ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+		ck_assert_uint_eq(evbuffer_get_length(conn_input(s.c)), sizeof(line) - 1);
+		if (starttls) {
+			ck_assert_int_eq(conn_start_tls_server(s.c, sctx), 0);
+			ck_assert_uint_eq(evbuffer_get_length(conn_input(s.c)), 0);
+			ck_assert_uint_eq(freed_watch_hits(), 0);
+		}
+		side_fini(&s);
+		ck_assert_uint_eq(freed_watch_hits(), 0);
+		freed_watch_secret(NULL);
+		close(peer);
+	}
+	tls_server_free(sctx);
 	event_base_free(base);
 }
 END_TEST
@@ -1399,6 +1437,7 @@ conn_suite(void)
 	tcase_add_loop_test(tc, plain_bulk, 0, 2);
 	tcase_add_loop_test(tc, write_to_closed_peer, 0, 2);
 	tcase_add_test(tc, pause_resume_read);
+	tcase_add_test(tc, unread_input_wiped);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("tls");
@@ -1447,6 +1486,7 @@ main(void)
 	SRunner *sr;
 	int failed;
 
+	freed_watch_install();          /* before libevent allocates anything */
 	/* conn never raises SIGPIPE itself; this guards the tests' raw writes. */
 	signal(SIGPIPE, SIG_IGN);
 	if (tls_global_init() < 0) {

@@ -16,6 +16,7 @@
 
 #include "auth.h"
 #include "config.h"
+#include "freed_watch.h"
 #include "log.h"
 #include "msgbody.h"
 #include "smtp_parse.h"
@@ -502,6 +503,72 @@ START_TEST(test_auth_plain_initial)
 	ck_exchange("AUTH LOGIN\r\n", SEQ_ERR "Already authenticated\r\n");
 	ck_assert_ptr_nonnull(strstr(log_text(), "auth ok user=" USER));
 	ck_assert_ptr_null(strstr(log_text(), PASS));
+}
+END_TEST
+
+/* Appends text to `in` as chains of its own, as several reads would. */
+static void
+feed_in_pieces(const char *text, const size_t *cuts, size_t n_cuts)
+{
+	size_t from = 0, len = strlen(text);
+
+	for (size_t i = 0; i <= n_cuts; i++) {
+		size_t to = i < n_cuts ? cuts[i] : len;
+		struct evbuffer *piece = evbuffer_new();
+
+		evbuffer_add(piece, text + from, to - from);
+		evbuffer_add_buffer(H.in, piece);
+		evbuffer_free(piece);
+		from = to;
+	}
+	smtp_session_input(H.s);
+}
+
+/*
+ * The memory that held an AUTH line goes back to malloc wiped: the line is
+ * not linearised into fresh chains behind our back, and what is drained is
+ * overwritten first. The response arrives in three chains, the first of
+ * which holds the watched part of the base64 credentials.
+ */
+START_TEST(test_auth_input_wiped)
+{
+	static const char *const mechs[] = { "PLAIN", "LOGIN" };
+
+	for (size_t m = 0; m < 2; m++) {
+		char enc[400], line[512], watched[9];
+		size_t cuts[3];
+
+		h_start();
+		ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+		if (m == 0)
+			plain_b64(enc, sizeof(enc), "", USER, PASS);
+		else
+			b64(enc, sizeof(enc), PASS);
+		snprintf(watched, sizeof(watched), "%.8s", enc + 4);
+		freed_watch_secret(watched);
+		snprintf(line, sizeof(line), "AUTH %s %s\r\nNOOP\r\n", mechs[m],
+		    m == 0 ? enc : "");
+		if (m == 1) {
+			char user[64], user_line[80];
+
+			ck_exchange("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n");
+			snprintf(user_line, sizeof(user_line), "%s\r\n", b64(user, sizeof(user), USER));
+			ck_exchange(user_line, "334 UGFzc3dvcmQ6\r\n");
+			snprintf(line, sizeof(line), "%s\r\nNOOP\r\n", enc);
+		}
+		cuts[0] = strlen(line) - strlen(enc) - 8 + 12;
+		cuts[1] = cuts[0] + 1;
+		cuts[2] = strlen(line) - 6;
+		ck_assert_ptr_nonnull(strstr(line, watched));
+		feed_in_pieces(line, cuts, 3);
+		ck_assert_str_eq(take(), AUTH_OK "250 2.0.0 Ok\r\n");
+		ck_assert_uint_eq(evbuffer_get_length(H.in), 0);
+		ck_assert_uint_eq(freed_watch_hits(), 0);
+		smtp_session_free(H.s);
+		H.s = NULL;
+		ck_assert_uint_eq(freed_watch_hits(), 0);
+		freed_watch_secret(NULL);
+	}
 }
 END_TEST
 
@@ -1462,6 +1529,7 @@ server_suite(void)
 	tcase_add_test(tc, test_auth_plaintext_refused);
 	tcase_add_test(tc, test_auth_plain_initial);
 	tcase_add_test(tc, test_auth_plain_continuation);
+	tcase_add_test(tc, test_auth_input_wiped);
 	tcase_add_test(tc, test_auth_login);
 	tcase_add_test(tc, test_auth_login_initial_response);
 	tcase_add_test(tc, test_auth_cancel);
@@ -1536,8 +1604,11 @@ server_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(server_suite());
+	SRunner *sr;
 	int failed;
+
+	freed_watch_install();          /* before libevent allocates anything */
+	sr = srunner_create(server_suite());
 
 	srunner_run_all(sr, CK_ENV);
 	failed = srunner_ntests_failed(sr);
