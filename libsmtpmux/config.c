@@ -49,6 +49,8 @@ struct raw_limits {
 	unsigned *upstream_timeout;
 	unsigned *upstream_data_timeout;
 	unsigned *shutdown_timeout;
+	unsigned *max_input_buffer;
+	unsigned *max_output_buffer;
 };
 
 struct raw_tls {
@@ -139,6 +141,8 @@ static const cyaml_schema_field_t limits_fields[] = {
 	CYAML_FIELD_UINT_PTR("upstream_data_timeout", OPT, struct raw_limits,
 	    upstream_data_timeout),
 	CYAML_FIELD_UINT_PTR("shutdown_timeout", OPT, struct raw_limits, shutdown_timeout),
+	CYAML_FIELD_UINT_PTR("max_input_buffer", OPT, struct raw_limits, max_input_buffer),
+	CYAML_FIELD_UINT_PTR("max_output_buffer", OPT, struct raw_limits, max_output_buffer),
 	CYAML_FIELD_END
 };
 
@@ -627,7 +631,12 @@ check_limits(struct loader *ld, const struct raw_limits *raw, struct limits_cfg 
 	    uint_opt(ld, b, "upstream_data_timeout", raw->upstream_data_timeout, 600, 1,
 	        &l->upstream_data_timeout) == -1 ||
 	    uint_opt(ld, b, "shutdown_timeout", raw->shutdown_timeout, 60, 1,
-	        &l->shutdown_timeout) == -1)
+	        &l->shutdown_timeout) == -1 ||
+	    /* An AUTH line (12288 octets, RFC 4954) must fit in the input. */
+	    uint_opt(ld, b, "max_input_buffer", raw->max_input_buffer, 65536, 16384,
+	        &l->max_input_buffer) == -1 ||
+	    uint_opt(ld, b, "max_output_buffer", raw->max_output_buffer, 65536, 4096,
+	        &l->max_output_buffer) == -1)
 		return -1;
 	return 0;
 }

@@ -57,6 +57,9 @@ struct limits_cfg {
 	unsigned upstream_timeout;       /* s, per downstream reply; default 300 */
 	unsigned upstream_data_timeout;  /* s, for the reply to the final dot; default 600 */
 	unsigned shutdown_timeout;       /* s, grace for sessions at stop/reload; default 60 */
+	unsigned max_input_buffer;       /* octets read ahead per session; default 65536 */
+	unsigned max_output_buffer;      /* octets of unread replies before reading stops;
+	                                    default 65536 (resumes at a quarter) */
 };
 
 /* `tls:` (inbound certificate and GnuTLS priority string) */

@@ -3,6 +3,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,14 @@ struct conn {
 	struct evbuffer *in;
 	struct evbuffer *out;
 	bool read_paused;
+
+	/* Back-pressure (conn_set_limits); 0: no limit. */
+	size_t in_max;
+	size_t out_high, out_low;
+	struct evbuffer_cb_entry *in_cb;    /* notices the owner draining `in` */
+	bool in_full;                   /* reading stopped: `in` reached in_max */
+	bool out_full;                  /* reading stopped: `out` reached out_high */
+	bool input_owed;                /* on_read owed for input already buffered */
 	bool flush_wanted;              /* on_flushed owed once out is empty */
 	bool eof_seen;                  /* EOF read while paused: told on resume */
 	bool eof_after_flush;           /* EOF read with output queued: told once it is out */
@@ -111,11 +120,33 @@ conn_arm(struct event *ev, bool *armed, bool want)
 	*armed = want;
 }
 
+/* Octets conn_input() may still take before reading stops. */
+static size_t
+conn_input_room(const struct conn *c)
+{
+	size_t len = evbuffer_get_length(c->in);
+
+	if (c->in_max == 0)
+		return SIZE_MAX;
+	return len < c->in_max ? c->in_max - len : 0;
+}
+
+/* The owner takes input now: not paused by it, and its replies are not
+ * piling up unread. */
+static bool
+conn_may_read(const struct conn *c)
+{
+	return !c->read_paused && !c->out_full;
+}
+
 /* Derives read and write interest from the state; called after any change. */
 static void
 conn_update_events(struct conn *c)
 {
 	bool rd = false, wr = false;
+
+	if (c->out_high > 0 && evbuffer_get_length(c->out) >= c->out_high)
+		c->out_full = true;
 
 	switch (c->state) {
 	case CONN_S_CONNECTING:
@@ -126,7 +157,8 @@ conn_update_events(struct conn *c)
 		rd = !wr;
 		break;
 	case CONN_S_OPEN:
-		rd = (!c->read_paused && !c->eof_seen) || c->send_wants_read;
+		rd = (conn_may_read(c) && !c->eof_seen && conn_input_room(c) > 0) ||
+		    c->send_wants_read;
 		wr = ((c->flush_wanted || c->eof_after_flush) && !c->send_wants_read) ||
 		    c->recv_wants_write;
 		break;
@@ -311,6 +343,8 @@ conn_destroy(struct conn *c)
 	if (c->ev_timer != NULL)
 		event_free(c->ev_timer);
 	if (c->in != NULL) {
+		if (c->in_cb != NULL)
+			evbuffer_remove_cb_entry(c->in, c->in_cb);
 		buffer_wipe_all(c->in);         /* unread input may be an AUTH line */
 		evbuffer_free(c->in);
 	}
@@ -435,13 +469,62 @@ conn_pending_output(struct conn *c)
 	return evbuffer_get_length(c->out);
 }
 
+/*
+ * Reading was held back by a limit and may go on: decrypted bytes GnuTLS
+ * holds, and (owe_input) input the owner has not been told about since it
+ * stopped taking it, wake no socket event.
+ */
+static void
+conn_reading_resumed(struct conn *c, bool owe_input)
+{
+	if (owe_input && evbuffer_get_length(c->in) > 0)
+		c->input_owed = true;
+	conn_update_events(c);
+	if (c->read_paused || c->out_full)
+		return;
+	if (c->input_owed || (c->tls != NULL && gnutls_record_check_pending(c->tls) > 0))
+		event_active(c->ev_read, EV_READ, 0);
+}
+
+/* evbuffer callback: the owner drained `in` outside our handlers (inside
+ * them conn_leave() re-derives the events anyway). */
+static void
+conn_input_changed(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct conn *c = arg;
+
+	if (info->n_deleted == 0 || !c->in_full || conn_input_room(c) == 0 ||
+	    c->depth > 0 || conn_gone(c) || c->state != CONN_S_OPEN)
+		return;
+	c->in_full = false;
+	conn_reading_resumed(c, false);
+}
+
+void
+conn_set_limits(struct conn *c, size_t in_max, size_t out_high, size_t out_low)
+{
+	c->in_max = in_max;
+	c->out_high = out_high;
+	c->out_low = out_low < out_high ? out_low : out_high;
+	if (in_max > 0 && c->in_cb == NULL)
+		c->in_cb = evbuffer_add_cb(c->in, conn_input_changed, c);
+	if (!conn_gone(c))
+		conn_update_events(c);
+}
+
 static enum conn_io
 conn_read_plain(struct conn *c, size_t *got, char *err, size_t errlen)
 {
 	int n;
 
 	while (*got < CONN_IO_BUDGET) {
-		n = evbuffer_read(c->in, c->fd, CONN_CHUNK);
+		size_t room = conn_input_room(c);
+
+		if (room == 0) {
+			c->in_full = true;
+			return CONN_IO_MORE;
+		}
+		n = evbuffer_read(c->in, c->fd, room < CONN_CHUNK ? (int)room : CONN_CHUNK);
 		if (n > 0) {
 			*got += (size_t)n;
 			continue;
@@ -466,6 +549,12 @@ conn_read_tls(struct conn *c, size_t *got, char *err, size_t errlen)
 
 	c->recv_wants_write = false;
 	while (*got < CONN_IO_BUDGET) {
+		size_t room = conn_input_room(c);
+
+		if (room == 0) {
+			c->in_full = true;
+			return CONN_IO_MORE;
+		}
 		/*
 		 * Two vectors, of which only the first is used: with one,
 		 * libevent may grow the last chain by copying it into a new one
@@ -476,7 +565,8 @@ conn_read_tls(struct conn *c, size_t *got, char *err, size_t errlen)
 			snprintf(err, errlen, "read: %s", strerror(ENOMEM));
 			return CONN_IO_FAIL_SYS;
 		}
-		n = gnutls_record_recv(c->tls, v[0].iov_base, v[0].iov_len);
+		n = gnutls_record_recv(c->tls, v[0].iov_base,
+		    v[0].iov_len < room ? v[0].iov_len : room);
 		if (n > 0) {
 			v[0].iov_len = (size_t)n;
 			evbuffer_commit_space(c->in, v, 1);
@@ -529,8 +619,10 @@ conn_do_read(struct conn *c)
 	/* A TLS 1.3 server's ticket arrives with (or as) the first records. */
 	if (c->resume_ctx != NULL)
 		conn_remember_session(c);
-	if (got > 0) {
+	if (got > 0)
 		conn_touch(c);
+	if (got > 0 || c->input_owed) {
+		c->input_owed = false;
 		c->cbs.on_read(c, c->arg);
 		if (conn_gone(c) || c->state != CONN_S_OPEN)
 			return;
@@ -539,8 +631,9 @@ conn_do_read(struct conn *c)
 	case CONN_IO_AGAIN:
 		break;
 	case CONN_IO_MORE:
-		/* Decrypted bytes left inside GnuTLS would not wake the socket. */
-		if (!c->read_paused)
+		/* Decrypted bytes left inside GnuTLS would not wake the socket;
+		 * a full `in` waits for the owner to drain it. */
+		if (conn_may_read(c) && conn_input_room(c) > 0)
 			event_active(c->ev_read, EV_READ, 0);
 		break;
 	case CONN_IO_DONE:
@@ -665,6 +758,12 @@ conn_do_write(struct conn *c)
 		r = conn_write_plain(c, &sent, err, sizeof(err));
 	if (sent > 0)
 		conn_touch(c);
+	if (c->out_full && evbuffer_get_length(c->out) <= c->out_low) {
+		/* The peer reads again: what it sent meanwhile is already in
+		 * `in`, and no socket event will announce it. */
+		c->out_full = false;
+		conn_reading_resumed(c, true);
+	}
 	switch (r) {
 	case CONN_IO_AGAIN:
 	case CONN_IO_MORE:
@@ -783,7 +882,7 @@ conn_on_readable(evutil_socket_t fd, short what, void *arg)
 	} else if (c->state == CONN_S_OPEN) {
 		if (c->send_wants_read)
 			conn_do_write(c);
-		if (!conn_gone(c) && c->state == CONN_S_OPEN && !c->read_paused)
+		if (!conn_gone(c) && c->state == CONN_S_OPEN && conn_may_read(c))
 			conn_do_read(c);
 	}
 	conn_leave(c);
@@ -802,7 +901,7 @@ conn_on_writable(evutil_socket_t fd, short what, void *arg)
 	} else if (c->state == CONN_S_OPEN) {
 		if (c->recv_wants_write) {
 			c->recv_wants_write = false;
-			if (!c->read_paused)
+			if (conn_may_read(c))
 				conn_do_read(c);
 		}
 		if (!conn_gone(c) && c->state == CONN_S_OPEN && c->flush_wanted)

@@ -66,6 +66,17 @@ int conn_printf(struct conn *, const char *fmt, ...) __attribute__((format(print
 void conn_pause_read(struct conn *);
 void conn_resume_read(struct conn *);
 
+/*
+ * Back-pressure, for a peer that sends without reading our replies or
+ * faster than its input is consumed (0 turns a limit off, the default).
+ * Reading stops while conn_input() holds in_max octets, until the owner
+ * drains some, and while conn_output() holds out_high octets, until it is
+ * down to out_low: such a peer fills its own socket buffers, not our
+ * memory. When the output is down to out_low and input is still buffered,
+ * on_read is called for it again (no new bytes need to arrive).
+ */
+void conn_set_limits(struct conn *, size_t in_max, size_t out_high, size_t out_low);
+
 /* Bytes already written to conn_output() but not yet sent. */
 size_t conn_pending_output(struct conn *);
 

@@ -92,6 +92,7 @@ struct smtp_session {
 	bool discarding;                 /* dropping the rest of an overlong line */
 	bool need_flush;
 	bool shutdown_pending;
+	bool reply_backlog_logged;       /* "does not read its replies", once */
 	unsigned errors;
 
 	/* Postfix-style "ehlo=1 auth=0/1" counters. */
@@ -1033,12 +1034,34 @@ accepts_input(const struct smtp_session *s)
 	}
 }
 
+/*
+ * Replies the client has not read are piling up (limits.max_output_buffer):
+ * no more commands are taken until the owner's connection has written them
+ * down (it then calls smtp_session_input() again). So a client that
+ * pipelines and never reads costs a bounded amount of memory, however much
+ * a command's reply outweighs the command (EHLO, HELP).
+ */
+static bool
+replies_backlogged(struct smtp_session *s)
+{
+	size_t max = s->cfg->limits.max_output_buffer;
+
+	if (max == 0 || evbuffer_get_length(s->out) < max)
+		return false;
+	if (!s->reply_backlog_logged) {
+		s->reply_backlog_logged = true;
+		log_info("%s: client [%s] does not read its replies: commands wait", s->id,
+		    s->client);
+	}
+	return true;
+}
+
 /* The input loop without re-entrancy concerns: every reply is queued in
  * order; one flush when no complete command is left. */
 static void
 smtp_session_process(struct smtp_session *s)
 {
-	while (accepts_input(s) && evbuffer_get_length(s->in) > 0) {
+	while (accepts_input(s) && evbuffer_get_length(s->in) > 0 && !replies_backlogged(s)) {
 		bool progress;
 
 		if (s->state == SESS_DATA)

@@ -430,6 +430,11 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 	c->ev_idle = evtimer_new(w->rt.base, client_idle_cb, c);
 	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL)
 		c->conn = conn_new(w->rt.base, fd, &client_conn_cbs, c);
+	/* What one client can make us hold: the session stops answering at
+	 * max_output_buffer too, and the conn resumes at a quarter of it. */
+	if (c->conn != NULL)
+		conn_set_limits(c->conn, w->cfg->limits.max_input_buffer,
+		    w->cfg->limits.max_output_buffer, w->cfg->limits.max_output_buffer / 4);
 	if (c->conn == NULL) {
 		if (c->ev_kick != NULL)
 			event_free(c->ev_kick);

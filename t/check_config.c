@@ -205,6 +205,8 @@ check_full_sections(const struct config *cfg)
 	ck_assert_uint_eq(cfg->limits.upstream_timeout, 100);
 	ck_assert_uint_eq(cfg->limits.upstream_data_timeout, 200);
 	ck_assert_uint_eq(cfg->limits.shutdown_timeout, 20);
+	ck_assert_uint_eq(cfg->limits.max_input_buffer, 32768);
+	ck_assert_uint_eq(cfg->limits.max_output_buffer, 16384);
 
 	snprintf(buf, sizeof(buf), "%s/server.crt", tmpdir);
 	ck_assert_str_eq(cfg->tls.cert, buf);
@@ -402,6 +404,8 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->limits.upstream_timeout, 300);
 	ck_assert_uint_eq(cfg->limits.upstream_data_timeout, 600);
 	ck_assert_uint_eq(cfg->limits.shutdown_timeout, 60);
+	ck_assert_uint_eq(cfg->limits.max_input_buffer, 65536);
+	ck_assert_uint_eq(cfg->limits.max_output_buffer, 65536);
 	ck_assert_ptr_null(cfg->tls.cert);
 	ck_assert_ptr_null(cfg->tls.key);
 	ck_assert_ptr_null(cfg->tls.server);
@@ -673,6 +677,8 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_listen_tls.yaml", false, 3, "listen[1]",
 	  "tls=starttls needs tls.cert and tls.key", false },
 	{ "bad_workers_range.yaml", false, 1, "workers", "must be from 1 to 63", false },
+	{ "bad_input_buffer.yaml", false, 3, "limits.max_input_buffer", "must be at least 16384",
+	  false },
 	{ "bad_duplicate_user.yaml", false, 6, "users[1].email",
 	  "duplicate user \"APP@Example.com\" (also users[0])", false },
 	{ "bad_alias_value.yaml", false, 5, "users[1].email",

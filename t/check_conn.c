@@ -330,14 +330,20 @@ pair(struct side *srv, struct side *cli, int bufsize)
 
 /* A side whose peer is a bare socket the test writes to itself. */
 static int
-pair_raw(struct side *s)
+pair_raw_sized(struct side *s, int bufsize)
 {
 	int sv[2];
 
-	socket_pair(sv, 0);
+	socket_pair(sv, bufsize);
 	s->c = conn_new(s->base, sv[0], &side_cbs, s);
 	ck_assert_ptr_nonnull(s->c);
 	return sv[1];
+}
+
+static int
+pair_raw(struct side *s)
+{
+	return pair_raw_sized(s, 0);
 }
 
 static void
@@ -606,6 +612,114 @@ START_TEST(pause_resume_read)
 		ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
 	ck_assert_int_eq(s.err, CONN_EOF);
 	ck_assert(side_got(&s, "one\r\ntwo\r\n"));
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/* Runs the loop for ms: long enough for anything that would happen. */
+static void
+settle(struct event_base *base, long ms)
+{
+	ck_assert_int_eq(event_base_loopexit(base, &(struct timeval){ ms / 1000, (ms % 1000) * 1000 }), 0);
+	ck_assert_int_eq(event_base_dispatch(base), 0);
+}
+
+/* Every line read is answered with 1000 octets, whatever is queued. */
+static void
+amplify_hook(struct side *s, enum what w)
+{
+	char reply[1000];
+	char *line;
+
+	if (w != W_READ)
+		return;
+	memset(reply, 'r', sizeof(reply));
+	while ((line = evbuffer_readln(conn_input(s->c), NULL, EVBUFFER_EOL_CRLF)) != NULL) {
+		free(line);
+		s->stage++;
+		evbuffer_add(conn_output(s->c), reply, sizeof(reply));
+	}
+	conn_flush(s->c);
+}
+
+/*
+ * A peer that sends commands and never reads the replies: once the output
+ * reaches the high mark the connection stops reading, and resumes (for
+ * what is still buffered, then the socket) once the peer has read it down
+ * to the low mark.
+ */
+START_TEST(output_high_water)
+{
+	struct event_base *base = event_base_new();
+	char lines[300 * 3], sink[65536];
+	struct side s;
+	int peer, before;
+	size_t drained = 0;
+
+	for (size_t i = 0; i < sizeof(lines); i += 3)
+		memcpy(lines + i, "x\r\n", 3);
+	side_init(&s, base, true, amplify_hook);
+	s.keep_input = true;
+	peer = pair_raw_sized(&s, 8192);
+	conn_set_limits(s.c, 0, 8192, 2048);
+	ck_assert_int_eq(write(peer, lines, 3 * 100), 3 * 100);
+	while (s.stage < 100)
+		ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+	/* 100 KB of replies, far more than the socket buffers take. */
+	ck_assert_int_eq(write(peer, lines, 3 * 200), 3 * 200);
+	settle(base, 150);
+	before = s.reads;
+	ck_assert_int_eq(s.stage, 100);        /* the second batch was not read */
+	ck_assert_uint_gt(conn_pending_output(s.c), 2048);
+	ck_assert_uint_eq(evbuffer_get_length(conn_input(s.c)), 0);
+
+	/* The peer reads: the second batch is taken once the replies drain. */
+	while (s.stage < 300) {
+		ssize_t n = recv(peer, sink, sizeof(sink), MSG_DONTWAIT);
+
+		if (n > 0)
+			drained += (size_t)n;
+		ck_assert_int_eq(event_base_loop(base, EVLOOP_NONBLOCK), 0);
+	}
+	ck_assert_int_gt(s.reads, before);
+	ck_assert_int_eq(s.errors, 0);
+	ck_assert_uint_gt(drained, 0);
+	close(peer);
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/* At most in_max octets wait in conn_input(); reading resumes as soon as
+ * the owner drains some, even outside the connection's callbacks. */
+START_TEST(input_limit)
+{
+	struct event_base *base = event_base_new();
+	char data[5000];
+	size_t taken = 0;
+	struct side s;
+	int peer;
+
+	memset(data, 'i', sizeof(data));
+	side_init(&s, base, true, NULL);
+	s.keep_input = true;
+	peer = pair_raw(&s);
+	conn_set_limits(s.c, 1000, 0, 0);
+	ck_assert_int_eq(write(peer, data, sizeof(data)), (ssize_t)sizeof(data));
+	while (taken < sizeof(data)) {
+		struct evbuffer *in = conn_input(s.c);
+
+		while (evbuffer_get_length(in) < 1000 && taken + evbuffer_get_length(in) < sizeof(data))
+			ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+		settle(base, 50);
+		ck_assert_uint_le(evbuffer_get_length(in), 1000);
+		taken += evbuffer_get_length(in);
+		evbuffer_drain(in, evbuffer_get_length(in));
+	}
+	ck_assert_uint_eq(taken, sizeof(data));
+	ck_assert_int_eq(s.errors, 0);
+	close(peer);
 	side_fini(&s);
 	event_base_free(base);
 }
@@ -1438,6 +1552,8 @@ conn_suite(void)
 	tcase_add_loop_test(tc, write_to_closed_peer, 0, 2);
 	tcase_add_test(tc, pause_resume_read);
 	tcase_add_test(tc, unread_input_wiped);
+	tcase_add_test(tc, output_high_water);
+	tcase_add_test(tc, input_limit);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("tls");

@@ -1317,6 +1317,44 @@ START_TEST(test_message_dot_line_998)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- back-pressure */
+
+/*
+ * A client that pipelines and does not read: commands wait in `in` once
+ * max_output_buffer octets of replies are queued (EHLO and HELP answer a
+ * few octets with many), and are taken again after the owner has written
+ * the replies out.
+ */
+START_TEST(test_reply_backlog)
+{
+	static const char *const cmds[] = { "NOOP\r\n", "EHLO c.example\r\n", "HELP\r\n" };
+	size_t total = 0, answered = 0;
+
+	H.cfg.limits.max_output_buffer = 4096;
+	h_start();
+	for (int i = 0; i < 3000; i++) {
+		evbuffer_add(H.in, cmds[i % 3], strlen(cmds[i % 3]));
+		total++;
+	}
+	smtp_session_input(H.s);
+	while (answered < total) {
+		size_t queued = evbuffer_get_length(H.out);
+		const char *text;
+
+		/* at most the limit plus one reply (an EHLO's, the longest) */
+		ck_assert_uint_gt(queued, 0);
+		ck_assert_uint_lt(queued, 4096 + strlen(EHLO_AUTH));
+		text = take();
+		answered += count_of(text, "250 ") + count_of(text, "214 ");
+		ck_assert_uint_eq(evbuffer_get_length(H.in) == 0, answered == total);
+		smtp_session_input(H.s);
+	}
+	ck_assert_uint_eq(answered, total);
+	ck_assert_uint_eq(count_of(log_text(), "does not read its replies"), 1);
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+}
+END_TEST
+
 /* ---------------------------------------------------------------- limits, timeouts, shutdown */
 
 START_TEST(test_error_budget)
@@ -1580,6 +1618,11 @@ server_suite(void)
 	tcase_add_test(tc, test_message_too_big);
 	tcase_add_test(tc, test_message_line_too_long);
 	tcase_add_test(tc, test_message_dot_line_998);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("back-pressure");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_reply_backlog);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("lifecycle");
