@@ -3,13 +3,13 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
 #include "client_table.h"
+#include "shared_anon.h"
 
 /*
  * Layout of the mapping: the header, then `entries` entries of `stride`
@@ -70,15 +70,9 @@ client_table_create(unsigned entries, unsigned worker_slots)
 	size_t stride = round_line(offsetof(struct client_entry, sessions) +
 	    (size_t)worker_slots * sizeof(_Atomic uint32_t));
 	size_t size = header + (size_t)entries * stride;
-	struct client_table *t;
+	struct client_table *t = entries > 0 && worker_slots > 0 ? shared_anon_map(size) : NULL;
 
-	if (entries == 0 || worker_slots == 0) {
-		errno = EINVAL;
-		return NULL;
-	}
-	/* Anonymous and shared: zero-filled, and inherited by every fork. */
-	t = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	if (t == MAP_FAILED)
+	if (t == NULL)
 		return NULL;
 	t->entries = entries;
 	t->slots = worker_slots;
@@ -86,7 +80,7 @@ client_table_create(unsigned entries, unsigned worker_slots)
 	t->header = header;
 	t->size = size;
 	if (gnutls_rnd(GNUTLS_RND_NONCE, t->seed, sizeof(t->seed)) < 0) {
-		munmap(t, size);
+		shared_anon_unmap(t, size);
 		errno = EIO;
 		return NULL;
 	}
@@ -97,7 +91,7 @@ void
 client_table_destroy(struct client_table *t)
 {
 	if (t != NULL)
-		munmap(t, t->size);
+		shared_anon_unmap(t, t->size);
 }
 
 int64_t
@@ -269,7 +263,7 @@ client_table_auth_failed(struct client_table *t, const char *addr,
 	uint32_t n;
 
 	*failures = 1;
-	if (p->max_failures == 0 || (e = entry_find(t, key_of(t, addr), now, true)) == NULL)
+	if ((e = entry_find(t, key_of(t, addr), now, true)) == NULL)
 		return CLIENT_AUTH_COUNTED;
 	atomic_store(&e->last_seen, now);
 	locked = atomic_load(&e->locked_until);
@@ -283,7 +277,7 @@ client_table_auth_failed(struct client_table *t, const char *addr,
 	n = atomic_fetch_add(&e->failures, 1) + 1;
 	raise_expiry(e, now + (int64_t)p->window);
 	*failures = n;
-	if (n < p->max_failures)
+	if (p->max_failures == 0 || n < p->max_failures)
 		return CLIENT_AUTH_COUNTED;
 	/* Exactly one failure starts the lockout, whichever worker counts it. */
 	if (!atomic_compare_exchange_strong(&e->locked_until, &locked, now + (int64_t)p->lockout))

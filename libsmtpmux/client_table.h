@@ -46,7 +46,8 @@ void client_table_close(struct client_table *, struct client_entry *, unsigned s
 /* A worker died: the sessions it counted are gone. Master only. */
 void client_table_worker_gone(struct client_table *, unsigned slot);
 
-/* auth: section, in seconds; max_failures 0 turns the lockout off. */
+/* auth: section, in seconds; max_failures 0 turns the lockout off (failures
+ * are still counted). */
 struct client_auth_policy {
 	unsigned max_failures;
 	unsigned window;

@@ -51,6 +51,16 @@ struct raw_limits {
 	unsigned *shutdown_timeout;
 	unsigned *max_input_buffer;
 	unsigned *max_output_buffer;
+	unsigned *command_deadline;
+	unsigned *min_data_rate;
+	unsigned *max_sessions_per_ip;
+};
+
+struct raw_auth {
+	unsigned *max_failures;
+	unsigned *window;
+	unsigned *lockout;
+	unsigned *failure_delay;
 };
 
 struct raw_tls {
@@ -111,6 +121,7 @@ struct raw_config {
 	struct raw_limits *limits;
 	struct raw_tls *tls;
 	struct raw_health *health;
+	struct raw_auth *auth;
 	struct raw_user *users;
 	unsigned n_users;
 };
@@ -143,6 +154,17 @@ static const cyaml_schema_field_t limits_fields[] = {
 	CYAML_FIELD_UINT_PTR("shutdown_timeout", OPT, struct raw_limits, shutdown_timeout),
 	CYAML_FIELD_UINT_PTR("max_input_buffer", OPT, struct raw_limits, max_input_buffer),
 	CYAML_FIELD_UINT_PTR("max_output_buffer", OPT, struct raw_limits, max_output_buffer),
+	CYAML_FIELD_UINT_PTR("command_deadline", OPT, struct raw_limits, command_deadline),
+	CYAML_FIELD_UINT_PTR("min_data_rate", OPT, struct raw_limits, min_data_rate),
+	CYAML_FIELD_UINT_PTR("max_sessions_per_ip", OPT, struct raw_limits, max_sessions_per_ip),
+	CYAML_FIELD_END
+};
+
+static const cyaml_schema_field_t auth_fields[] = {
+	CYAML_FIELD_UINT_PTR("max_failures", OPT, struct raw_auth, max_failures),
+	CYAML_FIELD_UINT_PTR("window", OPT, struct raw_auth, window),
+	CYAML_FIELD_UINT_PTR("lockout", OPT, struct raw_auth, lockout),
+	CYAML_FIELD_UINT_PTR("failure_delay", OPT, struct raw_auth, failure_delay),
 	CYAML_FIELD_END
 };
 
@@ -225,6 +247,7 @@ static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_MAPPING_PTR("limits", OPT, struct raw_config, limits, limits_fields),
 	CYAML_FIELD_MAPPING_PTR("tls", OPT, struct raw_config, tls, tls_fields),
 	CYAML_FIELD_MAPPING_PTR("health", OPT, struct raw_config, health, health_fields),
+	CYAML_FIELD_MAPPING_PTR("auth", OPT, struct raw_config, auth, auth_fields),
 	/* May be empty or absent: the file as installed defines no users, and
 	 * the daemon refuses to run it (config_has_users) rather than call it
 	 * broken. */
@@ -636,7 +659,28 @@ check_limits(struct loader *ld, const struct raw_limits *raw, struct limits_cfg 
 	    uint_opt(ld, b, "max_input_buffer", raw->max_input_buffer, 65536, 16384,
 	        &l->max_input_buffer) == -1 ||
 	    uint_opt(ld, b, "max_output_buffer", raw->max_output_buffer, 65536, 4096,
-	        &l->max_output_buffer) == -1)
+	        &l->max_output_buffer) == -1 ||
+	    uint_opt(ld, b, "command_deadline", raw->command_deadline, 60, 1,
+	        &l->command_deadline) == -1 ||
+	    uint_opt(ld, b, "min_data_rate", raw->min_data_rate, 500, 0, &l->min_data_rate) == -1 ||
+	    uint_opt(ld, b, "max_sessions_per_ip", raw->max_sessions_per_ip, 100, 0,
+	        &l->max_sessions_per_ip) == -1)
+		return -1;
+	return 0;
+}
+
+static int
+check_auth(struct loader *ld, const struct raw_auth *raw, struct auth_cfg *a)
+{
+	static const struct raw_auth none;
+	const char *b = "auth";
+
+	if (raw == NULL)
+		raw = &none;
+	if (uint_opt(ld, b, "max_failures", raw->max_failures, 5, 0, &a->max_failures) == -1 ||
+	    uint_opt(ld, b, "window", raw->window, 600, 1, &a->window) == -1 ||
+	    uint_opt(ld, b, "lockout", raw->lockout, 600, 1, &a->lockout) == -1 ||
+	    uint_opt(ld, b, "failure_delay", raw->failure_delay, 1, 0, &a->failure_delay) == -1)
 		return -1;
 	return 0;
 }
@@ -1053,6 +1097,7 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_listen(ld, raw, cfg) == -1 ||
 	    check_limits(ld, raw->limits, &cfg->limits) == -1 ||
 	    check_health(ld, raw->health, &cfg->health) == -1 ||
+	    check_auth(ld, raw->auth, &cfg->auth) == -1 ||
 	    check_users(ld, raw, cfg) == -1)
 		return -1;
 	return 0;

@@ -60,6 +60,21 @@ struct limits_cfg {
 	unsigned max_input_buffer;       /* octets read ahead per session; default 65536 */
 	unsigned max_output_buffer;      /* octets of unread replies before reading stops;
 	                                    default 65536 (resumes at a quarter) */
+	unsigned command_deadline;       /* s from a command line's first octet to its end;
+	                                    default 60 */
+	unsigned min_data_rate;          /* octets/s a DATA transfer must keep up; default 500,
+	                                    0: off */
+	unsigned max_sessions_per_ip;    /* per client address, all workers; default 100,
+	                                    0: no limit */
+};
+
+/* `auth:` failed logins per client address, counted across workers */
+struct auth_cfg {
+	unsigned max_failures;           /* in `window` before a lockout; default 5, 0: off */
+	unsigned window;                 /* s; default 600 */
+	unsigned lockout;                /* s; default 600 */
+	unsigned failure_delay;          /* s before the first 535, doubling after each
+	                                    failure; default 1, 0: none */
 };
 
 /* `tls:` (inbound certificate and GnuTLS priority string) */
@@ -135,6 +150,7 @@ struct config {
 	struct limits_cfg limits;
 	struct tls_cfg tls;
 	struct health_cfg health;
+	struct auth_cfg auth;
 	struct user_cfg *users;
 	size_t n_users;
 	void *priv;                      /* config.c's own (libcyaml tree etc.) */

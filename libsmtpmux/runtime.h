@@ -8,13 +8,15 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 
+struct client_table;
 struct config;
 struct health;
 struct upstream;
 
 /*
  * What a worker's sessions and deliveries share: its event loop, its DNS
- * resolver, the configuration it serves and the shared health segment.
+ * resolver, the configuration it serves, the shared health segment and
+ * the shared table of client addresses.
  * Owned by the worker context (smtpmuxd/worker.c); the tests build their
  * own.
  */
@@ -23,6 +25,7 @@ struct runtime {
 	struct evdns_base *dns;
 	const struct config *cfg;
 	struct health *health;           /* may be NULL in unit tests */
+	struct client_table *clients;    /* per client address, shared; may be NULL */
 	unsigned worker_slot;            /* this worker's in-flight slot */
 	uint32_t id_seq;                 /* for runtime_new_id() */
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */

@@ -13,7 +13,9 @@
 #include "buffer_wipe.h"
 #include "log.h"
 #include "msgbody.h"
+#include "client_table.h"
 #include "smtp_data.h"
+#include "smtp_limits.h"
 #include "smtp_parse.h"
 #include "smtp_server.h"
 
@@ -37,6 +39,7 @@ enum sess_state {
 	SESS_AUTH_PLAIN,         /* sent "334 ", waiting for the PLAIN response */
 	SESS_AUTH_LOGIN_USER,    /* sent "334 VXNlcm5hbWU6" */
 	SESS_AUTH_LOGIN_PASS,    /* sent "334 UGFzc3dvcmQ6" */
+	SESS_AUTH_WAIT,          /* AUTH failed: 535 after a delay; input paused */
 	SESS_MAIL,               /* MAIL accepted, no recipient yet */
 	SESS_RCPT,               /* at least one recipient */
 	SESS_DATA,               /* reading the message */
@@ -46,6 +49,14 @@ enum sess_state {
 };
 
 enum helo_kind { HELO_NONE, HELO_HELO, HELO_EHLO };
+
+/* What the owner's one-shot timer (io->set_timer) is running for. */
+enum sess_timer {
+	TIMER_NONE,
+	TIMER_LINE,              /* limits.command_deadline for a command line */
+	TIMER_DATA,              /* the DATA deadline (limits.min_data_rate) */
+	TIMER_AUTH               /* the delay before a 535 */
+};
 
 /* Counter slots: one per verb (SMTP_VERB_UNKNOWN, 0, counts bad lines). */
 #define N_VERBS (SMTP_VERB_BDAT + 1)
@@ -94,6 +105,11 @@ struct smtp_session {
 	bool shutdown_pending;
 	bool reply_backlog_logged;       /* "does not read its replies", once */
 	unsigned errors;
+
+	enum sess_timer timer;
+	unsigned lines_read;             /* command lines taken so far */
+	unsigned timer_lines;            /* lines_read when TIMER_LINE started */
+	uint64_t data_deadline_ms;       /* CLOCK_MONOTONIC, TIMER_DATA */
 
 	/* Postfix-style "ehlo=1 auth=0/1" counters. */
 	enum smtp_verb pending_verb;     /* whose outcome the next final reply decides */
@@ -161,6 +177,32 @@ flush(struct smtp_session *s)
 {
 	s->need_flush = false;
 	s->io->flush(s->ctx);
+}
+
+static uint64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void
+timer_start(struct smtp_session *s, enum sess_timer kind, uint64_t ms)
+{
+	s->timer = kind;
+	/* 0 would cancel: a deadline already passed fires at once. */
+	s->io->set_timer(s->ctx, ms == 0 ? 1 : ms > UINT32_MAX ? UINT32_MAX : (unsigned)ms);
+}
+
+static void
+timer_stop(struct smtp_session *s)
+{
+	if (s->timer == TIMER_NONE)
+		return;
+	s->timer = TIMER_NONE;
+	s->io->set_timer(s->ctx, 0);
 }
 
 /* ---------------------------------------------------------------- replies */
@@ -344,13 +386,68 @@ auth_succeeded(struct smtp_session *s, const struct user_cfg *u, const char *mec
 }
 
 static void
+auth_refuse_locked(struct smtp_session *s)
+{
+	reply_close(s, "4.7.0", "Too many failed logins from your address, try again later");
+}
+
+/*
+ * A failed login counts for the client's address across all sessions and
+ * workers (auth:). The 535 comes after a delay that grows with each
+ * failure, on the owner's timer, so guessing is slow and nobody else
+ * waits; the failure that reaches auth.max_failures locks the address out.
+ */
+static void
 auth_failed(struct smtp_session *s, const char *name)
 {
+	const struct client_auth_policy policy = {
+		s->cfg->auth.max_failures, s->cfg->auth.window, s->cfg->auth.lockout,
+	};
+	enum client_auth_verdict v = CLIENT_AUTH_COUNTED;
 	char user[AUTH_FIELD_MAX + 1];
+	unsigned failures = 1;
+	uint64_t delay;
 
 	log_warn("%s: auth failed user=%s client=[%s]", s->id,
 	    clean(user, sizeof(user), name), s->client);
+	if (s->rt->clients != NULL)
+		v = client_table_auth_failed(s->rt->clients, s->client, &policy,
+		    client_table_now(), &failures);
+	if (v == CLIENT_AUTH_LOCKED_NOW)
+		log_warn("%s: auth lockout client=[%s] failures=%u window=%us lockout=%us", s->id,
+		    s->client, failures, policy.window, policy.lockout);
+	if (v != CLIENT_AUTH_COUNTED) {
+		auth_refuse_locked(s);
+		return;
+	}
+	delay = smtp_auth_delay_ms(failures, s->cfg->auth.failure_delay);
+	if (delay == 0) {
+		reply_error(s, 535, "5.7.8", "Authentication credentials invalid");
+		return;
+	}
+	set_state(s, SESS_AUTH_WAIT);
+	s->io->pause(s->ctx, true);
+	timer_start(s, TIMER_AUTH, delay);
+}
+
+/* The delay of a failed login is over. */
+static void
+auth_delay_over(struct smtp_session *s)
+{
+	set_state(s, SESS_GREETED);
 	reply_error(s, 535, "5.7.8", "Authentication credentials invalid");
+	if (s->state == SESS_CLOSING)        /* the error budget ran out */
+		return;
+	s->io->pause(s->ctx, false);
+	if (s->shutdown_pending)
+		reply_close(s, "4.3.2", "Service shutting down");
+}
+
+static bool
+auth_locked_out(const struct smtp_session *s)
+{
+	return s->rt->clients != NULL && s->cfg->auth.max_failures > 0 &&
+	    client_table_auth_locked(s->rt->clients, s->client, client_table_now(), NULL);
 }
 
 /* Checks a user name and password. An unknown user still costs one
@@ -450,6 +547,10 @@ cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
 	if (!auth_permitted(s))
 		return;
+	if (auth_locked_out(s)) {
+		auth_refuse_locked(s);
+		return;
+	}
 	if (strcmp(cmd->mech, "PLAIN") == 0) {
 		if (cmd->initial != NULL) {
 			auth_plain_response(s, cmd->initial, cmd->initial_len);
@@ -607,6 +708,37 @@ data_begin(struct smtp_session *s)
 	return 0;
 }
 
+/*
+ * data_timeout only measures silence, which one octet now and then keeps
+ * away. With limits.min_data_rate the message also has a deadline: it
+ * starts at data_timeout and each read moves it by what its octets are
+ * worth at that rate (smtp_data_deadline_ms).
+ */
+static void
+data_deadline_start(struct smtp_session *s)
+{
+	uint64_t cap = (uint64_t)s->cfg->limits.data_timeout * 1000;
+
+	if (s->cfg->limits.min_data_rate == 0)
+		return;
+	s->data_deadline_ms = now_ms() + cap;
+	timer_start(s, TIMER_DATA, cap);
+}
+
+static void
+data_deadline_extend(struct smtp_session *s, size_t octets)
+{
+	uint64_t now = now_ms(), left;
+
+	if (s->timer != TIMER_DATA || octets == 0)
+		return;
+	left = s->data_deadline_ms > now ? s->data_deadline_ms - now : 0;
+	left = smtp_data_deadline_ms(left, octets, s->cfg->limits.min_data_rate,
+	    (uint64_t)s->cfg->limits.data_timeout * 1000);
+	s->data_deadline_ms = now + left;
+	timer_start(s, TIMER_DATA, left);
+}
+
 static void
 cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
@@ -622,6 +754,7 @@ cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
 		reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
 		flush(s);
 		s->io->set_timeout(s->ctx, s->cfg->limits.data_timeout);
+		data_deadline_start(s);
 	}
 }
 
@@ -737,6 +870,7 @@ end_of_data(struct smtp_session *s)
 	const struct smtp_data_reader *r = &s->tx.reader;
 	char from[SMTP_PATH_MAX + 1];
 
+	timer_stop(s);
 	set_state(s, SESS_GREETED);
 	if (r->too_big) {
 		reply_error(s, 552, "5.3.4", "Message size exceeds fixed limit");
@@ -784,6 +918,8 @@ read_data(struct smtp_session *s)
 	store_body_chunk(s);
 	if (done)
 		end_of_data(s);
+	else
+		data_deadline_extend(s, used);
 	return done || used > 0;
 }
 
@@ -993,6 +1129,7 @@ read_line(struct smtp_session *s)
 	}
 	s->line[len] = '\0';
 	buffer_wipe_drain(s->in, consumed);
+	s->lines_read++;
 	if (in_auth_exchange(s)) {
 		auth_continue(s, s->line, (size_t)len);
 		auth_wipe(s->line, consumed);
@@ -1016,6 +1153,7 @@ discard_line(struct smtp_session *s)
 	} else {
 		buffer_wipe_drain(s->in, (size_t)p.pos + 1);
 		s->discarding = false;
+		s->lines_read++;
 	}
 	return true;
 }
@@ -1027,10 +1165,37 @@ accepts_input(const struct smtp_session *s)
 	case SESS_CONNECTED:
 	case SESS_RELAYING:
 	case SESS_TLS_WAIT:
+	case SESS_AUTH_WAIT:
 	case SESS_CLOSING:
 		return false;
 	default:
 		return true;
+	}
+}
+
+static bool
+reading_commands(const struct smtp_session *s)
+{
+	return accepts_input(s) && s->state != SESS_DATA;
+}
+
+/*
+ * command_timeout only measures silence, which one octet every few seconds
+ * keeps away: a command line also has limits.command_deadline from its
+ * first octet to its line end (Postfix's smtpd_per_record_deadline idea).
+ * line_pending: a line (or an overlong one being dropped) has begun and
+ * not ended. Every line that ends starts the clock again for the next.
+ */
+static void
+line_deadline_update(struct smtp_session *s, bool line_pending)
+{
+	if (line_pending && reading_commands(s)) {
+		if (s->timer == TIMER_LINE && s->timer_lines == s->lines_read)
+			return;
+		s->timer_lines = s->lines_read;
+		timer_start(s, TIMER_LINE, (uint64_t)s->cfg->limits.command_deadline * 1000);
+	} else if (s->timer == TIMER_LINE) {
+		timer_stop(s);
 	}
 }
 
@@ -1061,6 +1226,8 @@ replies_backlogged(struct smtp_session *s)
 static void
 smtp_session_process(struct smtp_session *s)
 {
+	bool line_pending = false;
+
 	while (accepts_input(s) && evbuffer_get_length(s->in) > 0 && !replies_backlogged(s)) {
 		bool progress;
 
@@ -1070,13 +1237,16 @@ smtp_session_process(struct smtp_session *s)
 			progress = discard_line(s);
 		else
 			progress = read_line(s);
-		if (!progress)
+		if (!progress) {
+			line_pending = s->state != SESS_DATA;
 			break;
+		}
 		/* A transaction that ended without a message (RSET, EHLO, a
 		 * refused DATA) was the one smtp_session_shutdown() waited for. */
 		if (s->shutdown_pending && s->state == SESS_GREETED)
 			reply_close(s, "4.3.2", "Service shutting down");
 	}
+	line_deadline_update(s, line_pending || (s->discarding && evbuffer_get_length(s->in) == 0));
 	if (s->need_flush && s->state != SESS_CLOSING)
 		flush(s);
 }
@@ -1178,11 +1348,47 @@ smtp_session_timeout(struct smtp_session *s)
 }
 
 void
+smtp_session_timer(struct smtp_session *s)
+{
+	enum sess_timer kind = s->timer;
+
+	s->timer = TIMER_NONE;
+	switch (kind) {
+	case TIMER_AUTH:
+		if (s->state != SESS_AUTH_WAIT)
+			break;
+		auth_delay_over(s);
+		/* Commands pipelined after the AUTH waited in `in` until now. */
+		smtp_session_process(s);
+		break;
+	case TIMER_LINE:
+		if (!reading_commands(s))
+			break;
+		log_info("%s: command deadline (%u s) exceeded from [%s]", s->id,
+		    s->cfg->limits.command_deadline, s->client);
+		txn_reset(s);
+		reply_close(s, "4.4.2", "Timeout");
+		break;
+	case TIMER_DATA:
+		if (s->state != SESS_DATA)
+			break;
+		log_info("%s: DATA too slow from [%s]: under %u octets/s", s->id, s->client,
+		    s->cfg->limits.min_data_rate);
+		txn_reset(s);
+		reply_close(s, "4.4.2", "Timeout");
+		break;
+	case TIMER_NONE:
+		break;
+	}
+}
+
+void
 smtp_session_shutdown(struct smtp_session *s)
 {
 	if (s->state == SESS_CLOSING)
 		return;
-	if (smtp_session_busy(s) || in_transaction(s) || s->state == SESS_TLS_WAIT) {
+	if (smtp_session_busy(s) || in_transaction(s) || s->state == SESS_TLS_WAIT ||
+	    s->state == SESS_AUTH_WAIT) {
 		/* Answered after the current transaction, or after the handshake. */
 		s->shutdown_pending = true;
 		return;

@@ -34,6 +34,9 @@ struct smtp_session_io {
 	void (*pause)(void *ctx, bool paused);
 	/* Read timeout for the next input, in seconds. */
 	void (*set_timeout)(void *ctx, unsigned seconds);
+	/* One-shot timer, not restarted by input: call smtp_session_timer()
+	 * after ms milliseconds; 0 cancels it. A new call replaces the last. */
+	void (*set_timer)(void *ctx, unsigned ms);
 	/* Relaying (relay_start/relay_cancel in the daemon; tests may run real
 	 * relays too). */
 	struct relay *(*relay_start)(void *ctx, struct runtime *rt, const struct user_cfg *user,
@@ -65,6 +68,11 @@ void smtp_session_tls_ready(struct smtp_session *, const char *tls_desc);
 
 /* The read timeout expired: 421 4.4.2 and close. */
 void smtp_session_timeout(struct smtp_session *);
+
+/* The set_timer timer expired: the reply to a failed AUTH is due, or a
+ * client took too long for a command line (limits.command_deadline) or is
+ * sending its message too slowly (limits.min_data_rate): 421 4.4.2. */
+void smtp_session_timer(struct smtp_session *);
 
 /* The server is stopping: 421 4.3.2 now if idle, else after the current
  * transaction's reply. */

@@ -43,6 +43,7 @@
 #define CRASH_WINDOW_MS 10000           /* ... within 10 s is a crash loop */
 #define CRASH_RESPAWN_DELAY_MS 1000
 #define KILL_GRACE_MS 10000             /* after shutdown_timeout, before SIGKILL */
+#define CLIENT_TABLE_ENTRIES 8192       /* client addresses tracked at once */
 
 enum child_kind { CHILD_WORKER, CHILD_PROBER };
 
@@ -60,6 +61,8 @@ struct master {
 	const struct master_options *opt;
 	struct config *cfg;
 	struct health *health;
+	struct client_table *clients;    /* per client address, shared with the workers */
+	struct accept_room *room;        /* which workers have room, shared */
 	struct privdrop priv;
 	int *listen_fds;                 /* parallel to cfg->listen; NULL once stopping */
 	size_t n_listen_fds;
@@ -338,6 +341,8 @@ run_worker(struct master *m, unsigned slot)
 	struct worker_params p = {
 		.cfg = m->cfg,
 		.health = m->health,
+		.clients = m->clients,
+		.room = m->room,
 		.listen_fds = m->listen_fds,
 		.slot = slot,
 		.generation = m->generation,
@@ -553,8 +558,11 @@ child_exited(struct master *m, struct child *c, int status)
 	}
 	c->pid = 0;
 	/* The prober's slot may already belong to its successor. */
-	if (!slot_in_use(m, slot))
+	if (!slot_in_use(m, slot)) {
 		health_worker_gone(m->health, slot);
+		client_table_worker_gone(m->clients, slot);
+		accept_room_set(m->room, slot, false);
+	}
 }
 
 static void
@@ -923,6 +931,13 @@ master_init(struct master *m, char *err, size_t errlen)
 	}
 	if (health_bind(m->health, m->cfg, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
+	/* Anonymous shared memory: inherited by every worker, of every generation. */
+	m->clients = client_table_create(CLIENT_TABLE_ENTRIES, HEALTH_MAX_WORKER_SLOTS);
+	m->room = accept_room_create(HEALTH_MAX_WORKER_SLOTS);
+	if (m->clients == NULL || m->room == NULL) {
+		snprintf(err, errlen, "cannot map the shared client table: %s", strerror(errno));
+		return SMTPMUXD_EXIT_RUNTIME;
+	}
 	return SMTPMUXD_EXIT_OK;
 }
 
@@ -970,6 +985,8 @@ master_cleanup(struct master *m)
 	free(m->listen_fds);
 	if (m->health != NULL)
 		health_destroy(m->health);
+	client_table_destroy(m->clients);
+	accept_room_destroy(m->room);
 	if (m->cfg != NULL)
 		config_free(m->cfg);
 }

@@ -14,6 +14,8 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 
+#include "client_table.h"
+#include "accept_room.h"
 #include "conn.h"
 #include "log.h"
 #include "relay.h"
@@ -43,6 +45,8 @@ struct client {
 	struct event *ev_kick;           /* deferred actions below */
 	struct event *ev_linger;         /* close even if the peer never reads */
 	struct event *ev_idle;           /* the session's read timeout */
+	struct event *ev_timer;          /* the session's one-shot timer (io->set_timer) */
+	struct client_entry *address;    /* its count in the shared client table, or NULL */
 	unsigned timeout_s;              /* 0: none */
 	bool starttls_pending;           /* start TLS once the 220 is flushed */
 	bool close_pending;              /* close once the output is flushed */
@@ -56,6 +60,12 @@ struct worker_listener {
 	const struct listen_cfg *lc;
 	int fd;
 	struct event *ev;
+};
+
+/* A flood of refused connections is reported in one line per second. */
+struct refusal_log {
+	int64_t last;                    /* client_table_now() of the last line */
+	unsigned unreported;             /* refusals since that line */
 };
 
 struct worker {
@@ -72,6 +82,11 @@ struct worker {
 	struct event *ev_reopen;
 	struct event *ev_deadline;       /* shutdown_timeout after the stop signal */
 	struct event *ev_accept_resume;  /* after an accept failure such as EMFILE */
+	struct accept_room *room;        /* which workers have room, shared */
+	bool listening;                  /* listener events added */
+	bool accept_paused;              /* after an accept failure such as EMFILE */
+	struct refusal_log busy_log;     /* limits.max_sessions */
+	struct refusal_log per_ip_log;   /* limits.max_sessions_per_ip */
 	bool stopping;                   /* not accepting; exits with its last session */
 	bool shutting_down;              /* sessions told 421 at their next boundary */
 	bool deadline_passed;            /* the last 421s are being flushed */
@@ -80,6 +95,7 @@ struct worker {
 
 static void client_kick(struct client *c);
 static void client_start_session(struct client *c, bool tls_active);
+static void worker_update_accept(struct worker *w);
 
 /* --- client teardown ---------------------------------------------------- */
 
@@ -125,12 +141,16 @@ client_free(struct client *c)
 		client_drain(c);
 		conn_free(c->conn);
 	}
+	client_table_close(w->rt.clients, c->address, w->rt.worker_slot, client_table_now());
 	event_free(c->ev_kick);
 	event_free(c->ev_linger);
 	event_free(c->ev_idle);
+	event_free(c->ev_timer);
 	free(c);
 	if (w->stopping && w->n_clients == 0 && !w->exiting)
 		event_base_loopexit(w->rt.base, NULL);
+	else if (!w->exiting)
+		worker_update_accept(w);
 }
 
 static void
@@ -372,12 +392,34 @@ io_relay_cancel(void *ctx, struct relay *r)
 	relay_cancel(r);
 }
 
+static void
+io_set_timer(void *ctx, unsigned ms)
+{
+	struct client *c = ctx;
+	struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 };
+
+	if (ms == 0 || c->dead)
+		evtimer_del(c->ev_timer);
+	else
+		evtimer_add(c->ev_timer, &tv);
+}
+
+static void
+client_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	if (!c->dead && !c->close_pending && c->session != NULL)
+		smtp_session_timer(c->session);
+}
+
 static const struct smtp_session_io client_session_io = {
 	.flush = io_flush,
 	.starttls = io_starttls,
 	.close = io_close,
 	.pause = io_pause,
 	.set_timeout = io_set_timeout,
+	.set_timer = io_set_timer,
 	.relay_start = io_relay_start,
 	.relay_cancel = io_relay_cancel,
 };
@@ -405,14 +447,48 @@ client_start_session(struct client *c, bool tls_active)
 	smtp_session_start(c->session);
 }
 
+/* True for the refusal that may be logged now; *count: refusals it reports. */
+static bool
+refusal_report(struct refusal_log *rl, unsigned *count)
+{
+	int64_t now = client_table_now();
+
+	rl->unreported++;
+	if (rl->last != 0 && now - rl->last < 1)
+		return false;
+	*count = rl->unreported;
+	rl->unreported = 0;
+	rl->last = now;
+	return true;
+}
+
+/* Only when no worker has room: a full worker otherwise stops listening. */
 static void
 reject_busy(struct worker *w, int fd)
 {
+	unsigned n;
+
 	/* Best effort: the socket buffer of a fresh connection has room. */
 	(void)send(fd, BUSY_REPLY, sizeof(BUSY_REPLY) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
 	close(fd);
-	log_warn("connection refused: %u sessions in this worker (limits.max_sessions)",
-	    w->n_clients);
+	if (refusal_report(&w->busy_log, &n))
+		log_warn("connection refused: every worker is full, %u sessions in this one "
+		    "(limits.max_sessions); %u refused since the last report", w->n_clients, n);
+}
+
+/* A client over limits.max_sessions_per_ip: told so, and closed. */
+static void
+client_refuse_address(struct client *c, unsigned sessions)
+{
+	struct worker *w = c->w;
+	unsigned n;
+
+	if (refusal_report(&w->per_ip_log, &n))
+		log_warn("connection from [%s] refused: %u sessions from it (limits.max_sessions_per_ip);"
+		    " %u refused since the last report", conn_peer(c->conn), sessions - 1, n);
+	evbuffer_add_printf(conn_output(c->conn), "421 4.7.0 %s Too many connections from your "
+	    "address\r\n", w->cfg->hostname);
+	io_close(c);
 }
 
 static struct client *
@@ -428,7 +504,9 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 	c->ev_kick = event_new(w->rt.base, -1, 0, client_kick_cb, c);
 	c->ev_linger = evtimer_new(w->rt.base, client_linger_cb, c);
 	c->ev_idle = evtimer_new(w->rt.base, client_idle_cb, c);
-	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL)
+	c->ev_timer = evtimer_new(w->rt.base, client_timer_cb, c);
+	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL &&
+	    c->ev_timer != NULL)
 		c->conn = conn_new(w->rt.base, fd, &client_conn_cbs, c);
 	/* What one client can make us hold: the session stops answering at
 	 * max_output_buffer too, and the conn resumes at a quarter of it. */
@@ -442,6 +520,8 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 			event_free(c->ev_linger);
 		if (c->ev_idle != NULL)
 			event_free(c->ev_idle);
+		if (c->ev_timer != NULL)
+			event_free(c->ev_timer);
 		free(c);
 		return NULL;
 	}
@@ -453,13 +533,20 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 	return c;
 }
 
+static bool
+worker_has_room(const struct worker *w)
+{
+	return w->n_clients < w->cfg->limits.max_sessions;
+}
+
 static void
 worker_accept_one(struct worker_listener *l, int fd)
 {
 	struct worker *w = l->w;
+	unsigned per_ip = w->cfg->limits.max_sessions_per_ip, sessions;
 	struct client *c;
 
-	if (w->n_clients >= w->cfg->limits.max_sessions) {
+	if (!worker_has_room(w)) {
 		reject_busy(w, fd);
 		return;
 	}
@@ -467,6 +554,13 @@ worker_accept_one(struct worker_listener *l, int fd)
 	if (c == NULL) {
 		log_err("cannot accept a connection on %s: out of memory", l->lc->text);
 		close(fd);
+		return;
+	}
+	/* Counted in all workers at once, then checked: never more than the limit. */
+	c->address = client_table_open(w->rt.clients, conn_peer(c->conn), w->rt.worker_slot,
+	    client_table_now(), &sessions);
+	if (per_ip != 0 && sessions > per_ip) {
+		client_refuse_address(c, sessions);
 		return;
 	}
 	if (l->lc->tls == TLS_MODE_IMPLICIT) {
@@ -481,6 +575,35 @@ worker_accept_one(struct worker_listener *l, int fd)
 
 static void worker_pause_accept(struct worker *w);
 
+/*
+ * The listening sockets are shared by all workers. One at limits.max_sessions
+ * stops listening while another has room, so the kernel hands new
+ * connections to that one; the last to fill up keeps listening and refuses
+ * with 421, so nobody waits in the backlog while every worker is full.
+ */
+static void
+worker_update_accept(struct worker *w)
+{
+	bool room = !w->stopping && worker_has_room(w);
+	bool listen;
+
+	/* Ours first, then the others': see accept_room.h. */
+	accept_room_set(w->room, w->rt.worker_slot, room);
+	listen = !w->stopping && !w->accept_paused &&
+	    (room || !accept_room_elsewhere(w->room, w->rt.worker_slot));
+	if (listen == w->listening)
+		return;
+	w->listening = listen;
+	for (size_t i = 0; i < w->n_listeners; i++) {
+		if (w->listeners[i].ev == NULL)
+			continue;
+		if (listen)
+			event_add(w->listeners[i].ev, NULL);
+		else
+			event_del(w->listeners[i].ev);
+	}
+}
+
 static void
 listener_accept_cb(evutil_socket_t lfd, short what, void *arg)
 {
@@ -488,6 +611,12 @@ listener_accept_cb(evutil_socket_t lfd, short what, void *arg)
 	int i, fd;
 
 	for (i = 0; i < ACCEPT_BATCH && !l->w->stopping; i++) {
+		/* Full: a worker that has made room since we last looked takes it. */
+		if (!worker_has_room(l->w)) {
+			worker_update_accept(l->w);
+			if (!l->w->listening)
+				return;
+		}
 		fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd >= 0) {
 			worker_accept_one(l, fd);
@@ -510,11 +639,9 @@ static void
 worker_pause_accept(struct worker *w)
 {
 	struct timeval tv = { ACCEPT_PAUSE_SECONDS, 0 };
-	size_t i;
 
-	for (i = 0; i < w->n_listeners; i++)
-		if (w->listeners[i].ev != NULL)
-			event_del(w->listeners[i].ev);
+	w->accept_paused = true;
+	worker_update_accept(w);
 	evtimer_add(w->ev_accept_resume, &tv);
 }
 
@@ -522,13 +649,9 @@ static void
 worker_accept_resume_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct worker *w = arg;
-	size_t i;
 
-	if (w->stopping)
-		return;
-	for (i = 0; i < w->n_listeners; i++)
-		if (w->listeners[i].ev != NULL)
-			event_add(w->listeners[i].ev, NULL);
+	w->accept_paused = false;
+	worker_update_accept(w);
 }
 
 static int
@@ -547,9 +670,10 @@ worker_open_listeners(struct worker *w, const int *fds)
 		l->lc = &w->cfg->listen[i];
 		l->fd = fds[i];
 		l->ev = event_new(w->rt.base, l->fd, EV_READ | EV_PERSIST, listener_accept_cb, l);
-		if (l->ev == NULL || event_add(l->ev, NULL) < 0)
+		if (l->ev == NULL)
 			return -1;
 	}
+	worker_update_accept(w);
 	return 0;
 }
 
@@ -616,6 +740,7 @@ worker_stop_accepting(struct worker *w)
 	if (w->stopping)
 		return;
 	w->stopping = true;
+	worker_update_accept(w);         /* publishes: no room here */
 	worker_close_listeners(w);
 	if (w->ev_accept_resume != NULL)
 		event_del(w->ev_accept_resume);
@@ -796,6 +921,8 @@ worker_run(const struct worker_params *p)
 	w.generation = p->generation;
 	w.rt.cfg = p->cfg;
 	w.rt.health = p->health;
+	w.rt.clients = p->clients;
+	w.room = p->room;
 	w.rt.worker_slot = p->slot;
 	snprintf(role, sizeof(role), "worker[%u]", p->slot);
 	log_set_role(role);

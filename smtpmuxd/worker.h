@@ -5,6 +5,8 @@
 #include <signal.h>
 #include <sys/types.h>
 
+#include "accept_room.h"
+#include "client_table.h"
 #include "config.h"
 #include "health.h"
 #include "privdrop.h"
@@ -28,6 +30,8 @@
 struct worker_params {
 	struct config *cfg;              /* freed by the worker at exit */
 	struct health *health;
+	struct client_table *clients;    /* per client address, shared by all workers */
+	struct accept_room *room;        /* which workers have room, shared */
 	const int *listen_fds;           /* parallel to cfg->listen */
 	unsigned slot;                   /* health in-flight slot */
 	unsigned generation;

@@ -207,6 +207,13 @@ check_full_sections(const struct config *cfg)
 	ck_assert_uint_eq(cfg->limits.shutdown_timeout, 20);
 	ck_assert_uint_eq(cfg->limits.max_input_buffer, 32768);
 	ck_assert_uint_eq(cfg->limits.max_output_buffer, 16384);
+	ck_assert_uint_eq(cfg->limits.command_deadline, 30);
+	ck_assert_uint_eq(cfg->limits.min_data_rate, 1000);
+	ck_assert_uint_eq(cfg->limits.max_sessions_per_ip, 20);
+	ck_assert_uint_eq(cfg->auth.max_failures, 3);
+	ck_assert_uint_eq(cfg->auth.window, 300);
+	ck_assert_uint_eq(cfg->auth.lockout, 900);
+	ck_assert_uint_eq(cfg->auth.failure_delay, 2);
 
 	snprintf(buf, sizeof(buf), "%s/server.crt", tmpdir);
 	ck_assert_str_eq(cfg->tls.cert, buf);
@@ -406,6 +413,13 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->limits.shutdown_timeout, 60);
 	ck_assert_uint_eq(cfg->limits.max_input_buffer, 65536);
 	ck_assert_uint_eq(cfg->limits.max_output_buffer, 65536);
+	ck_assert_uint_eq(cfg->limits.command_deadline, 60);
+	ck_assert_uint_eq(cfg->limits.min_data_rate, 500);
+	ck_assert_uint_eq(cfg->limits.max_sessions_per_ip, 100);
+	ck_assert_uint_eq(cfg->auth.max_failures, 5);
+	ck_assert_uint_eq(cfg->auth.window, 600);
+	ck_assert_uint_eq(cfg->auth.lockout, 600);
+	ck_assert_uint_eq(cfg->auth.failure_delay, 1);
 	ck_assert_ptr_null(cfg->tls.cert);
 	ck_assert_ptr_null(cfg->tls.key);
 	ck_assert_ptr_null(cfg->tls.server);

@@ -15,10 +15,12 @@
 #include <event2/buffer.h>
 
 #include "auth.h"
+#include "client_table.h"
 #include "config.h"
 #include "freed_watch.h"
 #include "log.h"
 #include "msgbody.h"
+#include "smtp_limits.h"
 #include "smtp_parse.h"
 #include "smtp_server.h"
 
@@ -57,6 +59,8 @@ struct harness {
 	char calls[512];
 	size_t n_calls;
 	unsigned timeout;
+	unsigned timer_ms;               /* the one-shot timer; 0: not running */
+	unsigned timer_starts;
 
 	/* the fake relay */
 	int relay_token;
@@ -90,6 +94,16 @@ static void
 io_set_timeout(void *ctx, unsigned seconds)
 {
 	((struct harness *)ctx)->timeout = seconds;
+}
+
+static void
+io_set_timer(void *ctx, unsigned ms)
+{
+	struct harness *h = ctx;
+
+	h->timer_ms = ms;
+	if (ms != 0)
+		h->timer_starts++;
 }
 
 static char *
@@ -168,6 +182,7 @@ static const struct smtp_session_io test_io = {
 	.close = io_close,
 	.pause = io_pause,
 	.set_timeout = io_set_timeout,
+	.set_timer = io_set_timer,
 	.relay_start = io_relay_start,
 	.relay_cancel = io_relay_cancel,
 };
@@ -193,6 +208,7 @@ setup(void)
 	h->cfg.limits = (struct limits_cfg){
 		.max_message_size = 10240, .max_recipients = 5, .max_errors = 10,
 		.command_timeout = 300, .data_timeout = 120, .memory_threshold = 1048576,
+		.command_deadline = 60,
 	};
 	h->listener.tls = TLS_MODE_NONE;
 	h->rt.cfg = &h->cfg;
@@ -214,6 +230,7 @@ teardown(void)
 	struct harness *h = &H;
 
 	smtp_session_free(h->s);
+	client_table_destroy(h->rt.clients);
 	relayed_free(&h->msg);
 	evbuffer_free(h->in);
 	evbuffer_free(h->out);
@@ -1355,6 +1372,217 @@ START_TEST(test_reply_backlog)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- slow clients */
+
+/* A command line has limits.command_deadline from its first octet to its
+ * end; octets do not restart it, a finished line does. */
+START_TEST(test_command_deadline)
+{
+	char *huge = malloc(20000);
+	unsigned starts;
+
+	h_start();
+	send_str("NOO");
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.timer_ms, 60000);
+	ck_exchange("P\r\n", "250 2.0.0 Ok\r\n");
+	ck_assert_uint_eq(H.timer_ms, 0);
+	starts = H.timer_starts;
+	ck_exchange("NOOP\r\nNO", "250 2.0.0 Ok\r\n");
+	ck_assert_uint_eq(H.timer_starts, starts + 1);
+	send_str("O");
+	send_str("P");
+	ck_assert_uint_eq(H.timer_starts, starts + 1);       /* not restarted by octets */
+	ck_exchange("\r\nNOOP\r\n", "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n");
+	ck_assert_uint_eq(H.timer_ms, 0);
+
+	/* An endless line being dropped is still one line. */
+	memset(huge, 'y', 20000);
+	feed(huge, 20000);
+	ck_assert_str_eq(take(), "500 5.5.2 Line too long\r\n");
+	starts = H.timer_starts;
+	ck_assert_uint_eq(H.timer_ms, 60000);
+	feed(huge, 20000);
+	ck_assert_uint_eq(H.timer_starts, starts);
+	calls_reset();
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Timeout\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_ptr_nonnull(strstr(log_text(), "command deadline (60 s) exceeded from [" CLIENT "]"));
+	free(huge);
+}
+END_TEST
+
+/* Nothing runs the deadline while the session waits for us (a relay). */
+START_TEST(test_command_deadline_only_for_commands)
+{
+	h_ready_for_data();
+	ck_assert_uint_eq(H.timer_ms, 0);               /* min_data_rate 0: no DATA deadline */
+	send_str("m\r\n.\r\nNOO");
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(H.timer_ms, 0);
+	smtp_session_timer(H.s);                        /* a stale expiry does nothing */
+	ck_assert_str_eq(take(), "");
+	relay_answer(true, 250, "2.0.0", "Ok");
+	ck_assert_msg(strncmp(take(), "250 2.0.0 Ok: queued as ", 24) == 0, "%s", H.text);
+	ck_assert_uint_eq(H.timer_ms, 60000);           /* "NOO" is a line begun */
+}
+END_TEST
+
+START_TEST(test_data_deadline_arithmetic)
+{
+	ck_assert_uint_eq(smtp_data_deadline_ms(1000, 100, 100, 300000), 2000);
+	ck_assert_uint_eq(smtp_data_deadline_ms(1000, 0, 100, 300000), 1000);
+	ck_assert_uint_eq(smtp_data_deadline_ms(0, 50, 100, 300000), 500);
+	ck_assert_uint_eq(smtp_data_deadline_ms(299000, 5000, 100, 300000), 300000);
+	ck_assert_uint_eq(smtp_data_deadline_ms(400000, 1, 100, 300000), 300000);
+	ck_assert_uint_eq(smtp_data_deadline_ms(10, UINT64_MAX, 100, 300000), 300000);
+	ck_assert_uint_eq(smtp_data_deadline_ms(10, 1, 0, 300000), 300000);
+	/* one octet every 4 s at 500 octets/s: the deadline only shrinks */
+	{
+		uint64_t left = 20000;
+		int reads = 0;
+
+		while (left > 4000) {
+			left = smtp_data_deadline_ms(left - 4000, 1, 500, 20000);
+			reads++;
+		}
+		ck_assert_int_lt(reads, 6);
+	}
+}
+END_TEST
+
+/* limits.min_data_rate: a message trickled in too slowly is cut off. */
+START_TEST(test_data_rate)
+{
+	H.cfg.limits.min_data_rate = 100;
+	h_ready_for_data();
+	ck_assert_uint_eq(H.timer_ms, 120000);
+	send_str("Subject: slow\r\n");
+	ck_assert_uint_gt(H.timer_ms, 0);
+	ck_assert_uint_le(H.timer_ms, 120000);
+	calls_reset();
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Timeout\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert_ptr_nonnull(strstr(log_text(), "DATA too slow from [" CLIENT "]: under 100 octets/s"));
+}
+END_TEST
+
+/* The deadline ends with the message. */
+START_TEST(test_data_rate_ends_with_message)
+{
+	H.cfg.limits.min_data_rate = 100;
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	ck_assert_uint_eq(H.timer_ms, 0);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	take();
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), "");
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+}
+END_TEST
+
+/* ---------------------------------------------------------------- password guessing */
+
+static void
+h_auth_limits(void)
+{
+	H.cfg.auth = (struct auth_cfg){ .max_failures = 3, .window = 600, .lockout = 600,
+	    .failure_delay = 1 };
+	H.rt.clients = client_table_create(64, 4);
+	ck_assert_ptr_nonnull(H.rt.clients);
+}
+
+static void
+h_auth_as(const char *pass)
+{
+	char line[512], enc[400];
+
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", USER, pass));
+	send_str(line);
+}
+
+START_TEST(test_auth_delay_arithmetic)
+{
+	ck_assert_uint_eq(smtp_auth_delay_ms(1, 1), 1000);
+	ck_assert_uint_eq(smtp_auth_delay_ms(2, 1), 2000);
+	ck_assert_uint_eq(smtp_auth_delay_ms(3, 2), 8000);
+	ck_assert_uint_eq(smtp_auth_delay_ms(6, 1), 32000);
+	ck_assert_uint_eq(smtp_auth_delay_ms(100, 1), 32000);
+	ck_assert_uint_eq(smtp_auth_delay_ms(4, 0), 0);
+}
+END_TEST
+
+/*
+ * A failed login is answered after a delay that grows with each failure of
+ * the client's address, without holding anything else up (the owner's
+ * timer); the failure that reaches max_failures locks the address out.
+ */
+START_TEST(test_auth_failure_delay_and_lockout)
+{
+	h_auth_limits();
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	calls_reset();
+	h_auth_as("wrong-1");
+	send_str("NOOP\r\n");
+	ck_assert_str_eq(take(), "");                   /* no 535 yet, NOOP waits */
+	ck_assert_str_eq(calls(), "P");
+	ck_assert_uint_eq(H.timer_ms, 1000);
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), AUTH_BAD "250 2.0.0 Ok\r\n");
+	ck_assert_str_eq(calls(), "PUF");
+
+	h_auth_as("wrong-2");
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.timer_ms, 2000);
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), AUTH_BAD);
+
+	calls_reset();
+	h_auth_as("wrong-3");
+	ck_assert_str_eq(take(), "421 4.7.0 " HOST " Too many failed logins from your address, "
+	    "try again later\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_uint_eq(count_of(log_text(), "auth lockout client=[" CLIENT "] failures=3"), 1);
+
+	/* A new session from the address: even the right password is refused. */
+	smtp_session_free(H.s);
+	H.s = NULL;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	h_auth_as(PASS);
+	ck_assert_str_eq(take(), "421 4.7.0 " HOST " Too many failed logins from your address, "
+	    "try again later\r\n");
+	ck_assert_uint_eq(count_of(log_text(), "auth lockout"), 1);
+
+	/* Another address is not locked out. */
+	smtp_session_free(H.s);
+	H.s = NULL;
+	H.params.client_addr = "192.0.2.99";
+	h_start();
+	h_auth();
+}
+END_TEST
+
+/* A stop during the delay: the 535 first, then 421 4.3.2. */
+START_TEST(test_auth_delay_then_shutdown)
+{
+	h_auth_limits();
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	h_auth_as("wrong");
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), AUTH_BAD "421 4.3.2 " HOST " Service shutting down\r\n");
+}
+END_TEST
+
 /* ---------------------------------------------------------------- limits, timeouts, shutdown */
 
 START_TEST(test_error_budget)
@@ -1623,6 +1851,22 @@ server_suite(void)
 	tc = tcase_create("back-pressure");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_reply_backlog);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("slow clients");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_command_deadline);
+	tcase_add_test(tc, test_command_deadline_only_for_commands);
+	tcase_add_test(tc, test_data_deadline_arithmetic);
+	tcase_add_test(tc, test_data_rate);
+	tcase_add_test(tc, test_data_rate_ends_with_message);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("password guessing");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_auth_delay_arithmetic);
+	tcase_add_test(tc, test_auth_failure_delay_and_lockout);
+	tcase_add_test(tc, test_auth_delay_then_shutdown);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("lifecycle");
