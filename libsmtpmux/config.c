@@ -280,6 +280,16 @@ path_join(char *buf, size_t len, const char *base, const char *key)
 	return buf;
 }
 
+/* Values from the file (a user, a host) may hold a newline: an error stays
+ * one line, for the log and for systemctl status. */
+static void
+one_line(char *s)
+{
+	for (; *s != '\0'; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			*s = '?';
+}
+
 /* Writes "FILE:LINE: KEY: what" for the key base.key; returns -1. */
 static int __attribute__((format(printf, 4, 5)))
 fail(struct loader *ld, const char *base, const char *key, const char *fmt, ...)
@@ -292,6 +302,8 @@ fail(struct loader *ld, const char *base, const char *key, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(what, sizeof(what), fmt, ap);
 	va_end(ap);
+	one_line(path);
+	one_line(what);
 	line = ld->lines ? config_lines_line(ld->lines, path) : 1;
 	if (*path != '\0')
 		snprintf(ld->err, ld->errlen, "%s:%u: %s: %s", ld->file, line, path, what);
@@ -1276,8 +1288,14 @@ raw_load(struct loader *ld, const char *data, size_t len, const cyaml_config_t *
 	return raw;
 }
 
-struct config *
-config_load(const char *path, char *err, size_t errlen)
+/*
+ * The steps of config_load() on text in memory; with build, the last one
+ * (certificates, selectors) too. path names the file in messages and is
+ * the base of relative file names.
+ */
+static struct config *
+config_from_text(const char *path, const char *data, size_t len, bool build, char *err,
+    size_t errlen)
 {
 	struct loader ld = { .file = path, .err = err, .errlen = errlen };
 	const cyaml_config_t cy = {
@@ -1289,8 +1307,6 @@ config_load(const char *path, char *err, size_t errlen)
 	};
 	struct raw_config *raw = NULL;
 	struct config *cfg;
-	char *data = NULL;
-	size_t len = 0;
 	unsigned errline;
 	int rc = -1;
 
@@ -1298,30 +1314,53 @@ config_load(const char *path, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: out of memory", path);
 		return NULL;
 	}
-	if (config_set_path(&ld, cfg, path) == -1 || (data = file_read(&ld, &len)) == NULL)
+	if (config_set_path(&ld, cfg, path) == -1)
 		goto out;
 	if ((ld.lines = config_lines_scan(data, len, &errline, err, errlen)) == NULL) {
-		char why[256];
+		char why[512];
 
 		snprintf(why, sizeof(why), "%s", err);
+		one_line(why);
 		snprintf(err, errlen, "%s:%u: %s", path, errline, why);
 		goto out;
 	}
 	if ((raw = raw_load(&ld, data, len, &cy)) == NULL ||
 	    check_bools(&ld, config_lines_get(ld.lines, "")) == -1)
 		goto out;
-	rc = config_check(&ld, raw, cfg) == 0 && config_build(&ld, raw, cfg) == 0 ? 0 : -1;
+	rc = config_check(&ld, raw, cfg) == 0 && (!build || config_build(&ld, raw, cfg) == 0) ?
+	    0 : -1;
 out:
 	if (raw != NULL)
 		cyaml_free(&cy, &top_schema, raw, 0);
 	config_lines_free(ld.lines);
-	free(data);
 	if (rc == -1) {
 		config_free(cfg);
 		return NULL;
 	}
-	config_warn(cfg);
+	if (build)
+		config_warn(cfg);
 	return cfg;
+}
+
+struct config *
+config_load(const char *path, char *err, size_t errlen)
+{
+	struct loader ld = { .file = path, .err = err, .errlen = errlen };
+	struct config *cfg;
+	size_t len = 0;
+	char *data;
+
+	if ((data = file_read(&ld, &len)) == NULL)
+		return NULL;
+	cfg = config_from_text(path, data, len, true, err, errlen);
+	free(data);
+	return cfg;
+}
+
+struct config *
+config_check_text(const char *path, const char *data, size_t len, char *err, size_t errlen)
+{
+	return config_from_text(path, data, len, false, err, errlen);
 }
 
 static void

@@ -183,6 +183,14 @@ const char *config_default_path(void);
 /* ---- for tests ---- */
 
 /*
+ * config_load() on text in memory, without loading what the configuration
+ * names (selectors, certificates): every rule of the file itself is
+ * checked. path names it in messages. For the unit tests and the fuzzer.
+ */
+struct config *config_check_text(const char *path, const char *data, size_t len,
+    char *err, size_t errlen);
+
+/*
  * Calls fn once for every key of the YAML schema, as a dotted path with
  * "[]" for list entries, e.g. "users[].downstreams[].addr"; the man page
  * test checks that each one is documented.

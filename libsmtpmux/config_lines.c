@@ -10,6 +10,13 @@
 
 /* Deeper nesting is no configuration smtpmux knows; refuse it early. */
 #define MAX_DEPTH 32
+/*
+ * Keys and values, aliases expanded. An alias copies its anchor's subtree,
+ * so nested ones multiply: a "billion laughs" file of a few hundred octets
+ * expands to gigabytes. Far more than any real configuration (a thousand
+ * users with ten downstreams each is about 150000 fewer).
+ */
+#define MAX_NODES 100000
 
 struct anchor {
 	char *name;
@@ -49,6 +56,16 @@ scan_fail(struct scan *sc, unsigned line, const char *what)
 {
 	sc->errline = line;
 	snprintf(sc->err, sc->errlen, "syntax error: %s", what);
+	return -1;
+}
+
+/* "KEY: too large", for the node at path that would cross MAX_NODES. */
+static int
+scan_fail_size(struct scan *sc, unsigned line, const char *path, bool alias)
+{
+	sc->errline = line;
+	snprintf(sc->err, sc->errlen, "%s: %s more than %d keys and values", *path ? path : "(top)",
+	    alias ? "aliases expand the file to" : "the file has", MAX_NODES);
 	return -1;
 }
 
@@ -231,6 +248,13 @@ scan_node(struct scan *sc, const yaml_event_t *ev)
 		parent = f->node;
 		path = path_join_index(cl->nodes[parent].path, f->next_index++);
 	}
+	if (path != NULL && cl->n_nodes >= MAX_NODES) {
+		int rc = scan_fail_size(sc, line, path, false);
+
+		free(path);
+		free(key);
+		return rc;
+	}
 	if (path == NULL || (n = node_add(cl, path, key, event_kind(ev), line, parent)) ==
 	    CONFIG_NODE_NONE) {
 		free(path);
@@ -254,6 +278,8 @@ scan_node(struct scan *sc, const yaml_event_t *ev)
 			return scan_fail(sc, line, "alias to an unknown anchor");
 		if (cl->nodes[a->node].end == 0)
 			return scan_fail(sc, line, "alias inside its own anchor");
+		if (cl->n_nodes + (cl->nodes[a->node].end - a->node - 1) > MAX_NODES)
+			return scan_fail_size(sc, line, cl->nodes[n].path, true);
 		if (alias_expand(sc, n, a->node) == -1)
 			return scan_fail(sc, line, "out of memory");
 		cl->nodes[n].end = cl->n_nodes;

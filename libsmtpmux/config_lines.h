@@ -36,7 +36,9 @@ struct config_lines;
 
 /*
  * Parses one YAML document from data. On a syntax error returns NULL,
- * *errline is its line and err reads "syntax error: ...".
+ * *errline is its line and err reads "syntax error: ..."; for a file that
+ * has, or whose aliases expand to, too many keys and values, it reads
+ * "KEY: ...".
  */
 struct config_lines *config_lines_scan(const char *data, size_t len,
     unsigned *errline, char *err, size_t errlen);

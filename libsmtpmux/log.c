@@ -97,7 +97,7 @@ log_close(void)
 	log_state.file = NULL;
 }
 
-static void
+static void __attribute__((format(printf, 2, 0)))
 log_vwrite(enum log_level level, const char *fmt, va_list ap)
 {
 	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };

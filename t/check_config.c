@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <check.h>
+#include <sys/resource.h>
 
 #include "config.h"
 #include "config_lines.h"
@@ -695,6 +696,8 @@ static const struct bad_case bad_cases[] = {
 	  false },
 	{ "bad_duplicate_user.yaml", false, 6, "users[1].email",
 	  "duplicate user \"APP@Example.com\" (also users[0])", false },
+	{ "bad_newline_value.yaml", false, 5, "users[1].email",
+	  "duplicate user \"A?B\" (also users[0])", false },
 	{ "bad_alias_value.yaml", false, 5, "users[1].email",
 	  "duplicate user \"app@example.com\" (also users[0])", false },
 	{ "bad_duplicate_name.yaml", false, 8, "users[0].downstreams[1].name",
@@ -734,6 +737,29 @@ START_TEST(test_bad)
 		    "%s: \"%s\" lacks \"%s\"", bc->file, err, bc->what);
 	else
 		ck_assert_str_eq(err + strlen(prefix), bc->what);
+}
+END_TEST
+
+/*
+ * A "billion laughs" file: 284 octets whose nested aliases expand to 4.8
+ * million values (1.3 GB). It is refused at the alias that crosses the
+ * bound, quickly and in little memory; the address-space limit makes a
+ * loader without the bound fail here rather than swap the machine.
+ */
+START_TEST(test_alias_bomb)
+{
+	char err[1024] = "";
+	struct config *cfg;
+
+#if !defined(__SANITIZE_ADDRESS__)       /* ASan reserves terabytes of address space */
+	struct rlimit as = { 1024UL << 20, 1024UL << 20 };
+
+	ck_assert_int_eq(setrlimit(RLIMIT_AS, &as), 0);
+#endif
+	cfg = config_load(FIXTURES "/bad_alias_bomb.yaml", err, sizeof(err));
+	ck_assert_ptr_null(cfg);
+	ck_assert_str_eq(err, FIXTURES "/bad_alias_bomb.yaml:6: f[0]: aliases expand the file to "
+	    "more than 100000 keys and values");
 }
 END_TEST
 
@@ -973,6 +999,7 @@ config_suite(void)
 	    (int)(sizeof(no_users_files) / sizeof(no_users_files[0])));
 	tcase_add_loop_test(tc, test_bad, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
 	tcase_add_test(tc, test_unreadable);
+	tcase_add_test(tc, test_alias_bomb);
 	tcase_add_test(tc, test_bool_words);
 	tcase_add_test(tc, test_man_page_documents_schema);
 	tcase_add_test(tc, test_netaddr);
