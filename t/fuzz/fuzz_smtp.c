@@ -6,7 +6,9 @@
  *  - no parsed command field holds a control character;
  *  - the DATA reader gives the same result however the input is chunked;
  *  - DATA writer then reader gives the body back;
- *  - a reply's length is within the input and its text is printable.
+ *  - a reply's length is within the input and its text is printable;
+ *  - a DATA deadline never passes its cap nor shrinks, an AUTH delay
+ *    never passes 32 times its base.
  * See README in this folder.
  */
 #include <stdint.h>
@@ -17,6 +19,7 @@
 
 #include "auth.h"
 #include "smtp_data.h"
+#include "smtp_limits.h"
 #include "smtp_parse.h"
 #include "smtp_reply.h"
 
@@ -42,6 +45,7 @@ check_command(const char *line, size_t len)
 		return;
 	}
 	require(strlen(cmd.path) <= SMTP_PATH_MAX);
+	require(smtp_cmd_line_max(&cmd) >= SMTP_CMD_LINE_MAX);
 	require_clean(cmd.path, strlen(cmd.path));
 	require_clean(cmd.domain, strlen(cmd.domain));
 	require_clean(cmd.mech, strlen(cmd.mech));
@@ -179,6 +183,30 @@ fuzz_auth(const char *in, size_t len)
 		require(login[0] != '\0' && strlen(login) <= AUTH_FIELD_MAX);
 }
 
+static uint64_t
+take_u64(const uint8_t **p, size_t *left)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < 8 && *left > 0; i++, (*p)++, (*left)--)
+		v = v << 8 | **p;
+	return v;
+}
+
+static void
+fuzz_limits(const uint8_t *p, size_t left)
+{
+	uint64_t remaining = take_u64(&p, &left), octets = take_u64(&p, &left);
+	uint64_t cap = take_u64(&p, &left) >> 1;
+	unsigned rate = (unsigned)take_u64(&p, &left), base = (unsigned)take_u64(&p, &left);
+	unsigned failures = (unsigned)take_u64(&p, &left);
+	uint64_t deadline = smtp_data_deadline_ms(remaining, octets, rate, cap);
+
+	require(deadline <= cap);
+	require(deadline >= (remaining < cap ? remaining : cap));
+	require(smtp_auth_delay_ms(failures, base) <= (uint64_t)base * 1000 * 32);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -190,5 +218,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_reply(in, size, false);
 	fuzz_reply(in, size, true);
 	fuzz_auth(in, size);
+	fuzz_limits(data, size);
 	return 0;
 }
