@@ -304,5 +304,21 @@ class AcceptBalanceTest(TwoWorkersTestCase):
         self.assertLess(lines, 20)
 
 
+class ProtocolTest(HostileTestCase):
+
+    def test_bdat_chunk_is_never_read_as_commands(self):
+        d = self.start()
+        c = self.client(d.port)
+        self.assertTrue(c.line().startswith("220 "))
+        self.assertNotIn("CHUNKING", c.cmd("EHLO chunky.test"))
+        chunk = b"RSET\r\nNOOP\r\nHELP\r\nQUIT\r\n"
+        c.sock.sendall(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        reply = c.line()
+        self.assertTrue(reply.startswith("521 5.5.1 "), reply)
+        # Closed at once: not one command of the chunk was answered.
+        self.assertEqual(c.file.read(), b"")
+        d.wait_log("BDAT without CHUNKING from [127.0.0.1]")
+
+
 if __name__ == "__main__":
     unittest.main()
