@@ -54,6 +54,7 @@ struct raw_limits {
 	unsigned *command_deadline;
 	unsigned *min_data_rate;
 	unsigned *max_sessions_per_ip;
+	unsigned *relay_deadline;
 };
 
 struct raw_auth {
@@ -61,6 +62,14 @@ struct raw_auth {
 	unsigned *window;
 	unsigned *lockout;
 	unsigned *failure_delay;
+};
+
+struct raw_cache {
+	bool *enabled;
+	unsigned *max_idle;
+	unsigned *idle_timeout;
+	unsigned *max_messages;
+	bool *early_connect;
 };
 
 struct raw_tls {
@@ -122,6 +131,7 @@ struct raw_config {
 	struct raw_tls *tls;
 	struct raw_health *health;
 	struct raw_auth *auth;
+	struct raw_cache *connection_cache;
 	struct raw_user *users;
 	unsigned n_users;
 };
@@ -157,6 +167,7 @@ static const cyaml_schema_field_t limits_fields[] = {
 	CYAML_FIELD_UINT_PTR("command_deadline", OPT, struct raw_limits, command_deadline),
 	CYAML_FIELD_UINT_PTR("min_data_rate", OPT, struct raw_limits, min_data_rate),
 	CYAML_FIELD_UINT_PTR("max_sessions_per_ip", OPT, struct raw_limits, max_sessions_per_ip),
+	CYAML_FIELD_UINT_PTR("relay_deadline", OPT, struct raw_limits, relay_deadline),
 	CYAML_FIELD_END
 };
 
@@ -165,6 +176,15 @@ static const cyaml_schema_field_t auth_fields[] = {
 	CYAML_FIELD_UINT_PTR("window", OPT, struct raw_auth, window),
 	CYAML_FIELD_UINT_PTR("lockout", OPT, struct raw_auth, lockout),
 	CYAML_FIELD_UINT_PTR("failure_delay", OPT, struct raw_auth, failure_delay),
+	CYAML_FIELD_END
+};
+
+static const cyaml_schema_field_t cache_fields[] = {
+	CYAML_FIELD_BOOL_PTR("enabled", OPT, struct raw_cache, enabled),
+	CYAML_FIELD_UINT_PTR("max_idle", OPT, struct raw_cache, max_idle),
+	CYAML_FIELD_UINT_PTR("idle_timeout", OPT, struct raw_cache, idle_timeout),
+	CYAML_FIELD_UINT_PTR("max_messages", OPT, struct raw_cache, max_messages),
+	CYAML_FIELD_BOOL_PTR("early_connect", OPT, struct raw_cache, early_connect),
 	CYAML_FIELD_END
 };
 
@@ -248,6 +268,8 @@ static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_MAPPING_PTR("tls", OPT, struct raw_config, tls, tls_fields),
 	CYAML_FIELD_MAPPING_PTR("health", OPT, struct raw_config, health, health_fields),
 	CYAML_FIELD_MAPPING_PTR("auth", OPT, struct raw_config, auth, auth_fields),
+	CYAML_FIELD_MAPPING_PTR("connection_cache", OPT, struct raw_config, connection_cache,
+	    cache_fields),
 	/* May be empty or absent: the file as installed defines no users, and
 	 * the daemon refuses to run it (config_has_users) rather than call it
 	 * broken. */
@@ -676,7 +698,9 @@ check_limits(struct loader *ld, const struct raw_limits *raw, struct limits_cfg 
 	        &l->command_deadline) == -1 ||
 	    uint_opt(ld, b, "min_data_rate", raw->min_data_rate, 500, 0, &l->min_data_rate) == -1 ||
 	    uint_opt(ld, b, "max_sessions_per_ip", raw->max_sessions_per_ip, 100, 0,
-	        &l->max_sessions_per_ip) == -1)
+	        &l->max_sessions_per_ip) == -1 ||
+	    uint_opt(ld, b, "relay_deadline", raw->relay_deadline, 240, 1,
+	        &l->relay_deadline) == -1)
 		return -1;
 	return 0;
 }
@@ -693,6 +717,23 @@ check_auth(struct loader *ld, const struct raw_auth *raw, struct auth_cfg *a)
 	    uint_opt(ld, b, "window", raw->window, 600, 1, &a->window) == -1 ||
 	    uint_opt(ld, b, "lockout", raw->lockout, 600, 1, &a->lockout) == -1 ||
 	    uint_opt(ld, b, "failure_delay", raw->failure_delay, 1, 0, &a->failure_delay) == -1)
+		return -1;
+	return 0;
+}
+
+static int
+check_cache(struct loader *ld, const struct raw_cache *raw, struct cache_cfg *c)
+{
+	static const struct raw_cache none;
+	const char *b = "connection_cache";
+
+	if (raw == NULL)
+		raw = &none;
+	c->enabled = raw->enabled == NULL || *raw->enabled;
+	c->early_connect = raw->early_connect == NULL || *raw->early_connect;
+	if (uint_opt(ld, b, "max_idle", raw->max_idle, 2, 1, &c->max_idle) == -1 ||
+	    uint_opt(ld, b, "idle_timeout", raw->idle_timeout, 5, 1, &c->idle_timeout) == -1 ||
+	    uint_opt(ld, b, "max_messages", raw->max_messages, 100, 1, &c->max_messages) == -1)
 		return -1;
 	return 0;
 }
@@ -1110,6 +1151,7 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_limits(ld, raw->limits, &cfg->limits) == -1 ||
 	    check_health(ld, raw->health, &cfg->health) == -1 ||
 	    check_auth(ld, raw->auth, &cfg->auth) == -1 ||
+	    check_cache(ld, raw->connection_cache, &cfg->connection_cache) == -1 ||
 	    check_users(ld, raw, cfg) == -1)
 		return -1;
 	return 0;

@@ -66,6 +66,7 @@ struct limits_cfg {
 	                                    0: off */
 	unsigned max_sessions_per_ip;    /* per client address, all workers; default 100,
 	                                    0: no limit */
+	unsigned relay_deadline;         /* s, all attempts of one message; default 240 */
 };
 
 /* `auth:` failed logins per client address, counted across workers */
@@ -75,6 +76,15 @@ struct auth_cfg {
 	unsigned lockout;                /* s; default 600 */
 	unsigned failure_delay;          /* s before the first 535, doubling after each
 	                                    failure; default 1, 0: none */
+};
+
+/* `connection_cache:` (idle authenticated sessions to downstreams, per worker) */
+struct cache_cfg {
+	bool enabled;                    /* default true; false: one session per message */
+	unsigned max_idle;               /* idle sessions kept per downstream; default 2 */
+	unsigned idle_timeout;           /* s, before an idle session is closed; default 5 */
+	unsigned max_messages;           /* messages per session; default 100 */
+	bool early_connect;              /* connect at the first RCPT; default true */
 };
 
 /* `tls:` (inbound certificate and GnuTLS priority string) */
@@ -151,6 +161,7 @@ struct config {
 	struct tls_cfg tls;
 	struct health_cfg health;
 	struct auth_cfg auth;
+	struct cache_cfg connection_cache;
 	struct user_cfg *users;
 	size_t n_users;
 	void *priv;                      /* config.c's own (libcyaml tree etc.) */

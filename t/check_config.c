@@ -215,6 +215,12 @@ check_full_sections(const struct config *cfg)
 	ck_assert_uint_eq(cfg->auth.window, 300);
 	ck_assert_uint_eq(cfg->auth.lockout, 900);
 	ck_assert_uint_eq(cfg->auth.failure_delay, 2);
+	ck_assert_uint_eq(cfg->limits.relay_deadline, 90);
+	ck_assert(!cfg->connection_cache.enabled);
+	ck_assert_uint_eq(cfg->connection_cache.max_idle, 4);
+	ck_assert_uint_eq(cfg->connection_cache.idle_timeout, 30);
+	ck_assert_uint_eq(cfg->connection_cache.max_messages, 10);
+	ck_assert(!cfg->connection_cache.early_connect);
 
 	snprintf(buf, sizeof(buf), "%s/server.crt", tmpdir);
 	ck_assert_str_eq(cfg->tls.cert, buf);
@@ -421,6 +427,12 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->auth.window, 600);
 	ck_assert_uint_eq(cfg->auth.lockout, 600);
 	ck_assert_uint_eq(cfg->auth.failure_delay, 1);
+	ck_assert_uint_eq(cfg->limits.relay_deadline, 240);
+	ck_assert(cfg->connection_cache.enabled);
+	ck_assert_uint_eq(cfg->connection_cache.max_idle, 2);
+	ck_assert_uint_eq(cfg->connection_cache.idle_timeout, 5);
+	ck_assert_uint_eq(cfg->connection_cache.max_messages, 100);
+	ck_assert(cfg->connection_cache.early_connect);
 	ck_assert_ptr_null(cfg->tls.cert);
 	ck_assert_ptr_null(cfg->tls.key);
 	ck_assert_ptr_null(cfg->tls.server);
