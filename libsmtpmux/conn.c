@@ -788,6 +788,17 @@ conn_do_write(struct conn *c)
 	}
 }
 
+void
+conn_flush_now(struct conn *c)
+{
+	if (conn_gone(c) || c->state != CONN_S_OPEN || evbuffer_get_length(c->out) == 0)
+		return;
+	c->flush_wanted = true;
+	conn_enter(c);
+	conn_do_write(c);
+	conn_leave(c);
+}
+
 static void
 conn_describe_tls(struct conn *c)
 {

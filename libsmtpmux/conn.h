@@ -62,6 +62,12 @@ struct evbuffer *conn_output(struct conn *);
 void conn_flush(struct conn *);
 int conn_printf(struct conn *, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/*
+ * Writes what it can of conn_output() right away, without waiting for the
+ * loop, e.g. a last QUIT before the process exits. Callbacks may run.
+ */
+void conn_flush_now(struct conn *);
+
 /* Stops / restarts reading from the peer (back-pressure). */
 void conn_pause_read(struct conn *);
 void conn_resume_read(struct conn *);

@@ -15,15 +15,23 @@
 
 /*
  * A relay walks the order the selector chose and makes one attempt at a
- * time. The verdict the client hears:
+ * time, all within one deadline (limits.relay_deadline) counted from the
+ * final dot. The verdict the client hears:
  *   - 250 as soon as one downstream answered the final dot with 2xx;
  *   - 451 4.4.1 when any attempt failed temporarily, was throttled (quota
  *     replies are often 5xx and must fail over, not bounce), failed before
  *     the transaction (connect, TLS, greeting, EHLO, AUTH: a problem of the
  *     downstream, not of the message), or when a downstream was skipped for
- *     its quota or no downstream was tried at all;
- *   - otherwise every downstream refused the message itself (5xx to MAIL,
- *     RCPT, DATA or the dot): the last such code, with generic text.
+ *     its quota or for want of time, or no downstream was tried at all;
+ *   - otherwise, if some downstream refused the message itself (5xx to
+ *     MAIL, RCPT, DATA or the dot): the last such code, with generic text;
+ *   - otherwise no downstream could take the message (no 8BITMIME for an
+ *     8-bit body: 554 5.6.3; a SIZE limit below it: 552 5.3.4), which no
+ *     retry changes.
+ *
+ * With early connect, a relay is prepared at the first RCPT: the order is
+ * chosen then, and a session to its first downstream logs in while the
+ * client sends the message. Health is only touched per attempt, at the dot.
  */
 
 struct relay {
@@ -43,16 +51,23 @@ struct relay {
 	struct upstream *up;                 /* attempt in progress */
 	const struct downstream_cfg *cur;
 	time_t cur_started;
+	int64_t deadline_ms;                 /* runtime_now_ms() scale */
+
+	struct upstream *early;              /* early session to order[early_idx] */
+	size_t early_idx;
 
 	unsigned attempts;
 	bool retry_later;                    /* some failure was not the message's fault */
 	bool have_perm;
 	struct upstream_result perm;         /* last message-level refusal */
 	const struct downstream_cfg *perm_ds;
+	bool have_skip;
+	struct upstream_result skip;         /* last downstream that could not take it */
 	struct timeval t0;
 };
 
 static void relay_step(evutil_socket_t, short, void *);
+static void attempt_done(void *arg, const struct upstream_result *res);
 
 /* --- health ------------------------------------------------------------------ */
 
@@ -101,9 +116,12 @@ ms_since(const struct timeval *t0)
 }
 
 static const char *
-status_word(enum upstream_status s)
+status_word(const struct upstream_result *res)
 {
-	return s == UPSTREAM_OK ? "sent" : s == UPSTREAM_TEMPFAIL ? "deferred" : "bounced";
+	if (res->skipped)
+		return "skipped";
+	return res->status == UPSTREAM_OK ? "sent" :
+	    res->status == UPSTREAM_TEMPFAIL ? "deferred" : "bounced";
 }
 
 static const char *
@@ -116,11 +134,14 @@ static void
 log_attempt(const struct relay *r, const struct downstream_cfg *ds,
     const struct upstream_result *res)
 {
-	char text[SMTP_REPLY_TEXT_MAX], tls[sizeof(res->tls_desc)];
+	char text[SMTP_REPLY_TEXT_MAX], tls[sizeof(res->tls_desc)], use[32] = "";
 
-	log_info("id=%s relay=%s[%s] attempt=%u stage=%s status=%s delay=%u.%03u "
+	/* Postfix's conn_use: the session's n-th message, for reused ones. */
+	if (res->conn_use > 1)
+		snprintf(use, sizeof(use), " conn_use=%u", res->conn_use);
+	log_info("id=%s relay=%s[%s] attempt=%u stage=%s status=%s%s delay=%u.%03u "
 	    "tls=%s (%d%s%s %s)", r->msg->id, ds->name, ds->addr, r->attempts,
-	    res->stage, status_word(res->status), res->latency_ms / 1000,
+	    res->stage, status_word(res), use, res->latency_ms / 1000,
 	    res->latency_ms % 1000,
 	    res->tls_desc[0] ? clean(tls, sizeof(tls), res->tls_desc) : "none",
 	    res->code, res->enhanced[0] ? " " : "", res->enhanced,
@@ -128,17 +149,21 @@ log_attempt(const struct relay *r, const struct downstream_cfg *ds,
 }
 
 /* health_begin() said no; the view says why, for the log. */
-static void
-log_skipped(const struct relay *r, const struct downstream_cfg *ds, time_t now)
+static const char *
+refusal_reason(const struct relay *r, const struct downstream_cfg *ds, time_t now)
 {
 	struct smtpmux_downstream_view v;
-	const char *why;
 
 	fill_view(r, ds, now, &v);
-	why = v.state == SMTPMUX_DS_DOWN ? "circuit open" :
+	return v.state == SMTPMUX_DS_DOWN ? "circuit open" :
 	    v.state == SMTPMUX_DS_THROTTLED ? "throttled" :
 	    v.quota_left == 0 ? "over quota" :
 	    v.state == SMTPMUX_DS_HALF_OPEN ? "half-open, trial in progress" : "unavailable";
+}
+
+static void
+log_skipped(const struct relay *r, const struct downstream_cfg *ds, const char *why)
+{
 	log_info("id=%s relay=%s[%s] attempt=%u stage=connect status=skipped delay=0.000 "
 	    "tls=none (0 %s)", r->msg->id, ds->name, ds->addr, r->attempts + 1, why);
 }
@@ -223,12 +248,23 @@ perm_text(const struct relay *r, char *out, size_t len)
 }
 
 static void
+relay_free(struct relay *r)
+{
+	upstream_release(r->early);
+	free(r->order);
+	free(r->later);
+	event_free(r->kick);
+	free(r);
+}
+
+static void
 finish(struct relay *r, bool ok)
 {
 	struct relay_result res;
 	relay_done_fn done = r->done;
 	void *arg = r->arg;
 	const char *status;
+	char text[200];
 
 	memset(&res, 0, sizeof(res));
 	if (ok) {
@@ -238,24 +274,27 @@ finish(struct relay *r, bool ok)
 		snprintf(res.text, sizeof(res.text), "Ok: queued as %s", r->msg->id);
 		snprintf(res.relay, sizeof(res.relay), "%s", r->cur->name);
 		status = "sent";
-	} else if (r->retry_later || !r->have_perm) {
+	} else if (r->retry_later || (!r->have_perm && !r->have_skip)) {
 		res.code = 451;
 		snprintf(res.enhanced, sizeof(res.enhanced), "4.4.1");
 		snprintf(res.text, sizeof(res.text), "Requested action aborted: "
 		    "no downstream accepted the message, try again later");
 		status = "deferred";
-	} else {
+	} else if (r->have_perm) {
 		res.code = r->perm.code >= 500 && r->perm.code < 600 ? r->perm.code : 554;
 		snprintf(res.enhanced, sizeof(res.enhanced), "%s",
 		    r->perm.enhanced[0] == '5' ? r->perm.enhanced : "5.0.0");
 		perm_text(r, res.text, sizeof(res.text));
 		status = "bounced";
+	} else {
+		res.code = r->skip.code;
+		snprintf(res.enhanced, sizeof(res.enhanced), "%s", r->skip.enhanced);
+		snprintf(res.text, sizeof(res.text), "No downstream can take this message: %s",
+		    clean(text, sizeof(text), r->skip.text));
+		status = "bounced";
 	}
 	log_final(r, &res, status);
-	free(r->order);
-	free(r->later);
-	event_free(r->kick);
-	free(r);
+	relay_free(r);
 	done(arg, &res);
 }
 
@@ -290,6 +329,15 @@ attempt_done(void *arg, const struct upstream_result *res)
 	 * of the credentials either. */
 	mask(masked.text, sizeof(masked.text), ds->pass);
 	mask(masked.text, sizeof(masked.text), ds->user);
+	if (res->skipped) {
+		/* Nothing was sent, and the downstream did nothing wrong. */
+		release_attempt(r, ds, "cannot take this message");
+		log_attempt(r, ds, &masked);
+		r->have_skip = true;
+		r->skip = masked;
+		evtimer_add(r->kick, &now);
+		return;
+	}
 	outcome = res->status == UPSTREAM_OK ? HEALTH_OK :
 	    res->throttle ? HEALTH_THROTTLED : HEALTH_FAIL;
 	if (has_health(r, ds))
@@ -313,6 +361,40 @@ attempt_done(void *arg, const struct upstream_result *res)
 }
 
 /*
+ * An attempt is begun only while the time left covers it: twice the
+ * downstream's average delivery time, and at least a second. One cut short
+ * after its final dot could deliver a message the client is told failed.
+ */
+static bool
+deadline_covers(const struct relay *r, const struct downstream_cfg *ds, time_t now,
+    int64_t *left)
+{
+	struct smtpmux_downstream_view v;
+	int64_t need;
+
+	fill_view(r, ds, now, &v);
+	need = 2 * (int64_t)v.latency_ms;
+	if (need < 1000)
+		need = 1000;
+	*left = r->deadline_ms - runtime_now_ms();
+	return *left >= need;
+}
+
+static struct upstream *
+attempt_start(struct relay *r, const struct downstream_cfg *ds, size_t idx)
+{
+	struct upstream *up;
+
+	if (r->early != NULL && r->early_idx == idx) {
+		up = r->early;
+		r->early = NULL;
+		upstream_adopt(up, r->msg, r->deadline_ms, attempt_done, r);
+		return up;
+	}
+	return upstream_start(r->rt, ds, r->msg, r->deadline_ms, attempt_done, r);
+}
+
+/*
  * Starts the next attempt the quotas allow, or ends the relay. A
  * downstream whose circuit is open or that is throttled waits until every
  * other one has failed, and is then tried anyway: no message fails while
@@ -326,6 +408,8 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 	size_t idx;
 	bool last_resort, begun;
 	time_t now;
+	int64_t left;
+	char why[64];
 
 	(void)fd;
 	(void)what;
@@ -342,6 +426,13 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 		/* One clock reading: a failure gives the quota back to the window
 		 * it was taken from, which `begun` must therefore name. */
 		now = time(NULL);
+		if (!deadline_covers(r, ds, now, &left)) {
+			snprintf(why, sizeof(why), "relay deadline: %lld ms left",
+			    (long long)(left > 0 ? left : 0));
+			log_skipped(r, ds, why);
+			r->retry_later = true;
+			continue;
+		}
 		if (has_health(r, ds)) {
 			begun = last_resort ?
 			    health_begin_last_resort(ds->health, ds, r->rt->worker_slot, now) :
@@ -351,7 +442,7 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 				continue;
 			}
 			if (!begun) {
-				log_skipped(r, ds, now);
+				log_skipped(r, ds, refusal_reason(r, ds, now));
 				r->retry_later = true;   /* the quota comes back; so may the message */
 				continue;
 			}
@@ -359,7 +450,7 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 		r->attempts++;
 		r->cur = ds;
 		r->cur_started = now;
-		r->up = upstream_start(r->rt, ds, r->msg, attempt_done, r);
+		r->up = attempt_start(r, ds, idx);
 		if (r->up != NULL)
 			return;
 		log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
@@ -405,23 +496,19 @@ order_downstreams(struct relay *r, const char *client_addr)
 	return n;
 }
 
-struct relay *
-relay_start(struct runtime *rt, const struct user_cfg *user,
-    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
-    relay_done_fn done, void *arg)
+/* A relay with its order chosen (the selector runs here, once). */
+static struct relay *
+relay_new(struct runtime *rt, const struct user_cfg *user, const struct upstream_msg *env,
+    uint64_t size, const char *client_addr)
 {
 	struct relay *r;
-	struct timeval now = { 0, 0 };
 
 	if ((r = calloc(1, sizeof(*r))) == NULL)
 		return NULL;
 	r->rt = rt;
 	r->user = user;
-	r->msg = msg;
+	r->msg = env;
 	r->size = size;
-	r->done = done;
-	r->arg = arg;
-	gettimeofday(&r->t0, NULL);
 	if ((r->order = calloc(user->n_downstreams + 1, sizeof(*r->order))) == NULL ||
 	    (r->later = calloc(user->n_downstreams + 1, sizeof(*r->later))) == NULL ||
 	    (r->kick = evtimer_new(rt->base, relay_step, r)) == NULL) {
@@ -431,9 +518,76 @@ relay_start(struct runtime *rt, const struct user_cfg *user,
 		return NULL;
 	}
 	r->n_order = order_downstreams(r, client_addr);
+	return r;
+}
+
+static unsigned
+relay_deadline_s(const struct relay *r)
+{
+	unsigned s = r->rt->cfg != NULL ? r->rt->cfg->limits.relay_deadline : 0;
+
+	return s != 0 ? s : 240;
+}
+
+struct relay *
+relay_begin(struct relay *r, const struct upstream_msg *msg, uint64_t size,
+    relay_done_fn done, void *arg)
+{
+	struct timeval now = { 0, 0 };
+
+	r->msg = msg;
+	r->size = size;
+	r->done = done;
+	r->arg = arg;
+	gettimeofday(&r->t0, NULL);
+	r->deadline_ms = runtime_now_ms() + (int64_t)relay_deadline_s(r) * 1000;
 	/* Even "nothing to try" is answered from the loop, never inside relay_start(). */
 	evtimer_add(r->kick, &now);
 	return r;
+}
+
+struct relay *
+relay_start(struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+    relay_done_fn done, void *arg)
+{
+	struct relay *r = relay_new(rt, user, msg, size, client_addr);
+
+	return r != NULL ? relay_begin(r, msg, size, done, arg) : NULL;
+}
+
+static bool
+early_connect_on(const struct runtime *rt)
+{
+	return rt->cache != NULL && rt->cfg != NULL && rt->cfg->connection_cache.early_connect;
+}
+
+struct relay *
+relay_prepare(struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *env, uint64_t size, const char *client_addr)
+{
+	struct smtpmux_downstream_view v;
+	struct relay *r;
+
+	if (!early_connect_on(rt) || (r = relay_new(rt, user, env, size, client_addr)) == NULL)
+		return NULL;
+	r->msg = NULL;                       /* env is the caller's, for the selector only */
+	if (r->n_order > 0) {
+		/* Only where the message will go first: a downstream that is
+		 * down or over quota gets no session it would not use. */
+		fill_view(r, &user->downstreams[r->order[0]], time(NULL), &v);
+		if (v.available) {
+			r->early_idx = r->order[0];
+			r->early = upstream_prepare(rt, &user->downstreams[r->early_idx]);
+		}
+	}
+	return r;
+}
+
+bool
+relay_dot_sent(const struct relay *r)
+{
+	return r != NULL && upstream_dot_sent(r->up);
 }
 
 void
@@ -450,8 +604,5 @@ relay_cancel(struct relay *r)
 		log_info("id=%s relay=%s[%s] attempt=%u status=cancelled", r->msg->id,
 		    ds->name, ds->addr, r->attempts);
 	}
-	free(r->order);
-	free(r->later);
-	event_free(r->kick);
-	free(r);
+	relay_free(r);
 }

@@ -9,8 +9,10 @@
 /*
  * Relaying one message: ask the user's selector for an order (with the
  * shared health view), then try the downstreams one after another with
- * upstream_start() until one accepts. Each attempt is logged and reported
- * to the health segment; over-quota downstreams are skipped. The result is
+ * upstream_start() until one accepts, all within limits.relay_deadline.
+ * Each attempt is logged and reported to the health segment; over-quota
+ * downstreams are skipped, and so are downstreams that cannot take the
+ * message (8BITMIME, SIZE), without counting against them. The result is
  * what the client is told.
  */
 
@@ -34,6 +36,33 @@ struct relay *relay_start(struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *msg, uint64_t size, const char *client_addr,
     relay_done_fn done, void *arg);
 
+/*
+ * Early connect (at the client's first accepted RCPT): orders the
+ * downstreams now - the selector runs once per message, here, seeing the
+ * envelope so far (env: sender, the first recipient; size: the client's
+ * SIZE= or 0) - and starts logging in to the first one of that order, so
+ * that only the transaction is left at the final dot. NULL when early
+ * connect is off (no connection cache, or connection_cache.early_connect
+ * false): relay_start() then does everything at the dot.
+ */
+struct relay *relay_prepare(struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *env, uint64_t size, const char *client_addr);
+
+/* Starts relaying msg with a prepared relay, as relay_start() would. */
+struct relay *relay_begin(struct relay *, const struct upstream_msg *msg, uint64_t size,
+    relay_done_fn done, void *arg);
+
+/*
+ * True once the attempt in progress has written the final dot: the
+ * downstream may deliver whatever we do now, so the relay must run to
+ * its verdict rather than be cancelled (at a reload or stop, or when the
+ * client hangs up). A message whose relay has not sent the dot can still
+ * be taken back.
+ */
+bool relay_dot_sent(const struct relay *);
+
+/* Cancels a prepared or started relay; done is not called. An early
+ * session that is logged in goes back to the connection cache. */
 void relay_cancel(struct relay *);
 
 #endif

@@ -4,6 +4,7 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <time.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
@@ -12,6 +13,7 @@ struct client_table;
 struct config;
 struct health;
 struct upstream;
+struct upstream_cache;
 
 /*
  * What a worker's sessions and deliveries share: its event loop, its DNS
@@ -29,7 +31,19 @@ struct runtime {
 	unsigned worker_slot;            /* this worker's in-flight slot */
 	uint32_t id_seq;                 /* for runtime_new_id() */
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */
+	struct upstream_cache *cache;    /* idle downstream sessions; NULL: no reuse */
 };
+
+/* Milliseconds on the monotonic clock: deadlines that a changed wall
+ * clock cannot move. */
+static inline int64_t
+runtime_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 /*
  * Writes a new queue id (12 upper-case hex digits, unique across the

@@ -19,19 +19,29 @@
 #include "netaddr.h"
 #include "smtp_data.h"
 #include "upstream.h"
+#include "upstream_cache.h"
 
 /*
- * One attempt is a state machine driven by the downstream's replies. Each
- * state waits for exactly one thing (an address, a connection, a
- * handshake, a reply, room in the output buffer) under one timer, so a
- * silent or slow downstream costs a timer and a socket, never the loop.
+ * A session with a downstream is a state machine driven by its replies,
+ * and every wait (an address, a connection, a handshake, a reply, room in
+ * the output buffer) runs under one timer, so a silent or slow downstream
+ * costs a timer and a socket, never the loop.
+ *
+ * Replies are matched to what was asked. Every command sent pushes what it
+ * awaits onto a queue (RFC 2920 pipelining is the same mechanism with more
+ * entries at once), and each complete reply answers the oldest entry - but
+ * only if that command had left our output buffer, and only if the reply
+ * came after the command was queued. Anything else is unsolicited and
+ * fails the attempt: a "250" glued to a 354 is never the reply to a final
+ * dot that had not been sent, and a "250" before MAIL is never MAIL's.
  *
  * The result is reported as soon as it is known (the reply to the final
- * dot decides); the object then lingers briefly to say QUIT and frees
- * itself. The caller's handle is invalid from the moment done is called.
+ * dot decides). The session then goes to the connection cache, logged in,
+ * or says QUIT and frees itself. The caller's handle is invalid from the
+ * moment done is called.
  *
  * Nothing this file sends comes from client text: commands are rebuilt
- * from fields the inbound parser validated, and send_cmd() refuses any
+ * from fields the inbound parser validated, and queue_cmd() refuses any
  * line that would still contain CR, LF or NUL.
  */
 
@@ -40,22 +50,49 @@
 #define REPLY_MAX       (64 * 1024)      /* a reply longer than this is garbage */
 #define QUIT_LINGER_S   10               /* the result is known; 221 is courtesy */
 
+enum up_mode {
+	MODE_ATTEMPT,          /* delivers msg */
+	MODE_PROBE,            /* connect, EHLO, QUIT: a health probe */
+	MODE_PREPARE           /* early connect: logs in, waits for upstream_adopt() */
+};
+
 enum up_state {
 	UP_START,              /* deferred start pending (done is never synchronous) */
 	UP_RESOLVING,          /* evdns_getaddrinfo */
 	UP_CONNECTING,         /* non-blocking connect to ai_next */
 	UP_TLS_HANDSHAKE,      /* implicit TLS, or after 220 to STARTTLS */
-	UP_GREETING,           /* waiting for 220 */
-	UP_EHLO,
-	UP_HELO,               /* EHLO was refused with 5xx */
-	UP_STARTTLS,
-	UP_AUTH,               /* waiting for 235 */
-	UP_AUTH_LOGIN_USER,    /* waiting for 334 to AUTH LOGIN */
-	UP_AUTH_LOGIN_PASS,    /* waiting for 334 after the user name */
-	UP_ENVELOPE,           /* replies to MAIL, RCPT..., DATA (maybe pipelined) */
+	UP_SETUP,              /* greeting, EHLO/HELO, STARTTLS, AUTH */
+	UP_READY,              /* logged in, no message: early, or idle in the cache */
+	UP_RESUME,             /* a ready session got a message; the loop starts it */
+	UP_ENVELOPE,           /* replies to RSET, MAIL, RCPT..., DATA */
 	UP_BODY,               /* streaming the message */
 	UP_DOT,                /* waiting for the reply to the final dot */
-	UP_QUIT                /* result reported: QUIT sent or closing */
+	UP_QUIT,               /* done with: QUIT sent, or closing */
+	UP_DEAD                /* an early session that failed; adopt reconnects */
+};
+
+/* What a command sent is waiting for. */
+enum await_kind {
+	AW_GREETING, AW_EHLO, AW_HELO, AW_STARTTLS, AW_AUTH,
+	AW_RSET, AW_MAIL, AW_RCPT, AW_DATA, AW_DOT
+};
+
+struct awaited {
+	enum await_kind kind;
+	uint64_t in_mark;      /* input octets received when it was queued */
+	uint64_t out_end;      /* output octets up to the end of the command */
+};
+
+/*
+ * How to log in. auth_choose() is the one place that picks a mechanism;
+ * begin sends the AUTH command (with its initial response, if any) and
+ * answer replies to the server's 334 challenges, step 0 first. Both push
+ * AW_AUTH for the reply they expect; the final 235 ends the exchange.
+ */
+struct auth_mech {
+	const char *name;
+	int (*begin)(struct upstream *);
+	int (*answer)(struct upstream *, unsigned step, const struct smtp_reply *challenge);
 };
 
 /*
@@ -69,15 +106,20 @@ struct dns_ticket {
 struct upstream {
 	struct runtime *rt;
 	const struct downstream_cfg *ds;
-	const struct upstream_msg *msg;      /* NULL for a probe */
+	enum up_mode mode;
+	const struct upstream_msg *msg;      /* NULL: probe, early or idle session */
 	upstream_done_fn done;
 	void *arg;
+	int64_t deadline_ms;                 /* 0: none */
 
 	enum up_state state;
 	const char *stage;                   /* reported on failure */
 	const char *waiting;                 /* for timeout texts */
+	bool timer_is_deadline;              /* the timer stands for the relay deadline */
+	int64_t timer_due_ms;
 	struct event *timer;
 	struct conn *conn;
+	struct evbuffer_cb_entry *out_counter;
 
 	struct dns_ticket *dns;              /* pending evdns request, if any */
 	struct evdns_getaddrinfo_request *dns_req;
@@ -93,9 +135,23 @@ struct upstream {
 
 	bool tls_active;
 	struct smtp_reply caps;              /* capabilities of the last EHLO */
+	const struct auth_mech *mech;
+	unsigned auth_step;
 
-	size_t env_total;                    /* MAIL + RCPTs + DATA */
-	size_t env_sent, env_got;
+	/* Replies awaited, oldest at head; and the stream offsets they are
+	 * checked against (see await_answerable()). */
+	struct awaited *aw;
+	size_t aw_head, aw_tail, aw_cap;
+	uint64_t in_consumed;                /* input octets taken as replies */
+	uint64_t out_added, out_sent;        /* kept by count_output() */
+
+	size_t env_total, env_next;          /* MAIL, RCPT..., DATA */
+	bool pipelining;
+	uint64_t dot_end;                    /* out_added once the dot was queued */
+
+	unsigned n_txn;                      /* transactions begun on this connection */
+	bool resuming;                       /* back from idle: not proven alive yet */
+	struct upstream_cache_entry entry;
 
 	struct smtp_data_writer writer;
 	uint64_t body_off;
@@ -104,7 +160,7 @@ struct upstream {
 
 	struct timeval t0;
 
-	/* In rt->lingering while it waits for the reply to QUIT. */
+	/* In rt->lingering while nobody else owns it (saying QUIT, closing). */
 	struct upstream *linger_next, **linger_prev;
 };
 
@@ -123,6 +179,7 @@ static const struct conn_cbs up_cbs = {
 };
 
 static void try_next_address(struct upstream *);
+static void start_transaction(struct upstream *);
 
 /* --- small helpers ----------------------------------------------------- */
 
@@ -154,13 +211,44 @@ timeout_dot(const struct upstream *up)
 	return limit_or(up->rt->cfg != NULL ? up->rt->cfg->limits.upstream_data_timeout : 0, 600);
 }
 
+/*
+ * Every wait is capped by the relay's deadline, so that one slow step
+ * cannot spend the time meant for the next downstream, and the client
+ * hears from us before it gives up (RFC 5321 4.5.3.2.6).
+ */
+static void
+arm_timer_ms(struct upstream *up, int64_t ms, const char *waiting)
+{
+	struct timeval tv;
+	int64_t now = runtime_now_ms();
+
+	up->waiting = waiting;
+	up->timer_is_deadline = false;
+	if (up->deadline_ms != 0 && up->deadline_ms - now < ms) {
+		ms = up->deadline_ms > now ? up->deadline_ms - now : 0;
+		up->timer_is_deadline = true;
+	}
+	up->timer_due_ms = now + ms;
+	tv.tv_sec = (time_t)(ms / 1000);
+	tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+	evtimer_add(up->timer, &tv);
+}
+
 static void
 arm_timer(struct upstream *up, unsigned seconds, const char *waiting)
 {
-	struct timeval tv = { .tv_sec = seconds, .tv_usec = 0 };
+	arm_timer_ms(up, (int64_t)seconds * 1000, waiting);
+}
 
-	up->waiting = waiting;
-	evtimer_add(up->timer, &tv);
+/* The next step runs from the loop, never inside the caller's call. */
+static void
+kick(struct upstream *up)
+{
+	struct timeval now = { 0, 0 };
+
+	up->timer_is_deadline = false;
+	up->waiting = "start";
+	evtimer_add(up->timer, &now);
 }
 
 static unsigned
@@ -190,16 +278,70 @@ helo_name(const struct upstream *up)
 	    cfg->hostname : "localhost";
 }
 
-/* Nothing else owns an attempt that is only saying QUIT: the runtime's
- * list lets upstream_free_lingering() reclaim it when the loop ends. */
+static const char *
+msg_id(const struct upstream *up)
+{
+	return up->msg != NULL ? up->msg->id : "-";
+}
+
+/* Nothing else owns a session that is only saying QUIT or closing: the
+ * runtime's list lets upstream_free_lingering() reclaim it when the loop
+ * ends. */
 static void
 linger_add(struct upstream *up)
 {
+	if (up->linger_prev != NULL)
+		return;
 	up->linger_next = up->rt->lingering;
 	if (up->linger_next != NULL)
 		up->linger_next->linger_prev = &up->linger_next;
 	up->linger_prev = &up->rt->lingering;
 	up->rt->lingering = up;
+}
+
+/* Counts what enters and leaves the output buffer: a command has been
+ * sent once out_sent has passed its end (see await_answerable()). */
+static void
+count_output(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct upstream *up = arg;
+
+	(void)buf;
+	up->out_added += info->n_added;
+	up->out_sent += info->n_deleted;
+}
+
+static void
+attach_conn(struct upstream *up, struct conn *c)
+{
+	up->conn = c;
+	up->in_consumed = up->out_added = up->out_sent = 0;
+	up->out_counter = evbuffer_add_cb(conn_output(c), count_output, up);
+}
+
+static void
+detach_conn(struct upstream *up)
+{
+	if (up->conn == NULL)
+		return;
+	if (up->out_counter != NULL)
+		evbuffer_remove_cb_entry(conn_output(up->conn), up->out_counter);
+	up->out_counter = NULL;
+	conn_free(up->conn);
+	up->conn = NULL;
+}
+
+static void
+cancel_dns(struct upstream *up)
+{
+	if (up->dns == NULL)
+		return;
+	/* The callback still comes (with EVUTIL_EAI_CANCEL) and frees the ticket. */
+	up->dns->up = NULL;
+	up->dns = NULL;
+	if (up->dns_req != NULL)
+		evdns_getaddrinfo_cancel(up->dns_req);
+	up->dns_req = NULL;
 }
 
 static void
@@ -210,31 +352,281 @@ up_free(struct upstream *up)
 		if (up->linger_next != NULL)
 			up->linger_next->linger_prev = up->linger_prev;
 	}
-	if (up->dns != NULL) {
-		/* The callback still comes (with EVUTIL_EAI_CANCEL) and frees the ticket. */
-		up->dns->up = NULL;
-		up->dns = NULL;
-		if (up->dns_req != NULL)
-			evdns_getaddrinfo_cancel(up->dns_req);
-	}
-	if (up->conn != NULL)
-		conn_free(up->conn);
+	if (up->entry.cached)
+		upstream_cache_remove(up->rt->cache, &up->entry);
+	cancel_dns(up);
+	detach_conn(up);
 	if (up->ai_list != NULL)
 		evutil_freeaddrinfo(up->ai_list);
 	if (up->timer != NULL)
 		event_free(up->timer);
+	free(up->aw);
 	free(up->chunk);
 	free(up);
 }
 
-/* --- finishing ----------------------------------------------------------- */
+/* --- awaited replies --------------------------------------------------- */
+
+static const char *
+await_stage(enum await_kind k)
+{
+	static const char *const names[] = {
+		[AW_GREETING] = "greeting", [AW_EHLO] = "ehlo", [AW_HELO] = "ehlo",
+		[AW_STARTTLS] = "tls", [AW_AUTH] = "auth", [AW_RSET] = "rset",
+		[AW_MAIL] = "mail", [AW_RCPT] = "rcpt", [AW_DATA] = "data", [AW_DOT] = "dot",
+	};
+
+	return names[k];
+}
+
+static const char *
+await_waiting(enum await_kind k)
+{
+	static const char *const names[] = {
+		[AW_GREETING] = "greeting", [AW_EHLO] = "reply to EHLO",
+		[AW_HELO] = "reply to HELO", [AW_STARTTLS] = "reply to STARTTLS",
+		[AW_AUTH] = "reply to AUTH", [AW_RSET] = "reply to RSET",
+		[AW_MAIL] = "reply to MAIL", [AW_RCPT] = "reply to RCPT",
+		[AW_DATA] = "reply to DATA", [AW_DOT] = "reply to end of data",
+	};
+
+	return names[k];
+}
+
+static size_t
+await_count(const struct upstream *up)
+{
+	return up->aw_tail - up->aw_head;
+}
+
+static const struct awaited *
+await_head(const struct upstream *up)
+{
+	return await_count(up) > 0 ? &up->aw[up->aw_head] : NULL;
+}
+
+static void
+await_clear(struct upstream *up)
+{
+	up->aw_head = up->aw_tail = 0;
+}
+
+/* Call right after the command's octets were appended to the output. */
+static int
+await_push(struct upstream *up, enum await_kind kind)
+{
+	if (up->aw_head == up->aw_tail)
+		await_clear(up);
+	if (up->aw_tail == up->aw_cap) {
+		size_t cap = up->aw_cap ? up->aw_cap * 2 : 8;
+		struct awaited *grown = realloc(up->aw, cap * sizeof(*grown));
+
+		if (grown == NULL)
+			return -1;
+		up->aw = grown;
+		up->aw_cap = cap;
+	}
+	up->aw[up->aw_tail++] = (struct awaited){
+		.kind = kind,
+		.in_mark = up->in_consumed + evbuffer_get_length(conn_input(up->conn)),
+		.out_end = up->out_added,
+	};
+	return 0;
+}
 
 /*
- * Reports the result once, then says QUIT when the session is at a command
- * boundary. A session stopped in the middle of DATA is closed without the
- * final dot, which is what makes the downstream drop the transaction. The
- * object never frees itself here: callers may be deep in a conn callback.
+ * A reply starting at input offset in_consumed can answer a only if its
+ * command had been written before (a server cannot answer what it has
+ * not received) and the reply was not already with us when the command
+ * was queued. Either alone catches the 354-and-250-in-one-write server;
+ * both keep holding whatever the connection layer's write timing.
  */
+static bool
+await_answerable(const struct upstream *up, const struct awaited *a)
+{
+	return up->in_consumed >= a->in_mark && up->out_sent >= a->out_end;
+}
+
+static bool
+await_pending(const struct upstream *up, enum await_kind kind)
+{
+	for (size_t i = up->aw_head; i < up->aw_tail; i++)
+		if (up->aw[i].kind == kind)
+			return true;
+	return false;
+}
+
+/* The timer for the oldest reply awaited; a resumed session gets the
+ * connect timeout to prove it is alive. */
+static void
+arm_for_head(struct upstream *up)
+{
+	const struct awaited *a = await_head(up);
+	unsigned secs;
+
+	if (a == NULL) {
+		evtimer_del(up->timer);
+		return;
+	}
+	up->stage = await_stage(a->kind);
+	secs = up->resuming ? timeout_connect(up) : a->kind == AW_DOT ? timeout_dot(up) :
+	    timeout_reply(up);
+	arm_timer(up, secs, await_waiting(a->kind));
+}
+
+/* --- closing ------------------------------------------------------------- */
+
+/*
+ * QUIT is sent only at a command boundary. Not mid-handshake; not while a
+ * greeting, a STARTTLS or an AUTH reply is awaited (QUIT would be read as
+ * TLS or SASL data); not with a pipelined DATA whose 354 may still come
+ * (QUIT would be message text); not with the end of the body or its final
+ * dot still unsent: flushing them now would deliver a message already
+ * reported as failed and tried elsewhere, so they go with the connection.
+ */
+static bool
+quit_allowed(const struct upstream *up)
+{
+	if (up->conn == NULL)
+		return false;
+	switch (up->state) {
+	case UP_SETUP:
+	case UP_READY:
+	case UP_RESUME:
+	case UP_ENVELOPE:
+		break;
+	case UP_DOT:
+		if (conn_pending_output(up->conn) > 0)
+			return false;
+		break;
+	default:
+		return false;
+	}
+	return !await_pending(up, AW_GREETING) && !await_pending(up, AW_STARTTLS) &&
+	    !await_pending(up, AW_AUTH) && !await_pending(up, AW_DATA);
+}
+
+/* Ends the session: QUIT where allowed, else the connection is closed.
+ * Never frees synchronously: callers may be deep in a conn callback. */
+static void
+up_close(struct upstream *up)
+{
+	bool quit = quit_allowed(up);
+
+	if (up->entry.cached)
+		upstream_cache_remove(up->rt->cache, &up->entry);
+	cancel_dns(up);
+	up->state = UP_QUIT;
+	up->done = NULL;
+	up->msg = NULL;                      /* the caller may free it */
+	up->deadline_ms = 0;
+	evtimer_del(up->timer);
+	linger_add(up);
+	if (quit) {
+		evbuffer_add(conn_output(up->conn), "QUIT\r\n", 6);
+		conn_flush(up->conn);
+		arm_timer(up, QUIT_LINGER_S < timeout_reply(up) ? QUIT_LINGER_S : timeout_reply(up),
+		    "reply to QUIT");
+	} else {
+		detach_conn(up);
+		kick(up);                        /* frees the object from the loop */
+	}
+}
+
+/*
+ * After a delivery (or a skip, which sent nothing): the session waits in
+ * the cache, logged in, for the next message of its account - if there is
+ * a cache, the session is clean (nothing awaited, nothing unread) and it
+ * has not carried max_messages yet.
+ */
+static bool
+park_idle(struct upstream *up)
+{
+	struct upstream_cache *cache = up->rt->cache;
+
+	if (cache == NULL || up->mode == MODE_PROBE || up->conn == NULL ||
+	    await_count(up) > 0 || evbuffer_get_length(conn_input(up->conn)) > 0 ||
+	    conn_pending_output(up->conn) > 0 ||
+	    up->n_txn >= upstream_cache_cfg(cache)->max_messages)
+		return false;
+	up->entry.up = up;
+	up->entry.ds = up->ds;
+	if (!upstream_cache_put(cache, &up->entry))
+		return false;
+	up->state = UP_READY;
+	up->mode = MODE_ATTEMPT;
+	up->done = NULL;
+	up->msg = NULL;
+	up->deadline_ms = 0;
+	up->resuming = false;
+	arm_timer(up, upstream_cache_cfg(cache)->idle_timeout, "idle");
+	return true;
+}
+
+/* An early session that failed before any message was handed to it: no
+ * result, no health record; upstream_adopt() will start afresh. */
+static void
+go_dead(struct upstream *up, const char *why)
+{
+	log_debug("relay=%s[%s]: early session failed: %s", up->ds->name, up->ds->addr, why);
+	cancel_dns(up);
+	detach_conn(up);
+	evtimer_del(up->timer);
+	up->state = UP_DEAD;
+}
+
+/* Forgets the connection and everything learnt on it. */
+static void
+reset_session(struct upstream *up)
+{
+	cancel_dns(up);
+	detach_conn(up);
+	if (up->ai_list != NULL)
+		evutil_freeaddrinfo(up->ai_list);
+	up->ai_list = up->ai_next = NULL;
+	up->numeric_pending = false;
+	up->connect_err[0] = '\0';
+	up->tls_active = false;
+	memset(&up->caps, 0, sizeof(up->caps));
+	await_clear(up);
+	up->n_txn = 0;
+	up->resuming = false;
+}
+
+/*
+ * A session back from idle failed before its first reply (closed, reset,
+ * RSET refused, silent): the server dropped it while it waited. That says
+ * nothing about the downstream, so the attempt goes on over a fresh
+ * session and nobody above ever hears of it.
+ */
+static void
+reconnect(struct upstream *up, const char *why)
+{
+	log_info("id=%s relay=%s[%s]: reused session found dead (%s); connecting afresh",
+	    msg_id(up), up->ds->name, up->ds->addr, why);
+	reset_session(up);
+	up->state = UP_START;
+	up->stage = "connect";
+	kick(up);
+}
+
+static void
+report(struct upstream *up, struct upstream_result *res)
+{
+	upstream_done_fn done = up->done;
+	void *arg = up->arg;
+
+	res->latency_ms = elapsed_ms(&up->t0);
+	res->conn_use = up->n_txn;
+	if (up->conn != NULL && up->tls_active)
+		snprintf(res->tls_desc, sizeof(res->tls_desc), "%s", conn_tls_desc(up->conn));
+	if (!((res->status == UPSTREAM_OK || res->skipped) && park_idle(up)))
+		up_close(up);
+	if (done != NULL)
+		done(arg, res);
+}
+
+/* Reports the result once. */
 static void
 finish(struct upstream *up, enum upstream_status status, const char *stage,
     int code, const char *enhanced, bool throttle, const char *fmt, ...)
@@ -245,12 +637,9 @@ finish(struct upstream *up, enum upstream_status status, const char *stage,
     int code, const char *enhanced, bool throttle, const char *fmt, ...)
 {
 	struct upstream_result res;
-	upstream_done_fn done = up->done;
-	void *arg = up->arg;
-	bool at_boundary;
 	va_list ap;
 
-	if (up->state == UP_QUIT)
+	if (up->state == UP_QUIT || up->state == UP_DEAD)
 		return;
 	memset(&res, 0, sizeof(res));
 	res.status = status;
@@ -261,41 +650,39 @@ finish(struct upstream *up, enum upstream_status status, const char *stage,
 	va_start(ap, fmt);
 	vsnprintf(res.text, sizeof(res.text), fmt, ap);
 	va_end(ap);
-	res.latency_ms = elapsed_ms(&up->t0);
-	if (up->conn != NULL && up->tls_active)
-		snprintf(res.tls_desc, sizeof(res.tls_desc), "%s", conn_tls_desc(up->conn));
-
-	/*
-	 * Not at a boundary: mid-handshake, mid-body, with a pipelined DATA
-	 * whose 354 may still come (QUIT would then be message text), or with
-	 * the end of the body and its final dot still unsent: flushing them now
-	 * would deliver a message already reported as failed (and tried
-	 * elsewhere), so they are dropped with the connection.
-	 */
-	at_boundary = up->conn != NULL && up->state != UP_CONNECTING &&
-	    up->state != UP_TLS_HANDSHAKE && up->state != UP_BODY &&
-	    !(up->state == UP_DOT && conn_pending_output(up->conn) > 0) &&
-	    !(up->state == UP_ENVELOPE && up->env_sent == up->env_total &&
-	    up->env_got + 1 < up->env_total);
-	up->state = UP_QUIT;
-	up->done = NULL;
-	up->msg = NULL;                      /* the caller may free it from done */
-	evtimer_del(up->timer);
-	if (at_boundary) {
-		evbuffer_add(conn_output(up->conn), "QUIT\r\n", 6);
-		conn_flush(up->conn);
-		linger_add(up);
-		arm_timer(up, QUIT_LINGER_S < timeout_reply(up) ? QUIT_LINGER_S : timeout_reply(up),
-		    "reply to QUIT");
-	} else {
-		if (up->conn != NULL) {
-			conn_free(up->conn);
-			up->conn = NULL;
-		}
-		arm_timer(up, 0, "nothing");     /* frees the object from the loop */
+	if (up->mode == MODE_PREPARE && up->msg == NULL) {
+		go_dead(up, res.text);
+		return;
 	}
-	if (done != NULL)
-		done(arg, &res);
+	if (up->resuming && status != UPSTREAM_OK) {
+		reconnect(up, res.text);
+		return;
+	}
+	report(up, &res);
+}
+
+/* This downstream cannot take this message; nothing was sent. */
+static void
+skip(struct upstream *up, int code, const char *enhanced, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+skip(struct upstream *up, int code, const char *enhanced, const char *fmt, ...)
+{
+	struct upstream_result res;
+	va_list ap;
+
+	memset(&res, 0, sizeof(res));
+	res.status = UPSTREAM_TEMPFAIL;
+	res.skipped = true;
+	res.stage = "mail";
+	res.code = code;
+	snprintf(res.enhanced, sizeof(res.enhanced), "%s", enhanced);
+	va_start(ap, fmt);
+	vsnprintf(res.text, sizeof(res.text), fmt, ap);
+	va_end(ap);
+	up->resuming = false;
+	report(up, &res);
 }
 
 static enum upstream_status
@@ -318,19 +705,35 @@ fail_reply(struct upstream *up, const char *stage, const struct smtp_reply *r)
 	    smtp_reply_is_throttle(r), "%s", r->text);
 }
 
+/* A reply nothing was waiting for. A server may announce that it closes
+ * (421) at any time, so the text still counts for throttling. */
+static void
+unsolicited(struct upstream *up, const struct smtp_reply *r)
+{
+	if (up->state == UP_READY && up->entry.cached) {
+		log_debug("relay=%s[%s]: idle session got an unsolicited reply (%d %s); closing it",
+		    up->ds->name, up->ds->addr, r->code, r->text);
+		up_close(up);
+		return;
+	}
+	finish(up, UPSTREAM_TEMPFAIL, up->stage, r->code, r->enhanced, smtp_reply_is_throttle(r),
+	    "unsolicited reply from downstream: %d %s", r->code, r->text);
+}
+
 /* --- sending commands ------------------------------------------------- */
 
 /*
- * Appends one command line. Fields were validated inbound; this is the last
- * line of defence against a CR, LF or NUL smuggling a second command. The
- * line is not flushed: pipelined commands go out in one write.
+ * Appends one command line and what it awaits. Fields were validated
+ * inbound; this is the last line of defence against a CR, LF or NUL
+ * smuggling a second command. The line is not flushed: pipelined commands
+ * go out in one write.
  */
 static int
-queue_cmd(struct upstream *up, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+queue_cmd(struct upstream *up, enum await_kind kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 static int
-queue_cmd(struct upstream *up, const char *fmt, ...)
+queue_cmd(struct upstream *up, enum await_kind kind, const char *fmt, ...)
 {
 	char line[SMTP_CMD_LINE_MAX + 64];
 	va_list ap;
@@ -342,31 +745,26 @@ queue_cmd(struct upstream *up, const char *fmt, ...)
 	if (n < 0 || (size_t)n >= sizeof(line) || strlen(line) != (size_t)n ||
 	    strpbrk(line, "\r\n") != NULL) {
 		log_warn("relay=%s: refusing to send a malformed %s command",
-		    up->ds->name, up->stage);
-		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
+		    up->ds->name, await_stage(kind));
+		finish(up, UPSTREAM_TEMPFAIL, await_stage(kind), 0, "", false,
 		    "refusing to send a command containing CR, LF or NUL");
 		return -1;
 	}
 	evbuffer_add(conn_output(up->conn), line, (size_t)n);
 	evbuffer_add(conn_output(up->conn), "\r\n", 2);
-	return 0;
-}
-
-static int
-send_cmd(struct upstream *up, const char *cmd)
-{
-	if (queue_cmd(up, "%s", cmd) == -1)
+	if (await_push(up, kind) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, await_stage(kind), 0, "", false, "out of memory");
 		return -1;
-	conn_flush(up->conn);
+	}
 	return 0;
 }
 
+/* One command, sent now. */
 static void
-expect(struct upstream *up, enum up_state state, const char *stage, const char *waiting)
+send_cmd(struct upstream *up, enum await_kind kind, const char *line)
 {
-	up->state = state;
-	up->stage = stage;
-	arm_timer(up, timeout_reply(up), waiting);
+	if (queue_cmd(up, kind, "%s", line) == 0)
+		conn_flush(up->conn);
 }
 
 /* --- connection set-up -------------------------------------------------- */
@@ -389,28 +787,99 @@ start_tls(struct upstream *up)
 }
 
 static void
-send_ehlo(struct upstream *up)
+send_hello(struct upstream *up, enum await_kind kind)
 {
 	char cmd[SMTP_DOMAIN_MAX + 8];
 
 	memset(&up->caps, 0, sizeof(up->caps));
-	snprintf(cmd, sizeof(cmd), "EHLO %s", helo_name(up));
-	if (send_cmd(up, cmd) == 0)
-		expect(up, UP_EHLO, "ehlo", "reply to EHLO");
+	snprintf(cmd, sizeof(cmd), "%s %s", kind == AW_EHLO ? "EHLO" : "HELO", helo_name(up));
+	up->state = UP_SETUP;
+	send_cmd(up, kind, cmd);
 }
 
-static void
-send_helo(struct upstream *up)
+/* One base64 line of a SASL exchange; the encoded secret is wiped after use. */
+static int
+send_secret_line(struct upstream *up, const char *secret)
 {
-	char cmd[SMTP_DOMAIN_MAX + 8];
+	char b64[2 * AUTH_FIELD_MAX + 8];
+	int rc = 0;
 
-	memset(&up->caps, 0, sizeof(up->caps));
-	snprintf(cmd, sizeof(cmd), "HELO %s", helo_name(up));
-	if (send_cmd(up, cmd) == 0)
-		expect(up, UP_HELO, "ehlo", "reply to HELO");
+	if (auth_b64_encode(secret, strlen(secret), b64, sizeof(b64)) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
+		    "cannot encode %s credentials", up->mech->name);
+		rc = -1;
+	} else {
+		evbuffer_add(conn_output(up->conn), b64, strlen(b64));
+		evbuffer_add(conn_output(up->conn), "\r\n", 2);
+		if (await_push(up, AW_AUTH) == -1) {
+			finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "out of memory");
+			rc = -1;
+		}
+	}
+	auth_wipe(b64, sizeof(b64));
+	return rc;
 }
 
-static void start_envelope(struct upstream *);
+static int
+plain_begin(struct upstream *up)
+{
+	const struct downstream_cfg *ds = up->ds;
+
+	if (auth_plain_encode(ds->user, ds->pass != NULL ? ds->pass : "",
+	    conn_output(up->conn)) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
+		    "cannot encode AUTH PLAIN credentials");
+		return -1;
+	}
+	if (await_push(up, AW_AUTH) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+/* The credentials went with the command: a challenge now is a protocol error. */
+static int
+plain_answer(struct upstream *up, unsigned step, const struct smtp_reply *challenge)
+{
+	(void)step;
+	finish(up, UPSTREAM_TEMPFAIL, "auth", challenge->code, challenge->enhanced, false,
+	    "unexpected AUTH PLAIN challenge: %s", challenge->text);
+	return -1;
+}
+
+static int
+login_begin(struct upstream *up)
+{
+	return queue_cmd(up, AW_AUTH, "AUTH LOGIN");
+}
+
+static int
+login_answer(struct upstream *up, unsigned step, const struct smtp_reply *challenge)
+{
+	if (step == 0)
+		return send_secret_line(up, up->ds->user);
+	if (step == 1)
+		return send_secret_line(up, up->ds->pass != NULL ? up->ds->pass : "");
+	finish(up, UPSTREAM_TEMPFAIL, "auth", challenge->code, challenge->enhanced, false,
+	    "unexpected AUTH LOGIN challenge: %s", challenge->text);
+	return -1;
+}
+
+static const struct auth_mech mech_plain = { "PLAIN", plain_begin, plain_answer };
+static const struct auth_mech mech_login = { "LOGIN", login_begin, login_answer };
+
+/* The one place that picks how to log in: the first mechanism the
+ * downstream offers, in our order of preference. */
+static const struct auth_mech *
+auth_choose(const struct upstream *up)
+{
+	if (up->caps.cap_auth_plain)
+		return &mech_plain;
+	if (up->caps.cap_auth_login)
+		return &mech_login;
+	return NULL;
+}
 
 /*
  * Credentials go only over TLS, or in the clear when the administrator
@@ -428,44 +897,32 @@ start_auth(struct upstream *up)
 		    "refusing to send credentials without TLS");
 		return;
 	}
-	if (up->caps.cap_auth_plain) {
-		if (auth_plain_encode(ds->user, ds->pass != NULL ? ds->pass : "",
-		    conn_output(up->conn)) == -1) {
-			finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
-			    "cannot encode AUTH PLAIN credentials");
-			return;
-		}
-		conn_flush(up->conn);
-		expect(up, UP_AUTH, "auth", "reply to AUTH");
-	} else if (up->caps.cap_auth_login) {
-		if (send_cmd(up, "AUTH LOGIN") == 0)
-			expect(up, UP_AUTH_LOGIN_USER, "auth", "reply to AUTH LOGIN");
-	} else
+	if ((up->mech = auth_choose(up)) == NULL) {
 		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
 		    "downstream offers neither AUTH PLAIN nor AUTH LOGIN");
-}
-
-/* One base64 step of AUTH LOGIN; the encoded secret is wiped after use. */
-static int
-send_login_step(struct upstream *up, const char *secret)
-{
-	char b64[2 * AUTH_FIELD_MAX + 8];
-	int rc = 0;
-
-	if (auth_b64_encode(secret, strlen(secret), b64, sizeof(b64)) == -1) {
-		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
-		    "cannot encode AUTH LOGIN credentials");
-		rc = -1;
-	} else {
-		evbuffer_add(conn_output(up->conn), b64, strlen(b64));
-		evbuffer_add(conn_output(up->conn), "\r\n", 2);
-		conn_flush(up->conn);
+		return;
 	}
-	auth_wipe(b64, sizeof(b64));
-	return rc;
+	up->auth_step = 0;
+	if (up->mech->begin(up) == 0)
+		conn_flush(up->conn);
 }
 
-/* After a good EHLO/HELO: STARTTLS, AUTH or the envelope, as configured. */
+static void
+on_auth_reply(struct upstream *up, const struct smtp_reply *r)
+{
+	if (r->code == 235) {
+		start_transaction(up);
+		return;
+	}
+	if (r->code != 334) {
+		fail_reply(up, "auth", r);
+		return;
+	}
+	if (up->mech->answer(up, up->auth_step++, r) == 0)
+		conn_flush(up->conn);
+}
+
+/* After a good EHLO/HELO: STARTTLS, AUTH, or the transaction. */
 static void
 after_ehlo(struct upstream *up)
 {
@@ -475,79 +932,130 @@ after_ehlo(struct upstream *up)
 			    "downstream does not offer STARTTLS");
 			return;
 		}
-		if (send_cmd(up, "STARTTLS") == 0)
-			expect(up, UP_STARTTLS, "tls", "reply to STARTTLS");
+		send_cmd(up, AW_STARTTLS, "STARTTLS");
 		return;
 	}
-	if (up->msg == NULL) {
+	if (up->mode == MODE_PROBE) {
 		finish(up, UPSTREAM_OK, "ehlo", 250, "", false, "probe ok");
 		return;
 	}
 	if (has_user(up->ds))
 		start_auth(up);
 	else
-		start_envelope(up);
+		start_transaction(up);
 }
 
 /* --- the transaction ---------------------------------------------------- */
 
-/* Queues the envelope command with index i: MAIL, RCPT..., DATA. */
-static int
-queue_envelope_cmd(struct upstream *up, size_t i)
+/*
+ * RFC 6152: an 8-bit body goes only where 8BITMIME is offered; RFC 1870:
+ * nothing larger than the SIZE a downstream announced. Known once the
+ * session is logged in; the session itself stays good for other messages.
+ */
+static bool
+message_fits(struct upstream *up)
+{
+	uint64_t size = msgbody_size(up->msg->data);
+
+	if (up->msg->body == SMTP_BODY_8BITMIME && !up->caps.cap_8bitmime) {
+		skip(up, 554, "5.6.3", "downstream does not offer 8BITMIME, which this "
+		    "8-bit message needs");
+		return false;
+	}
+	if (up->caps.cap_size && up->caps.size_limit > 0 && size > up->caps.size_limit) {
+		skip(up, 552, "5.3.4", "message of %llu octets exceeds the downstream's "
+		    "SIZE limit of %lu", (unsigned long long)size, up->caps.size_limit);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The same check as queue_cmd(), before anything is sent: a transaction
+ * that could not be completed is not begun.
+ */
+static bool
+envelope_clean(struct upstream *up)
 {
 	const struct upstream_msg *msg = up->msg;
+	const char *bad = NULL;
+
+	if (strpbrk(msg->mail_from, "\r\n") != NULL)
+		bad = "mail";
+	for (size_t i = 0; bad == NULL && i < msg->n_rcpts; i++)
+		if (strpbrk(msg->rcpts[i], "\r\n") != NULL)
+			bad = "rcpt";
+	if (bad == NULL)
+		return true;
+	log_warn("id=%s relay=%s: refusing to send a malformed %s command",
+	    msg->id, up->ds->name, bad);
+	up->resuming = false;
+	finish(up, UPSTREAM_TEMPFAIL, bad, 0, "", false,
+	    "refusing to send a command containing CR, LF or NUL");
+	return false;
+}
+
+/* Queues the next envelope command: MAIL, RCPT..., DATA. */
+static int
+send_envelope_cmd(struct upstream *up)
+{
+	const struct upstream_msg *msg = up->msg;
+	size_t i = up->env_next++;
 	char size_param[32] = "";
 
 	if (i == 0) {
 		if (up->caps.cap_size)
 			snprintf(size_param, sizeof(size_param), " SIZE=%llu",
 			    (unsigned long long)msgbody_size(msg->data));
-		return queue_cmd(up, "MAIL FROM:<%s>%s%s", msg->mail_from,
-		    msg->body == SMTP_BODY_8BITMIME && up->caps.cap_8bitmime ?
-		    " BODY=8BITMIME" : "", size_param);
+		return queue_cmd(up, AW_MAIL, "MAIL FROM:<%s>%s%s", msg->mail_from,
+		    msg->body == SMTP_BODY_8BITMIME ? " BODY=8BITMIME" : "", size_param);
 	}
 	if (i <= msg->n_rcpts)
-		return queue_cmd(up, "RCPT TO:<%s>", msg->rcpts[i - 1]);
-	return queue_cmd(up, "DATA");
-}
-
-static const char *
-envelope_stage(const struct upstream *up, size_t i)
-{
-	return i == 0 ? "mail" : i <= up->msg->n_rcpts ? "rcpt" : "data";
-}
-
-static const char *
-envelope_waiting(const struct upstream *up, size_t i)
-{
-	return i == 0 ? "reply to MAIL" : i <= up->msg->n_rcpts ?
-	    "reply to RCPT" : "reply to DATA";
+		return queue_cmd(up, AW_RCPT, "RCPT TO:<%s>", msg->rcpts[i - 1]);
+	return queue_cmd(up, AW_DATA, "DATA");
 }
 
 /*
- * With PIPELINING the whole envelope goes out in one write and the replies
- * are matched to the commands by position (RFC 2920 3.1).
+ * A session that carried a message before starts with RSET. With
+ * PIPELINING everything up to DATA goes out in one write and the replies
+ * are matched by position (RFC 2920 3.1); without, one command per reply.
  */
 static void
-start_envelope(struct upstream *up)
+start_transaction(struct upstream *up)
 {
-	size_t n;
+	size_t batch;
 
+	if (up->msg == NULL) {               /* early: wait for upstream_adopt() */
+		up->state = UP_READY;
+		up->stage = "mail";
+		evtimer_del(up->timer);
+		log_debug("relay=%s[%s]: early session ready", up->ds->name, up->ds->addr);
+		return;
+	}
+	if (!message_fits(up) || !envelope_clean(up))
+		return;
 	up->state = UP_ENVELOPE;
 	up->env_total = up->msg->n_rcpts + 2;
-	up->env_sent = up->env_got = 0;
-	n = up->caps.cap_pipelining ? up->env_total : 1;
-	while (up->env_sent < n) {
-		up->stage = envelope_stage(up, up->env_sent);
-		if (queue_envelope_cmd(up, up->env_sent) == -1)
+	up->env_next = 0;
+	up->pipelining = up->caps.cap_pipelining;
+	if (up->n_txn++ > 0 && queue_cmd(up, AW_RSET, "RSET") == -1)
+		return;
+	batch = up->pipelining ? up->env_total : await_count(up) > 0 ? 0 : 1;
+	while (up->env_next < batch)
+		if (send_envelope_cmd(up) == -1)
 			return;
-		up->env_sent++;
-	}
 	conn_flush(up->conn);
-	if (up->state == UP_ENVELOPE) {
-		up->stage = envelope_stage(up, 0);
-		arm_timer(up, timeout_reply(up), envelope_waiting(up, 0));
-	}
+	arm_for_head(up);
+}
+
+/* Without PIPELINING, each good reply lets the next command go. */
+static void
+envelope_continue(struct upstream *up)
+{
+	if (up->pipelining || up->env_next >= up->env_total)
+		return;
+	if (send_envelope_cmd(up) == 0)
+		conn_flush(up->conn);
 }
 
 static void refill_body(struct upstream *);
@@ -566,11 +1074,26 @@ start_body(struct upstream *up)
 	refill_body(up);
 }
 
+/* The end of the message is queued: from now on a reply may be its verdict. */
+static void
+queue_dot(struct upstream *up)
+{
+	smtp_data_writer_finish(&up->writer, conn_output(up->conn));
+	if (await_push(up, AW_DOT) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "data", 0, "", false, "out of memory");
+		return;
+	}
+	up->dot_end = up->out_added;
+	up->state = UP_DOT;
+	arm_for_head(up);
+}
+
 /*
- * Keeps at most about BODY_HIGH_WATER octets queued: a 10 MB body from a
- * temp file is read and stuffed one chunk at a time as the socket drains
- * (on_flushed), never loaded whole. conn_flush() may call back into us
- * (on_flushed or on_error), hence the re-entry guard and state checks.
+ * The one place that streams the body. Keeps at most about
+ * BODY_HIGH_WATER octets queued: a 10 MB body from a temp file is read and
+ * stuffed one chunk at a time as the socket drains (on_flushed), never
+ * loaded whole. conn_flush() may call back into us (on_flushed or
+ * on_error), hence the re-entry guard and state checks.
  */
 static void
 refill_body(struct upstream *up)
@@ -598,14 +1121,12 @@ refill_body(struct upstream *up)
 			smtp_data_write(&up->writer, up->chunk, (size_t)n, conn_output(up->conn));
 			up->body_off += (uint64_t)n;
 		}
-		if (up->body_off >= size) {
-			smtp_data_writer_finish(&up->writer, conn_output(up->conn));
-			up->state = UP_DOT;
-			up->stage = "dot";
-			arm_timer(up, timeout_dot(up), "reply to end of data");
-		} else
+		if (up->body_off >= size)
+			queue_dot(up);
+		else
 			arm_timer(up, timeout_reply(up), "the downstream to accept message data");
-		conn_flush(up->conn);
+		if (up->conn != NULL)
+			conn_flush(up->conn);
 	} while (up->refill_again && up->state == UP_BODY);
 	up->in_refill = false;
 }
@@ -613,120 +1134,90 @@ refill_body(struct upstream *up)
 /* --- replies -------------------------------------------------------------- */
 
 static void
-on_envelope_reply(struct upstream *up, const struct smtp_reply *r)
+on_hello_reply(struct upstream *up, enum await_kind kind, const struct smtp_reply *r)
 {
-	size_t i = up->env_got;
+	if (smtp_reply_ok(r) && r->code < 300) {
+		if (kind == AW_EHLO)
+			up->caps = *r;
+		after_ehlo(up);
+	} else if (kind == AW_EHLO && r->code >= 500 && r->code < 600) {
+		send_hello(up, AW_HELO);
+	} else {
+		fail_reply(up, "ehlo", r);
+	}
+}
 
-	up->stage = envelope_stage(up, i);
-	if (i + 1 == up->env_total) {
+/*
+ * Any refused recipient fails the attempt: the client was already told
+ * 250 for every RCPT, so all recipients go through one downstream or none;
+ * a partial delivery here plus a retry elsewhere would duplicate.
+ */
+static void
+on_envelope_reply(struct upstream *up, enum await_kind kind, const struct smtp_reply *r)
+{
+	if (kind == AW_DATA) {
 		if (r->code == 354)
 			start_body(up);
 		else
 			fail_reply(up, "data", r);
 		return;
 	}
-	/*
-	 * Any refused recipient fails the attempt: the client was already told
-	 * 250 for every RCPT, so all recipients go through one downstream or
-	 * none; a partial delivery here plus a retry elsewhere would duplicate.
-	 */
 	if (!smtp_reply_ok(r) || r->code >= 300) {
-		fail_reply(up, up->stage, r);
+		fail_reply(up, await_stage(kind), r);
 		return;
 	}
-	up->env_got++;
-	if (up->env_sent == up->env_got) {
-		if (queue_envelope_cmd(up, up->env_sent) == -1)
-			return;
-		up->env_sent++;
-		conn_flush(up->conn);
-		if (up->state != UP_ENVELOPE)
-			return;
-	}
-	up->stage = envelope_stage(up, up->env_got);
-	arm_timer(up, timeout_reply(up), envelope_waiting(up, up->env_got));
+	if (kind == AW_RSET)
+		up->resuming = false;        /* alive: what follows is a real verdict */
+	envelope_continue(up);
 }
 
 static void
-handle_reply(struct upstream *up, const struct smtp_reply *r)
+on_reply(struct upstream *up, enum await_kind kind, const struct smtp_reply *r)
 {
-	switch (up->state) {
-	case UP_GREETING:
+	/* The first reply after idling proves the session alive; RSET's own
+	 * verdict decides in on_envelope_reply(). */
+	if (kind != AW_RSET)
+		up->resuming = false;
+	switch (kind) {
+	case AW_GREETING:
 		if (r->code == 220)
-			send_ehlo(up);
+			send_hello(up, AW_EHLO);
 		else
 			fail_reply(up, "greeting", r);
 		break;
-	case UP_EHLO:
-		if (smtp_reply_ok(r) && r->code < 300) {
-			up->caps = *r;
-			after_ehlo(up);
-		} else if (r->code >= 500 && r->code < 600)
-			send_helo(up);
-		else
-			fail_reply(up, "ehlo", r);
+	case AW_EHLO:
+	case AW_HELO:
+		on_hello_reply(up, kind, r);
 		break;
-	case UP_HELO:
-		if (smtp_reply_ok(r) && r->code < 300)
-			after_ehlo(up);
-		else
-			fail_reply(up, "ehlo", r);
-		break;
-	case UP_STARTTLS:
+	case AW_STARTTLS:
 		if (r->code == 220)
 			start_tls(up);
 		else
 			fail_reply(up, "tls", r);
 		break;
-	case UP_AUTH:
-		if (r->code == 235)
-			start_envelope(up);
-		else
-			fail_reply(up, "auth", r);
+	case AW_AUTH:
+		on_auth_reply(up, r);
 		break;
-	case UP_AUTH_LOGIN_USER:
-	case UP_AUTH_LOGIN_PASS:
-		if (r->code != 334) {
-			fail_reply(up, "auth", r);
-			break;
-		}
-		if (up->state == UP_AUTH_LOGIN_USER) {
-			if (send_login_step(up, up->ds->user) == 0)
-				expect(up, UP_AUTH_LOGIN_PASS, "auth", "reply to AUTH LOGIN");
-		} else if (send_login_step(up, up->ds->pass != NULL ? up->ds->pass : "") == 0)
-			expect(up, UP_AUTH, "auth", "reply to AUTH LOGIN");
+	case AW_RSET:
+	case AW_MAIL:
+	case AW_RCPT:
+	case AW_DATA:
+		on_envelope_reply(up, kind, r);
 		break;
-	case UP_ENVELOPE:
-		on_envelope_reply(up, r);
-		break;
-	case UP_BODY:
-		/* An early reply while we stream: the server gave up on the message. */
-		fail_reply(up, "data", r);
-		break;
-	case UP_DOT:
+	case AW_DOT:
 		if (smtp_reply_ok(r) && r->code < 300)
 			finish(up, UPSTREAM_OK, "dot", r->code, r->enhanced, false, "%s", r->text);
 		else
 			fail_reply(up, "dot", r);
 		break;
-	default:
-		finish(up, UPSTREAM_TEMPFAIL, up->stage, r->code, r->enhanced, false,
-		    "unexpected reply from downstream: %s", r->text);
-		break;
 	}
 }
 
 static bool
-awaiting_reply(enum up_state s)
+reads_replies(enum up_state s)
 {
-	switch (s) {
-	case UP_GREETING: case UP_EHLO: case UP_HELO: case UP_STARTTLS:
-	case UP_AUTH: case UP_AUTH_LOGIN_USER: case UP_AUTH_LOGIN_PASS:
-	case UP_ENVELOPE: case UP_BODY: case UP_DOT:
-		return true;
-	default:
-		return false;
-	}
+	return s == UP_SETUP || s == UP_READY || s == UP_RESUME || s == UP_ENVELOPE ||
+	    s == UP_BODY || s == UP_DOT;
 }
 
 static void
@@ -734,7 +1225,9 @@ up_on_read(struct conn *conn, void *arg)
 {
 	struct upstream *up = arg;
 	struct evbuffer *in = conn_input(conn);
+	const struct awaited *a;
 	struct smtp_reply r;
+	enum await_kind kind;
 	size_t len;
 	long n;
 
@@ -742,11 +1235,12 @@ up_on_read(struct conn *conn, void *arg)
 		up_free(up);                 /* 221 or anything: we are done */
 		return;
 	}
-	while (awaiting_reply(up->state) && (len = evbuffer_get_length(in)) > 0) {
+	while (up->conn != NULL && reads_replies(up->state) && (len = evbuffer_get_length(in)) > 0) {
 		const char *data = (const char *)evbuffer_pullup(in, -1);
 
+		a = await_head(up);
 		memset(&r, 0, sizeof(r));
-		n = smtp_reply_parse(data, len, up->state == UP_EHLO, &r);
+		n = smtp_reply_parse(data, len, a != NULL && a->kind == AW_EHLO, &r);
 		if (n < 0) {
 			finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
 			    "malformed reply from downstream");
@@ -758,9 +1252,19 @@ up_on_read(struct conn *conn, void *arg)
 				    "reply from downstream too long");
 			return;
 		}
+		if (a == NULL || !await_answerable(up, a)) {
+			unsolicited(up, &r);
+			return;
+		}
+		kind = a->kind;
+		up->aw_head++;
 		evbuffer_drain(in, (size_t)n);
-		handle_reply(up, &r);
+		up->in_consumed += (uint64_t)n;
+		on_reply(up, kind, &r);
+		if (up->state == UP_SETUP || up->state == UP_ENVELOPE)
+			arm_for_head(up);
 	}
+	/* An idle or early session with its input drained: nothing to time. */
 }
 
 static void
@@ -777,10 +1281,16 @@ static void
 connected(struct upstream *up)
 {
 	conn_set_timeout(up->conn, 0);       /* our timer covers every wait */
-	if (up->ds->tls == TLS_MODE_IMPLICIT)
+	if (up->ds->tls == TLS_MODE_IMPLICIT) {
 		start_tls(up);
-	else
-		expect(up, UP_GREETING, "greeting", "greeting");
+		return;
+	}
+	up->state = UP_SETUP;
+	if (await_push(up, AW_GREETING) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "greeting", 0, "", false, "out of memory");
+		return;
+	}
+	arm_for_head(up);
 }
 
 static void
@@ -805,10 +1315,16 @@ up_on_tls_ready(struct conn *conn, void *arg)
 	if (up->state != UP_TLS_HANDSHAKE)
 		return;
 	up->tls_active = true;
-	if (up->ds->tls == TLS_MODE_IMPLICIT)
-		expect(up, UP_GREETING, "greeting", "greeting");
-	else
-		send_ehlo(up);               /* only post-TLS capabilities count */
+	if (up->ds->tls == TLS_MODE_IMPLICIT) {
+		up->state = UP_SETUP;
+		if (await_push(up, AW_GREETING) == -1) {
+			finish(up, UPSTREAM_TEMPFAIL, "greeting", 0, "", false, "out of memory");
+			return;
+		}
+		arm_for_head(up);
+	} else {
+		send_hello(up, AW_EHLO);     /* only post-TLS capabilities count */
+	}
 }
 
 static const char *
@@ -826,6 +1342,7 @@ up_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail
 {
 	struct upstream *up = arg;
 
+	(void)conn;
 	if (detail == NULL)
 		detail = "";
 	if (up->state == UP_CONNECTING) {
@@ -839,17 +1356,21 @@ up_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail
 			up->connect_failed = true;   /* conn_connect() returns next; handled there */
 			return;
 		}
-		conn_free(conn);
-		up->conn = NULL;
+		detach_conn(up);
 		try_next_address(up);
 		return;
 	}
-	conn_free(conn);
-	up->conn = NULL;
 	if (up->state == UP_QUIT) {
 		up_free(up);
 		return;
 	}
+	if (up->state == UP_READY && up->entry.cached) {
+		log_debug("relay=%s[%s]: idle session lost: %s", up->ds->name, up->ds->addr,
+		    *detail ? detail : stage_event_text(ev));
+		up_close(up);
+		return;
+	}
+	detach_conn(up);
 	if (ev == CONN_TLS_ERROR)
 		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false, "TLS: %s", detail);
 	else if (up->state == UP_BODY)
@@ -858,7 +1379,8 @@ up_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail
 		    *detail ? ": " : "", detail);
 	else
 		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
-		    "%s while waiting for %s%s%s", stage_event_text(ev), up->waiting,
+		    "%s while waiting for %s%s%s", stage_event_text(ev),
+		    up->state == UP_READY ? "a message" : up->waiting,
 		    *detail ? ": " : "", detail);
 }
 
@@ -916,7 +1438,7 @@ try_next_address(struct upstream *up)
 			conn_free(c);
 			continue;
 		}
-		up->conn = c;
+		attach_conn(up, c);
 		if (up->connect_early)
 			connected(up);
 		else
@@ -982,28 +1504,13 @@ start_resolve(struct upstream *up)
 		up->dns_req = req;
 }
 
-/*
- * The same check as queue_cmd(), before anything is sent: a transaction
- * that could not be completed is not begun.
- */
-static bool
-envelope_clean(struct upstream *up)
+/* A ready session got its message: prove it alive, then the transaction. */
+static void
+resume(struct upstream *up)
 {
-	const struct upstream_msg *msg = up->msg;
-	const char *bad = NULL;
-
-	if (strpbrk(msg->mail_from, "\r\n") != NULL)
-		bad = "mail";
-	for (size_t i = 0; bad == NULL && i < msg->n_rcpts; i++)
-		if (strpbrk(msg->rcpts[i], "\r\n") != NULL)
-			bad = "rcpt";
-	if (bad == NULL)
-		return true;
-	log_warn("id=%s relay=%s: refusing to send a malformed %s command",
-	    msg->id, up->ds->name, bad);
-	finish(up, UPSTREAM_TEMPFAIL, bad, 0, "", false,
-	    "refusing to send a command containing CR, LF or NUL");
-	return false;
+	up->resuming = true;
+	gettimeofday(&up->t0, NULL);
+	start_transaction(up);
 }
 
 static void
@@ -1017,23 +1524,40 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 	case UP_START:
 		if (up->msg == NULL || envelope_clean(up))
 			start_resolve(up);
-		break;
+		return;
+	case UP_RESUME:
+		resume(up);
+		return;
 	case UP_QUIT:
 		up_free(up);
+		return;
+	case UP_READY:
+		if (up->entry.cached) {          /* idle_timeout */
+			log_debug("relay=%s[%s]: idle session closed after %u s", up->ds->name,
+			    up->ds->addr, upstream_cache_cfg(up->rt->cache)->idle_timeout);
+			up_close(up);
+		}
+		return;
+	case UP_DEAD:
+		return;
+	default:
 		break;
+	}
+	if (up->timer_is_deadline) {
+		up->resuming = false;        /* no time left for a fresh session */
+		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
+		    "relay deadline reached while waiting for %s", up->waiting);
+		return;
+	}
+	switch (up->state) {
 	case UP_RESOLVING:
 		finish(up, UPSTREAM_TEMPFAIL, "connect", 0, "", false,
 		    "resolve %s: timed out", up->ds->host);
 		break;
 	case UP_CONNECTING:
 		snprintf(up->connect_err, sizeof(up->connect_err), "connect to %s: timed out", up->peer);
-		conn_free(up->conn);
-		up->conn = NULL;
+		detach_conn(up);
 		try_next_address(up);
-		break;
-	case UP_BODY:
-		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
-		    "timeout waiting for %s", up->waiting);
 		break;
 	default:
 		finish(up, UPSTREAM_TEMPFAIL, up->stage, 0, "", false,
@@ -1045,19 +1569,15 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 /* --- public ------------------------------------------------------------------ */
 
 static struct upstream *
-up_new(struct runtime *rt, const struct downstream_cfg *ds,
-    const struct upstream_msg *msg, upstream_done_fn done, void *arg)
+up_new(struct runtime *rt, const struct downstream_cfg *ds, enum up_mode mode)
 {
 	struct upstream *up;
-	struct timeval now = { 0, 0 };
 
 	if ((up = calloc(1, sizeof(*up))) == NULL)
 		return NULL;
 	up->rt = rt;
 	up->ds = ds;
-	up->msg = msg;
-	up->done = done;
-	up->arg = arg;
+	up->mode = mode;
 	up->state = UP_START;
 	up->stage = "connect";
 	gettimeofday(&up->t0, NULL);
@@ -1066,24 +1586,131 @@ up_new(struct runtime *rt, const struct downstream_cfg *ds,
 		return NULL;
 	}
 	/* Start from the loop, so done never runs inside upstream_start(). */
-	evtimer_add(up->timer, &now);
+	kick(up);
 	return up;
+}
+
+/* An idle session of ds's account from the cache, ready for new work. */
+static struct upstream *
+take_idle(struct runtime *rt, const struct downstream_cfg *ds)
+{
+	struct upstream *up;
+
+	if (rt->cache == NULL || (up = upstream_cache_take(rt->cache, ds)) == NULL)
+		return NULL;
+	evtimer_del(up->timer);
+	up->ds = ds;                         /* the same account, maybe another user's entry */
+	return up;
+}
+
+static void
+give_message(struct upstream *up, const struct upstream_msg *msg, int64_t deadline_ms,
+    upstream_done_fn done, void *arg)
+{
+	up->mode = MODE_ATTEMPT;
+	up->msg = msg;
+	up->done = done;
+	up->arg = arg;
+	up->deadline_ms = deadline_ms;
+	gettimeofday(&up->t0, NULL);
 }
 
 struct upstream *
 upstream_start(struct runtime *rt, const struct downstream_cfg *ds,
-    const struct upstream_msg *msg, upstream_done_fn done, void *arg)
+    const struct upstream_msg *msg, int64_t deadline_ms, upstream_done_fn done, void *arg)
 {
+	struct upstream *up;
+
 	if (msg == NULL || msg->data == NULL)
 		return NULL;
-	return up_new(rt, ds, msg, done, arg);
+	if ((up = take_idle(rt, ds)) != NULL) {
+		give_message(up, msg, deadline_ms, done, arg);
+		up->state = UP_RESUME;
+		up->resuming = true;
+		kick(up);
+		return up;
+	}
+	if ((up = up_new(rt, ds, MODE_ATTEMPT)) != NULL)
+		give_message(up, msg, deadline_ms, done, arg);
+	return up;
+}
+
+struct upstream *
+upstream_prepare(struct runtime *rt, const struct downstream_cfg *ds)
+{
+	struct upstream *up = take_idle(rt, ds);
+
+	if (up != NULL) {
+		up->mode = MODE_PREPARE;
+		return up;
+	}
+	return up_new(rt, ds, MODE_PREPARE);
+}
+
+void
+upstream_adopt(struct upstream *up, const struct upstream_msg *msg, int64_t deadline_ms,
+    upstream_done_fn done, void *arg)
+{
+	give_message(up, msg, deadline_ms, done, arg);
+	switch (up->state) {
+	case UP_READY:
+		up->state = UP_RESUME;
+		up->resuming = true;
+		kick(up);
+		break;
+	case UP_DEAD:
+		reset_session(up);
+		up->state = UP_START;
+		up->stage = "connect";
+		kick(up);
+		break;
+	default:
+		/* Still setting up: it carries on with the message. Its current
+		 * wait may not outlast the relay's deadline. */
+		if (evtimer_pending(up->timer, NULL) && up->timer_due_ms > deadline_ms &&
+		    deadline_ms != 0 && up->state != UP_START)
+			arm_timer_ms(up, up->timer_due_ms - runtime_now_ms(), up->waiting);
+		break;
+	}
+}
+
+void
+upstream_release(struct upstream *up)
+{
+	if (up == NULL)
+		return;
+	up->mode = MODE_ATTEMPT;
+	switch (up->state) {
+	case UP_DEAD:
+		up_free(up);
+		break;
+	case UP_READY:
+		if (!park_idle(up))
+			up_close(up);
+		break;
+	default:
+		up_close(up);
+		break;
+	}
 }
 
 struct upstream *
 upstream_probe(struct runtime *rt, const struct downstream_cfg *ds,
     upstream_done_fn done, void *arg)
 {
-	return up_new(rt, ds, NULL, done, arg);
+	struct upstream *up = up_new(rt, ds, MODE_PROBE);
+
+	if (up != NULL) {
+		up->done = done;
+		up->arg = arg;
+	}
+	return up;
+}
+
+bool
+upstream_dot_sent(const struct upstream *up)
+{
+	return up != NULL && up->state == UP_DOT && up->out_sent >= up->dot_end;
 }
 
 void
@@ -1095,9 +1722,47 @@ upstream_cancel(struct upstream *up)
 	up_free(up);
 }
 
+/* No callbacks while the loop is gone. */
+static void quiet_read(struct conn *c, void *a) { (void)c; (void)a; }
+static void quiet_error(struct conn *c, void *a, enum conn_event e, const char *d)
+{ (void)c; (void)a; (void)e; (void)d; }
+static const struct conn_cbs quiet_cbs = { .on_read = quiet_read, .on_error = quiet_error };
+
+/* Writes a queued QUIT now: the worker may exit before the loop would. */
+static void
+flush_quietly(struct upstream *up)
+{
+	if (up->conn == NULL)
+		return;
+	conn_set_cbs(up->conn, &quiet_cbs, NULL);
+	conn_flush_now(up->conn);
+}
+
+void
+upstream_close_idle(struct runtime *rt)
+{
+	struct upstream *up;
+
+	if (rt->cache == NULL)
+		return;
+	upstream_cache_close(rt->cache);
+	while ((up = upstream_cache_pop(rt->cache)) != NULL) {
+		up_close(up);
+		if (up->conn != NULL)
+			conn_flush_now(up->conn);    /* may free up: not touched again */
+	}
+}
+
 void
 upstream_free_lingering(struct runtime *rt)
 {
-	while (rt->lingering != NULL)
-		up_free(rt->lingering);
+	struct upstream *up;
+
+	if (rt->cache != NULL)
+		while ((up = upstream_cache_pop(rt->cache)) != NULL)
+			up_close(up);
+	while ((up = rt->lingering) != NULL) {
+		flush_quietly(up);
+		up_free(up);
+	}
 }

@@ -41,6 +41,7 @@
 #include "selector_host.h"
 #include "tls.h"
 #include "upstream.h"
+#include "upstream_cache.h"
 
 #define PYTHON "/usr/bin/python3"            /* the pyenv python3 lacks aiosmtpd */
 #define SMTP_SINK "/usr/sbin/smtp-sink"
@@ -291,6 +292,7 @@ static const char aiosmtpd_script[] =
 "        for r in envelope.rcpt_tos:\n"
 "            mark(e, 'rcpt=%s' % r)\n"
 "        mark(e, 'tls=%s' % (session.ssl is not None))\n"
+"        mark(e, 'peer=%s' % session.peer[1])\n"
 "        return '250 2.0.0 Ok: stored as %d' % Handler.n\n"
 "def authenticator(server, session, envelope, mechanism, auth_data):\n"
 "    ok = False\n"
@@ -357,6 +359,38 @@ start_aiosmtpd(struct server *s, const char *name, const char *const *opts)
 	argv[n] = NULL;
 	s->pid = spawn(argv, out);
 	wait_ready(s->port, s->pid, implicit, "220");
+}
+
+/*
+ * t/integration/fakesmtp.py: a raw-socket server whose every reply is
+ * scripted (VERB=REPLY, ehlo=CAP,CAP, greeting=TEXT, see that file). It
+ * writes each connection's transcript to dir/session.N, ending "CLOSED".
+ */
+static void
+start_fake(struct server *s, const char *name, const char *const *opts)
+{
+	char script[PATH_MAX + 16], port[32], out[PATH_MAX + 8];
+	char *argv[32];
+	bool greets = true;
+	size_t n = 0;
+
+	server_dir(s, name);
+	s->port = free_port();
+	snprintf(script, sizeof(script), "%s/t/integration/fakesmtp.py", SRCDIR);
+	snprintf(port, sizeof(port), "%d", s->port);
+	snprintf(out, sizeof(out), "%s.log", s->dir);
+	argv[n++] = (char *)PYTHON;
+	argv[n++] = script;
+	argv[n++] = port;
+	argv[n++] = s->dir;
+	for (; opts != NULL && *opts != NULL && n < 30; opts++) {
+		argv[n++] = (char *)*opts;
+		if (strcmp(*opts, "greeting=") == 0)
+			greets = false;
+	}
+	argv[n] = NULL;
+	s->pid = spawn(argv, out);
+	wait_ready(s->port, s->pid, !greets, "220");
 }
 
 /* --- files ------------------------------------------------------------------ */
@@ -447,6 +481,31 @@ count_delivered(const char *dir)
 	}
 	closedir(d);
 	return n;
+}
+
+/*
+ * The transcript of the n-th connection (from 0) the fake got after
+ * wait_ready()'s, once that connection is over; bounded (about 10 s).
+ */
+static char *
+fake_transcript(const struct server *s, int n)
+{
+	struct timespec nap = { 0, 20 * 1000 * 1000 };
+	char name[32];
+	size_t len;
+	char *t;
+
+	snprintf(name, sizeof(name), "session.%d", n + 1);
+	for (int tries = 0; tries < 500; tries++) {
+		if ((t = slurp_in(s, name, &len)) != NULL) {
+			if (len >= 8 && strcmp(t + len - 8, "CLOSED\r\n") == 0)
+				return t;
+			free(t);
+		}
+		nanosleep(&nap, NULL);
+	}
+	ck_abort_msg("connection %d of %s did not end", n, s->dir);
+	return NULL;
 }
 
 static char *
@@ -542,9 +601,29 @@ tenv_init(struct tenv *t)
 	t->rt.worker_slot = 0;
 }
 
+/* A connection cache in the runtime, as a worker has with the default config. */
+static void
+tenv_cache(struct tenv *t, unsigned idle_timeout, bool early_connect)
+{
+	t->cfg.connection_cache = (struct cache_cfg){
+		.enabled = true, .max_idle = 2, .idle_timeout = idle_timeout,
+		.max_messages = 100, .early_connect = early_connect,
+	};
+	t->rt.cache = upstream_cache_new(&t->cfg.connection_cache);
+	ck_assert_ptr_nonnull(t->rt.cache);
+}
+
 static void
 tenv_free(struct tenv *t)
 {
+	if (t->rt.cache != NULL) {
+		/* As a stopping worker does: QUIT to the idle ones, let them end. */
+		upstream_close_idle(&t->rt);
+		event_base_dispatch(t->base);
+		upstream_free_lingering(&t->rt);
+		ck_assert_uint_eq(upstream_cache_count(t->rt.cache, NULL), 0);
+		upstream_cache_free(t->rt.cache);
+	}
 	for (size_t i = 0; i < MAX_DS; i++)
 		tls_client_free(t->tls[i]);
 	evdns_base_free(t->dns, 0);
@@ -650,7 +729,9 @@ on_guard(evutil_socket_t fd, short what, void *arg)
 
 /*
  * Runs the loop until done, then until nothing is left (the attempt's QUIT
- * and self-destruction), so that leaks show under valgrind.
+ * and self-destruction), so that leaks show under valgrind. With a
+ * connection cache the session stays for the next message instead;
+ * tenv_free() ends it.
  */
 static void
 run_until_done(struct tenv *t, struct waiter *w, unsigned seconds)
@@ -663,7 +744,25 @@ run_until_done(struct tenv *t, struct waiter *w, unsigned seconds)
 		event_base_loop(t->base, EVLOOP_ONCE);
 	event_free(guard);
 	ck_assert_msg(w->done, "no result within %u s", seconds);
-	event_base_dispatch(t->base);
+	if (t->rt.cache == NULL)
+		event_base_dispatch(t->base);
+}
+
+/* Runs the loop until the log says what we wait for (bounded). */
+static void
+run_until_logged(struct tenv *t, const char *needle, unsigned seconds)
+{
+	struct waiter w;
+	struct timeval tv = { seconds, 0 };
+	struct event *guard;
+
+	memset(&w, 0, sizeof(w));
+	guard = evtimer_new(t->base, on_guard, &w);
+	evtimer_add(guard, &tv);
+	while (!log_has(needle) && !w.timed_out)
+		event_base_loop(t->base, EVLOOP_ONCE);
+	event_free(guard);
+	ck_assert_msg(log_has(needle), "not logged within %u s: %s", seconds, needle);
 }
 
 #define assert_status(w, st) \
@@ -693,7 +792,7 @@ upstream_run(struct tenv *t, const struct downstream_cfg *ds, struct tmsg *tm)
 
 	memset(&w, 0, sizeof(w));
 	if (tm != NULL)
-		up = upstream_start(&t->rt, ds, &tm->m, on_upstream_done, &w);
+		up = upstream_start(&t->rt, ds, &tm->m, 0, on_upstream_done, &w);
 	else
 		up = upstream_probe(&t->rt, ds, on_upstream_done, &w);
 	ck_assert_ptr_nonnull(up);
@@ -1619,15 +1718,19 @@ START_TEST(test_helo_fallback)
 	tenv_init(&t);
 	add_ds(&t, "sink", "127.0.0.1", srv.port, TLS_MODE_NONE);
 	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
-	tm.m.body = SMTP_BODY_8BITMIME;
 	res = relay_run(&t, &tm);
 	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
 	ck_assert_int_eq(count_files(srv.dir, dump, sizeof(dump)), 1);
 	content = slurp(dump, &len);
 	ck_assert_ptr_nonnull(strstr(content, "X-Client-Proto: SMTP\n"));
-	/* no EHLO, no 8BITMIME: BODY= is not sent */
 	ck_assert_ptr_nonnull(strstr(content, "X-Mail-Args: <app@example.org>\n"));
 	free(content);
+	/* no EHLO, no 8BITMIME: an 8-bit message cannot go there (RFC 6152) */
+	tm.m.body = SMTP_BODY_8BITMIME;
+	res = relay_run(&t, &tm);
+	ck_assert_int_eq(res.code, 554);
+	ck_assert_str_eq(res.enhanced, "5.6.3");
+	ck_assert_int_eq(count_files(srv.dir, NULL, 0), 1);
 	msgbody_free(tm.body);
 	tenv_free(&t);
 }
@@ -1828,7 +1931,7 @@ START_TEST(test_cancel_while_resolving)
 	add_ds(&t, "slowdns", "mail.example.com", 25, TLS_MODE_NONE);
 	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
 	memset(&w, 0, sizeof(w));
-	up = upstream_start(&t.rt, &t.ds[0], &tm.m, on_upstream_done, &w);
+	up = upstream_start(&t.rt, &t.ds[0], &tm.m, 0, on_upstream_done, &w);
 	ck_assert_ptr_nonnull(up);
 	event_base_once(t.base, -1, EV_TIMEOUT, on_cancel_upstream, up, &tv);
 	/* run until the cancel, then let evdns deliver its EAI_CANCEL */
@@ -2190,6 +2293,514 @@ START_TEST(test_implicit_tls_against_plain_server)
 }
 END_TEST
 
+
+/* ======================================================================== */
+/* replies matched to what was asked (issue 9.5) */
+
+/* One attempt at a scripted fake downstream (fakesmtp.py with opts). */
+static struct waiter
+fake_attempt(struct server *srv, struct tenv *t, struct tmsg *tm, const char *const *opts,
+    const char *const *rcpts, size_t n_rcpts)
+{
+	start_fake(srv, "fake", opts);
+	tenv_init(t);
+	add_ds(t, "fake", "127.0.0.1", srv->port, TLS_MODE_NONE);
+	tmsg_init(tm, t, "app@example.org", rcpts, n_rcpts, sample, strlen(sample));
+	return upstream_run(t, &t->ds[0], tm);
+}
+
+/*
+ * A 250 glued to the 354 in one write came before any of the message was
+ * sent: it is no reply to the final dot, and the attempt fails (before,
+ * it was taken for one: the client heard 250, nothing was delivered).
+ */
+START_TEST(test_reply_glued_to_354_is_unsolicited)
+{
+	static const char *const opts[] = { "DATA=354 go ahead\r\n250 2.0.0 fake ok\r\n", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w = fake_attempt(&srv, &t, &tm, opts, one_rcpt, 1);
+	char *got;
+
+	assert_status(w, UPSTREAM_TEMPFAIL);
+	ck_assert_str_eq(w.ustage, "dot");
+	ck_assert_int_eq(w.ures.code, 250);
+	ck_assert_str_eq(w.ures.text, "unsolicited reply from downstream: 250 fake ok");
+	got = fake_transcript(&srv, 0);
+	ck_assert_ptr_nonnull(strstr(got, "DATA\r\n"));
+	ck_assert_msg(strstr(got, "MESSAGE") == NULL, "the message was sent: %s", got);
+	free(got);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* Without PIPELINING: a 250 that came with the EHLO reply, before MAIL
+ * was sent, is not MAIL's (whose real reply is a refusal). */
+START_TEST(test_reply_glued_to_ehlo_is_unsolicited)
+{
+	static const char *const opts[] = {
+		"ehlo=8BITMIME", "EHLO=250-fake.test\r\n250 8BITMIME\r\n250 2.1.0 sender ok\r\n",
+		"MAIL=550 5.7.1 sender refused\r\n", NULL
+	};
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w = fake_attempt(&srv, &t, &tm, opts, one_rcpt, 1);
+	char *got;
+
+	assert_status(w, UPSTREAM_TEMPFAIL);
+	ck_assert_str_eq(w.ures.text, "unsolicited reply from downstream: 250 sender ok");
+	got = fake_transcript(&srv, 0);
+	ck_assert_msg(strstr(got, "RCPT") == NULL, "RCPT was sent: %s", got);
+	free(got);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* With PIPELINING the envelope goes in one write; one refused recipient
+ * fails the attempt whole, and the message body is never sent. */
+START_TEST(test_pipelined_refused_recipient)
+{
+	static const char *const opts[] = { "RCPT=550 5.1.1 no such user\r\n", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w = fake_attempt(&srv, &t, &tm, opts, two_rcpts, 2);
+	char *got;
+
+	assert_status(w, UPSTREAM_PERMFAIL);
+	ck_assert_str_eq(w.ustage, "rcpt");
+	ck_assert_int_eq(w.ures.code, 550);
+	got = fake_transcript(&srv, 0);
+	ck_assert_ptr_nonnull(strstr(got, "MAIL FROM:<app@example.org>\r\n"
+	    "RCPT TO:<rcpt@example.net>\r\nRCPT TO:<other@example.com>\r\nDATA\r\n"));
+	ck_assert(strstr(got, "MESSAGE") == NULL);
+	free(got);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* ======================================================================== */
+/* the relay deadline (issue 9.6) */
+
+START_TEST(test_relay_deadline)
+{
+	static const char *const silent[] = { "greeting=", NULL };
+	struct server s1, s2;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	char expect[160];
+
+	start_fake(&s1, "silent", silent);
+	start_sink(&s2, "second", NULL);
+	tenv_init(&t);
+	t.cfg.limits.relay_deadline = 1;
+	t.cfg.limits.upstream_timeout = 30;
+	add_ds(&t, "silent", "127.0.0.1", s1.port, TLS_MODE_NONE);
+	add_ds(&t, "second", "127.0.0.1", s2.port, TLS_MODE_NONE);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert_int_eq(res.code, 451);
+	ck_assert(log_has("stage=greeting status=deferred"));
+	ck_assert(log_has("(0 relay deadline reached while waiting for greeting)"));
+	snprintf(expect, sizeof(expect), "relay=second[%s] attempt=2 stage=connect "
+	    "status=skipped delay=0.000 tls=none (0 relay deadline: ", t.ds[1].addr);
+	ck_assert_msg(log_has(expect), "missing: %s", expect);
+	ck_assert_int_eq(count_files(s2.dir, NULL, 0), 0);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* ======================================================================== */
+/* 8BITMIME and SIZE per downstream (issue 9.14) */
+
+static void
+with_health(struct tenv *t)
+{
+	char path[PATH_MAX + 16], err[256];
+
+	snprintf(path, sizeof(path), "%s/state", workdir);
+	ck_assert_ptr_nonnull(t->health = health_create(path));
+	ck_assert_int_eq(health_bind(t->health, &t->cfg, err, sizeof(err)), 0);
+	t->rt.health = t->health;
+}
+
+static void
+assert_untouched(struct tenv *t, const struct downstream_cfg *ds)
+{
+	struct smtpmux_downstream_view v;
+
+	health_view(ds->health, ds, &t->cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.state, SMTPMUX_DS_UP);
+	ck_assert_uint_eq(v.attempts, 0);
+	ck_assert_uint_eq(v.failures, 0);
+	ck_assert_uint_eq(v.in_flight, 0);
+}
+
+START_TEST(test_8bit_skips_downstream_without_8bitmime)
+{
+	static const char *const no_8bitmime[] = { "-8", NULL };
+	struct server s1, s2;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	char expect[160], *env;
+	size_t len;
+
+	start_sink(&s1, "first", no_8bitmime);
+	start_aiosmtpd(&s2, "second", NULL);
+	tenv_init(&t);
+	add_ds(&t, "first", "127.0.0.1", s1.port, TLS_MODE_NONE);
+	add_ds(&t, "second", "127.0.0.1", s2.port, TLS_MODE_NONE);
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, "Subject: \xc3\xa9t\xc3\xa9\r\n\r\nx\r\n", 20);
+	tm.m.body = SMTP_BODY_8BITMIME;
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	ck_assert_str_eq(res.relay, "second");
+	ck_assert_int_eq(count_files(s1.dir, NULL, 0), 0);
+	env = slurp_in(&s2, "env.1", &len);
+	ck_assert_ptr_nonnull(strstr(env, "opts=BODY=8BITMIME SIZE=20\n"));
+	free(env);
+	snprintf(expect, sizeof(expect), "relay=first[%s] attempt=1 stage=mail status=skipped",
+	    t.ds[0].addr);
+	ck_assert_msg(log_has(expect), "missing: %s", expect);
+	ck_assert(log_has("(554 5.6.3 downstream does not offer 8BITMIME"));
+	assert_untouched(&t, &t.ds[0]);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+START_TEST(test_size_limit_skips_and_refuses)
+{
+	static const char *const small[] = { "ehlo=PIPELINING,8BITMIME,SIZE 100", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	char *got, expect[160];
+
+	start_fake(&srv, "small", small);
+	tenv_init(&t);
+	add_ds(&t, "small", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert_int_eq(res.code, 552);
+	ck_assert_str_eq(res.enhanced, "5.3.4");
+	snprintf(expect, sizeof(expect), "No downstream can take this message: message of %zu "
+	    "octets exceeds the downstream's SIZE limit of 100", strlen(sample));
+	ck_assert_str_eq(res.text, expect);
+	ck_assert(log_has("relay=none attempts=1 status=bounced"));
+	assert_untouched(&t, &t.ds[0]);
+	got = fake_transcript(&srv, 0);
+	ck_assert(strstr(got, "MAIL") == NULL);
+	free(got);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* ======================================================================== */
+/* the connection cache (issue 12.1) and early connect (12.3) */
+
+START_TEST(test_cache_container)
+{
+	struct downstream_cfg a = { .host = (char *)"Mail.Example.net", .port = (char *)"587",
+	    .user = (char *)"u", .pass = (char *)"p", .tls = TLS_MODE_STARTTLS,
+	    .tls_verify = true };
+	struct downstream_cfg same = a, other_pass = a, other_tls = a, other_host = a;
+	struct cache_cfg cc = { .enabled = true, .max_idle = 2, .idle_timeout = 5,
+	    .max_messages = 100 };
+	struct upstream_cache *c = upstream_cache_new(&cc);
+	struct upstream_cache_entry e[4];
+	int tokens[4];
+
+	same.host = (char *)"mail.example.NET";
+	other_pass.pass = (char *)"q";
+	other_tls.tls = TLS_MODE_IMPLICIT;
+	other_host.port = (char *)"465";
+	ck_assert(upstream_cache_same_account(&a, &same));
+	ck_assert(!upstream_cache_same_account(&a, &other_pass));
+	ck_assert(!upstream_cache_same_account(&a, &other_tls));
+	ck_assert(!upstream_cache_same_account(&a, &other_host));
+	memset(e, 0, sizeof(e));
+	for (int i = 0; i < 4; i++) {
+		e[i].up = (struct upstream *)&tokens[i];
+		e[i].ds = i < 3 ? &a : &other_pass;
+	}
+	ck_assert(upstream_cache_put(c, &e[0]));
+	ck_assert(upstream_cache_put(c, &e[1]));
+	ck_assert(!upstream_cache_put(c, &e[2]));           /* max_idle of that account */
+	ck_assert(upstream_cache_put(c, &e[3]));            /* another account has room */
+	ck_assert_uint_eq(upstream_cache_count(c, &same), 2);
+	ck_assert_uint_eq(upstream_cache_count(c, NULL), 3);
+	ck_assert_ptr_eq(upstream_cache_take(c, &same), e[1].up);   /* the newest first */
+	upstream_cache_remove(c, &e[0]);
+	ck_assert_ptr_null(upstream_cache_take(c, &a));
+	upstream_cache_close(c);
+	ck_assert(!upstream_cache_put(c, &e[0]));
+	ck_assert_ptr_eq(upstream_cache_pop(c), e[3].up);
+	ck_assert_ptr_null(upstream_cache_pop(c));
+	upstream_cache_free(c);
+}
+END_TEST
+
+/* The peer port each message came from (aiosmtpd records it). */
+static int
+peer_of(const struct server *s, int n)
+{
+	char name[16], *env, *p;
+	size_t len;
+	int port;
+
+	snprintf(name, sizeof(name), "env.%d", n);
+	env = slurp_in(s, name, &len);
+	ck_assert_ptr_nonnull(env);
+	p = strstr(env, "peer=");
+	ck_assert_ptr_nonnull(p);
+	port = atoi(p + 5);
+	free(env);
+	return port;
+}
+
+START_TEST(test_cache_reuses_session)
+{
+	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	struct downstream_cfg *ds;
+	char *auth;
+	size_t len;
+
+	start_aiosmtpd(&srv, "aio", opts);
+	tenv_init(&t);
+	tenv_cache(&t, 60, false);
+	ds = add_ds(&t, "aio", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	ds->user = (char *)"relayuser";
+	ds->pass = (char *)"relaypass";
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	for (int i = 0; i < 3; i++) {
+		res = relay_run(&t, &tm);
+		ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	}
+	ck_assert_int_eq(peer_of(&srv, 1), peer_of(&srv, 3));
+	ck_assert_int_eq(peer_of(&srv, 2), peer_of(&srv, 3));
+	auth = slurp_in(&srv, "auth", &len);
+	ck_assert_str_eq(auth, "PLAIN relayuser tls=False\n");           /* once */
+	free(auth);
+	ck_assert(log_has("attempt=1 stage=dot status=sent conn_use=3 delay="));
+	ck_assert_uint_eq(upstream_cache_count(t.rt.cache, ds), 1);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+	ck_assert(log_has("relay=aio[127.0.0.1:"));
+}
+END_TEST
+
+/* The server dropped the session while it was idle (smtp-sink hangs up at
+ * RSET): the message goes over a fresh one, and the downstream is not
+ * blamed. */
+START_TEST(test_cache_dead_session_reconnects)
+{
+	static const char *const drop_rset[] = { "-q", "rset", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+	struct smtpmux_downstream_view v;
+
+	start_sink(&srv, "sink", drop_rset);
+	tenv_init(&t);
+	tenv_cache(&t, 60, false);
+	add_ds(&t, "sink", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	ck_assert_int_eq(count_delivered(srv.dir), 2);
+	ck_assert(log_has("reused session found dead (connection closed by downstream while "
+	    "waiting for reply to RSET"));
+	health_view(t.ds[0].health, &t.ds[0], &t.cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.attempts, 2);
+	ck_assert_uint_eq(v.successes, 2);
+	ck_assert_uint_eq(v.failures, 0);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+START_TEST(test_cache_idle_timeout)
+{
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay_result res;
+
+	start_sink(&srv, "sink", NULL);
+	tenv_init(&t);
+	tenv_cache(&t, 1, false);
+	add_ds(&t, "sink", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert(res.ok);
+	ck_assert_uint_eq(upstream_cache_count(t.rt.cache, NULL), 1);
+	event_base_dispatch(t.base);           /* until the idle session has said QUIT */
+	ck_assert_uint_eq(upstream_cache_count(t.rt.cache, NULL), 0);
+	ck_assert(log_has("idle session closed after 1 s"));
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* A prepared relay logs in at once; the message then needs only its
+ * transaction, and only that one attempt is counted. */
+START_TEST(test_early_connect)
+{
+	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w;
+	struct relay *r;
+	struct downstream_cfg *ds;
+	struct smtpmux_downstream_view v;
+	char expect[160];
+
+	start_aiosmtpd(&srv, "aio", opts);
+	tenv_init(&t);
+	tenv_cache(&t, 60, true);
+	ds = add_ds(&t, "aio", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	ds->user = (char *)"relayuser";
+	ds->pass = (char *)"relaypass";
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	r = relay_prepare(&t.rt, &t.user, &tm.m, 0, "192.0.2.1");
+	ck_assert_ptr_nonnull(r);
+	snprintf(expect, sizeof(expect), "relay=aio[%s]: early session ready", ds->addr);
+	run_until_logged(&t, expect, 20);
+	ck_assert(exists_in(&srv, "auth"));
+	ck_assert(!exists_in(&srv, "msg.1"));
+	health_view(ds->health, ds, &t.cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.attempts, 0);
+	memset(&w, 0, sizeof(w));
+	ck_assert_ptr_eq(relay_begin(r, &tm.m, msgbody_size(tm.body), on_relay_done, &w), r);
+	run_until_done(&t, &w, 60);
+	ck_assert_msg(w.rres.ok, "%d %s", w.rres.code, w.rres.text);
+	ck_assert(exists_in(&srv, "msg.1"));
+	health_view(ds->health, ds, &t.cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.attempts, 1);
+	ck_assert_uint_eq(v.successes, 1);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* A prepared relay given up (RSET, QUIT, hang-up): its logged-in session
+ * goes to the cache, and nothing is counted. */
+START_TEST(test_early_connect_cancelled)
+{
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct relay *r;
+	struct relay_result res;
+	char expect[160];
+
+	start_sink(&srv, "sink", NULL);
+	tenv_init(&t);
+	tenv_cache(&t, 60, true);
+	add_ds(&t, "sink", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	r = relay_prepare(&t.rt, &t.user, &tm.m, 0, "192.0.2.1");
+	ck_assert_ptr_nonnull(r);
+	snprintf(expect, sizeof(expect), "relay=sink[%s]: early session ready", t.ds[0].addr);
+	run_until_logged(&t, expect, 20);
+	relay_cancel(r);
+	ck_assert_uint_eq(upstream_cache_count(t.rt.cache, &t.ds[0]), 1);
+	assert_untouched(&t, &t.ds[0]);
+	res = relay_run(&t, &tm);             /* over the kept session */
+	ck_assert(res.ok);
+	ck_assert(log_has("conn_use=") == false);
+	ck_assert_int_eq(count_delivered(srv.dir), 1);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* An early session that failed is no attempt; the message's own attempt
+ * then connects afresh (and is the only one counted). */
+START_TEST(test_early_connect_failure_not_counted)
+{
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w;
+	struct relay *r;
+	struct smtpmux_downstream_view v;
+
+	tenv_init(&t);
+	tenv_cache(&t, 60, true);
+	add_ds(&t, "dead", "127.0.0.1", closed_port(), TLS_MODE_NONE);
+	with_health(&t);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	r = relay_prepare(&t.rt, &t.user, &tm.m, 0, "192.0.2.1");
+	ck_assert_ptr_nonnull(r);
+	run_until_logged(&t, "early session failed: connect to 127.0.0.1:", 20);
+	assert_untouched(&t, &t.ds[0]);
+	memset(&w, 0, sizeof(w));
+	relay_begin(r, &tm.m, msgbody_size(tm.body), on_relay_done, &w);
+	run_until_done(&t, &w, 60);
+	ck_assert_int_eq(w.rres.code, 451);
+	health_view(t.ds[0].health, &t.ds[0], &t.cfg.health, time(NULL), &v);
+	ck_assert_uint_eq(v.attempts, 1);
+	ck_assert_uint_eq(v.failures, 1);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/* Until the final dot is written, relay_dot_sent() says a relay can still
+ * be taken back; from then on it must run to its end. */
+START_TEST(test_dot_sent)
+{
+	static const char *const slow_dot[] = { "-W", ".:3", NULL };
+	struct server srv;
+	struct tenv t;
+	struct tmsg tm;
+	struct waiter w;
+	struct relay *r;
+
+	start_sink(&srv, "sink", slow_dot);
+	tenv_init(&t);
+	add_ds(&t, "sink", "127.0.0.1", srv.port, TLS_MODE_NONE);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	memset(&w, 0, sizeof(w));
+	r = relay_start(&t.rt, &t.user, &tm.m, msgbody_size(tm.body), "192.0.2.1",
+	    on_relay_done, &w);
+	ck_assert(!relay_dot_sent(r));
+	while (!w.done && !relay_dot_sent(r))
+		event_base_loop(t.base, EVLOOP_ONCE);
+	ck_assert(!w.done);
+	ck_assert_int_eq(count_delivered(srv.dir), 0);
+	run_until_done(&t, &w, 60);
+	ck_assert(w.rres.ok);
+	ck_assert_int_eq(count_delivered(srv.dir), 1);
+	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
 /* ======================================================================== */
 
 static Suite *
@@ -2267,6 +2878,30 @@ relay_suite(void)
 	tcase_add_test(tc, test_starttls_wrong_name_fails_over);
 	tcase_add_test(tc, test_implicit_tls);
 	tcase_add_test(tc, test_implicit_tls_against_plain_server);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("replies");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, test_reply_glued_to_354_is_unsolicited);
+	tcase_add_test(tc, test_reply_glued_to_ehlo_is_unsolicited);
+	tcase_add_test(tc, test_pipelined_refused_recipient);
+	tcase_add_test(tc, test_relay_deadline);
+	tcase_add_test(tc, test_8bit_skips_downstream_without_8bitmime);
+	tcase_add_test(tc, test_size_limit_skips_and_refuses);
+	tcase_add_test(tc, test_dot_sent);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("cache");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, test_cache_container);
+	tcase_add_test(tc, test_cache_reuses_session);
+	tcase_add_test(tc, test_cache_dead_session_reconnects);
+	tcase_add_test(tc, test_cache_idle_timeout);
+	tcase_add_test(tc, test_early_connect);
+	tcase_add_test(tc, test_early_connect_cancelled);
+	tcase_add_test(tc, test_early_connect_failure_not_counted);
 	suite_add_tcase(s, tc);
 	return s;
 }
