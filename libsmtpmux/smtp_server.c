@@ -72,7 +72,10 @@ struct txn {
 	struct msgbody *body;
 	struct smtp_data_reader reader;
 	bool store_failed;
+	uint64_t size_hint;              /* MAIL's SIZE=, 0 if none */
+	bool saw_8bit;                   /* an octet >= 0x80 in the body */
 	struct upstream_msg umsg;        /* must outlive the relay */
+	struct relay *prepared;          /* at the first RCPT (early connect) */
 	struct relay *relay;
 	bool in_relay_start;             /* done() may come before relay_start returns */
 	bool early_done;
@@ -104,6 +107,7 @@ struct smtp_session {
 	bool need_flush;
 	bool shutdown_pending;
 	bool reply_backlog_logged;       /* "does not read its replies", once */
+	bool client_gone;                /* hung up while its message was relayed */
 	unsigned errors;
 
 	enum sess_timer timer;
@@ -288,6 +292,8 @@ txn_reset(struct smtp_session *s)
 {
 	struct txn *tx = &s->tx;
 
+	if (tx->prepared != NULL)
+		s->io->relay_cancel(s->ctx, tx->prepared);
 	free(tx->mail_from);
 	for (size_t i = 0; i < tx->n_rcpts; i++)
 		free(tx->rcpts[i]);
@@ -594,6 +600,25 @@ auth_continue(struct smtp_session *s, const char *line, size_t len)
 
 /* ---------------------------------------------------------------- MAIL/RCPT */
 
+/*
+ * Early connect: once the first recipient is accepted the relay may start
+ * logging in to the downstream the message will go to first, so that only
+ * the transaction is left when the client's final dot comes.
+ */
+static void
+early_connect(struct smtp_session *s)
+{
+	struct txn *tx = &s->tx;
+	struct upstream_msg env = {
+		.id = "", .mail_from = tx->mail_from, .rcpts = (const char *const *)tx->rcpts,
+		.n_rcpts = tx->n_rcpts, .body = tx->body_type,
+	};
+
+	if (s->io->relay_prepare == NULL || s->io->relay_begin == NULL || tx->prepared != NULL)
+		return;
+	tx->prepared = s->io->relay_prepare(s->ctx, s->rt, s->user, &env, tx->size_hint, s->client);
+}
+
 static void
 cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
@@ -612,6 +637,7 @@ cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 		reply(s, 451, "4.3.0", "Out of memory");
 	else {
 		s->tx.body_type = cmd->body;
+		s->tx.size_hint = cmd->has_size ? cmd->size : 0;
 		set_state(s, SESS_MAIL);
 		reply(s, 250, "2.1.0", "Ok");
 	}
@@ -636,6 +662,8 @@ cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
 	else {
 		set_state(s, SESS_RCPT);
 		reply(s, 250, "2.1.5", "Ok");
+		if (s->tx.n_rcpts == 1)
+			early_connect(s);
 	}
 }
 
@@ -758,6 +786,19 @@ cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
 	}
 }
 
+/* RFC 6152: such a body may only go to a downstream that offers 8BITMIME,
+ * whatever BODY= the client declared (or forgot to). */
+static bool
+has_8bit(const void *p, size_t len)
+{
+	const unsigned char *c = p;
+
+	for (size_t i = 0; i < len; i++)
+		if (c[i] & 0x80)
+			return true;
+	return false;
+}
+
 /* Moves the unstuffed octets from the scratch buffer into the body. */
 static void
 store_body_chunk(struct smtp_session *s)
@@ -765,6 +806,8 @@ store_body_chunk(struct smtp_session *s)
 	struct evbuffer_iovec v;
 
 	while (evbuffer_peek(s->scratch, -1, NULL, &v, 1) > 0) {
+		if (!s->tx.saw_8bit && has_8bit(v.iov_base, v.iov_len))
+			s->tx.saw_8bit = true;
 		if (!s->tx.store_failed && msgbody_append(s->tx.body, v.iov_base, v.iov_len) < 0) {
 			log_err("%s: cannot store the message body: %s", s->id, strerror(errno));
 			s->tx.store_failed = true;
@@ -800,6 +843,7 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 {
 	char text[SMTP_REPLY_TEXT_MAX];
 	bool valid = res->code >= 400 && res->code < 600 && res->text[0] != '\0';
+	int code = res->ok ? 250 : valid ? res->code : 451;
 
 	s->tx.relay = NULL;
 	set_state(s, SESS_GREETED);
@@ -811,7 +855,17 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 		reply(s, res->code, res->enhanced[0] != '\0' ? res->enhanced
 		    : res->code < 500 ? "4.0.0" : "5.0.0", "%s",
 		    clean(text, sizeof(text), res->text));
-	log_relay_result(s, res->ok ? 250 : valid ? res->code : 451);
+	if (s->client_gone) {
+		/* The reply goes out in case the client only half-closed. */
+		log_info("%s: id=%s client=[%s] reply=%d: the client had hung up; message %s",
+		    s->id, s->tx.qid, s->client, code, res->ok ? "delivered" : "not delivered");
+		txn_reset(s);
+		s->state = SESS_CLOSING;
+		flush(s);
+		s->io->close(s->ctx);
+		return;
+	}
+	log_relay_result(s, code);
 	txn_reset(s);
 	s->io->pause(s->ctx, false);
 	after_transaction(s);
@@ -838,18 +892,25 @@ relay_message(struct smtp_session *s)
 	struct txn *tx = &s->tx;
 	struct relay *r;
 
+	struct relay *prepared = tx->prepared;
+
 	tx->umsg = (struct upstream_msg){
 		.id = tx->qid, .mail_from = tx->mail_from,
 		.rcpts = (const char *const *)tx->rcpts, .n_rcpts = tx->n_rcpts,
-		.body = tx->body_type, .data = tx->body,
+		.body = tx->saw_8bit ? SMTP_BODY_8BITMIME : tx->body_type, .data = tx->body,
 	};
 	set_state(s, SESS_RELAYING);
 	s->io->pause(s->ctx, true);
-	/* The client is rightly silent now; the relay has its own timeouts. */
+	/* The client is rightly silent now; the relay has its own deadline. */
 	s->io->set_timeout(s->ctx, 0);
 	tx->in_relay_start = true;
-	r = s->io->relay_start(s->ctx, s->rt, s->user, &tx->umsg, msgbody_size(tx->body),
-	    s->client, relay_done, s);
+	tx->prepared = NULL;
+	if (prepared != NULL)
+		r = s->io->relay_begin(s->ctx, prepared, &tx->umsg, msgbody_size(tx->body),
+		    relay_done, s);
+	else
+		r = s->io->relay_start(s->ctx, s->rt, s->user, &tx->umsg,
+		    msgbody_size(tx->body), s->client, relay_done, s);
 	tx->in_relay_start = false;
 	if (tx->early_done) {
 		relay_finished(s, &tx->early);
@@ -1421,6 +1482,58 @@ smtp_session_abort(struct smtp_session *s)
 	}
 	txn_reset(s);
 	s->state = SESS_CLOSING;
+}
+
+/* The final dot has gone to a downstream: the relay must run to its end. */
+static bool
+relay_past_dot(const struct smtp_session *s)
+{
+	return s->tx.relay != NULL && s->io->relay_dot_sent != NULL &&
+	    s->io->relay_dot_sent(s->ctx, s->tx.relay);
+}
+
+void
+smtp_session_hangup(struct smtp_session *s)
+{
+	if (s->state != SESS_RELAYING || s->client_gone)
+		return;
+	s->client_gone = true;
+	if (relay_past_dot(s)) {
+		log_info("%s: id=%s client [%s] hung up after the message was sent to the "
+		    "downstream; waiting for its verdict", s->id, s->tx.qid, s->client);
+		return;
+	}
+	/* Cancelled: the client will send it again, and it must not then
+	 * arrive twice. */
+	log_info("%s: id=%s relay cancelled: client [%s] hung up before the message was sent",
+	    s->id, s->tx.qid, s->client);
+	s->io->relay_cancel(s->ctx, s->tx.relay);
+	s->tx.relay = NULL;
+	txn_reset(s);
+	reply_close(s, "4.4.2", "Connection closed by client, message not sent");
+}
+
+bool
+smtp_session_deadline(struct smtp_session *s)
+{
+	if (s->state == SESS_CLOSING)
+		return false;
+	if (s->state == SESS_RELAYING && relay_past_dot(s)) {
+		log_info("%s: id=%s shutdown timeout: the message is with the downstream; "
+		    "waiting for its verdict", s->id, s->tx.qid);
+		return true;
+	}
+	if (s->tx.relay != NULL) {
+		log_info("%s: id=%s relay cancelled: shutdown timeout before the message was sent",
+		    s->id, s->tx.qid);
+		s->io->relay_cancel(s->ctx, s->tx.relay);
+		s->tx.relay = NULL;
+	} else if (s->state == SESS_DATA) {
+		log_info("%s: shutdown timeout during DATA from [%s]", s->id, s->client);
+	}
+	txn_reset(s);
+	reply_close(s, "4.3.2", "Service shutting down");
+	return false;
 }
 
 bool

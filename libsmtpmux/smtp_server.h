@@ -38,11 +38,20 @@ struct smtp_session_io {
 	 * after ms milliseconds; 0 cancels it. A new call replaces the last. */
 	void (*set_timer)(void *ctx, unsigned ms);
 	/* Relaying (relay_start/relay_cancel in the daemon; tests may run real
-	 * relays too). */
+	 * relays too). relay_cancel also drops a prepared relay. */
 	struct relay *(*relay_start)(void *ctx, struct runtime *rt, const struct user_cfg *user,
 	    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
 	    relay_done_fn done, void *arg);
 	void (*relay_cancel)(void *ctx, struct relay *);
+	/* Optional (NULL: not offered). Early connect: relay_prepare at the
+	 * first accepted RCPT (NULL when off), relay_begin at the final dot
+	 * with what it prepared (see relay.h). */
+	struct relay *(*relay_prepare)(void *ctx, struct runtime *rt, const struct user_cfg *user,
+	    const struct upstream_msg *env, uint64_t size, const char *client_addr);
+	struct relay *(*relay_begin)(void *ctx, struct relay *prepared,
+	    const struct upstream_msg *msg, uint64_t size, relay_done_fn done, void *arg);
+	/* Optional: relay_dot_sent() (NULL: never). */
+	bool (*relay_dot_sent)(void *ctx, const struct relay *);
 };
 
 struct smtp_session_params {
@@ -81,6 +90,25 @@ void smtp_session_shutdown(struct smtp_session *);
 /* The client went away or the connection failed: cancel any relay (a
  * message not yet answered is not delivered... see smtp_server.c). */
 void smtp_session_abort(struct smtp_session *);
+
+/*
+ * The client closed or reset its connection while its message is relayed
+ * (the owner watches for that with reading paused). Before the final dot
+ * has gone to a downstream, the relay is cancelled and the session closes
+ * (421, for a client that only half-closed); after it, the relay runs to
+ * its verdict, which is logged as what it is, and the session then closes.
+ * Ignored in other states: a hang-up is then seen as EOF when reading.
+ */
+void smtp_session_hangup(struct smtp_session *);
+
+/*
+ * The shutdown grace (limits.shutdown_timeout) is over. Returns true when
+ * the session is finishing a relay whose final dot was sent: it ends on
+ * its own, within limits.relay_deadline, and the client hears the real
+ * verdict. Otherwise the transaction in progress, if any, is given up,
+ * the client is told 421 and the session closes; false.
+ */
+bool smtp_session_deadline(struct smtp_session *);
 
 /* True while a message is being received or relayed. */
 bool smtp_session_busy(const struct smtp_session *);

@@ -456,44 +456,48 @@ child_signal(const struct child *c, int sig)
 		    (long)c->pid, strerror(errno));
 }
 
+/* A stopping worker has shutdown_timeout for its sessions, then its relays
+ * already past the final dot may run up to relay_deadline more. */
 static void
-child_stop(struct child *c, unsigned shutdown_timeout, int64_t now)
+child_stop(struct child *c, const struct limits_cfg *lim, int64_t now)
 {
 	if (c->stopping && !c->retiring)
 		return;
 	c->stopping = true;
 	c->retiring = false;
-	c->kill_at_ms = now + (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
+	c->kill_at_ms = now + ((int64_t)lim->shutdown_timeout + lim->relay_deadline) * 1000 +
+	    KILL_GRACE_MS;
 	child_signal(c, WORKER_STOP_SIGNAL);
 }
 
 /* An old worker after a reload: its sessions may run for shutdown_timeout,
  * then it stops as above. */
 static void
-child_retire(struct child *c, unsigned shutdown_timeout, int64_t now)
+child_retire(struct child *c, const struct limits_cfg *lim, int64_t now)
 {
 	if (c->stopping)
 		return;
 	if (c->kind != CHILD_WORKER) {
-		child_stop(c, shutdown_timeout, now);
+		child_stop(c, lim, now);
 		return;
 	}
 	c->stopping = true;
 	c->retiring = true;
-	c->kill_at_ms = now + 2 * (int64_t)shutdown_timeout * 1000 + KILL_GRACE_MS;
+	c->kill_at_ms = now + (2 * (int64_t)lim->shutdown_timeout + lim->relay_deadline) * 1000 +
+	    KILL_GRACE_MS;
 	child_signal(c, WORKER_RETIRE_SIGNAL);
 }
 
 /* Retires the children of generations before `generation`. */
 static void
-children_retire_older(struct master *m, unsigned generation, unsigned shutdown_timeout)
+children_retire_older(struct master *m, unsigned generation, const struct limits_cfg *lim)
 {
 	int64_t now = now_ms();
 	size_t i;
 
 	for (i = 0; i < MAX_CHILDREN; i++)
 		if (m->children[i].pid > 0 && m->children[i].generation < generation)
-			child_retire(&m->children[i], shutdown_timeout, now);
+			child_retire(&m->children[i], lim, now);
 }
 
 static void
@@ -674,7 +678,7 @@ master_reload(struct master *m)
 	 * finish their sessions under their own shutdown_timeout. */
 	m->respawn_after_ms = 0;
 	master_maintain(m);
-	children_retire_older(m, m->generation, old->limits.shutdown_timeout);
+	children_retire_older(m, m->generation, &old->limits);
 	config_free(old);
 	log_info("reload: generation=%u workers=%u config=%s", m->generation, cfg->workers,
 	    cfg->path);
@@ -703,7 +707,7 @@ master_stop(struct master *m)
 	m->n_listen_fds = 0;
 	for (i = 0; i < MAX_CHILDREN; i++)
 		if (m->children[i].pid > 0)
-			child_stop(&m->children[i], m->cfg->limits.shutdown_timeout, now);
+			child_stop(&m->children[i], &m->cfg->limits, now);
 }
 
 /* --- main loop ---------------------------------------------------------- */

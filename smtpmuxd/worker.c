@@ -22,6 +22,7 @@
 #include "runtime.h"
 #include "smtp_server.h"
 #include "upstream.h"
+#include "upstream_cache.h"
 #include "worker.h"
 
 #define ACCEPT_BATCH 64              /* per wakeup, so workers share the load */
@@ -47,6 +48,7 @@ struct client {
 	struct event *ev_idle;           /* the session's read timeout */
 	struct event *ev_timer;          /* the session's one-shot timer (io->set_timer) */
 	struct client_entry *address;    /* its count in the shared client table, or NULL */
+	struct event *ev_hangup;         /* EV_CLOSED while reading is paused; may be NULL */
 	unsigned timeout_s;              /* 0: none */
 	bool starttls_pending;           /* start TLS once the 220 is flushed */
 	bool close_pending;              /* close once the output is flushed */
@@ -146,6 +148,8 @@ client_free(struct client *c)
 	event_free(c->ev_linger);
 	event_free(c->ev_idle);
 	event_free(c->ev_timer);
+	if (c->ev_hangup != NULL)
+		event_free(c->ev_hangup);
 	free(c);
 	if (w->stopping && w->n_clients == 0 && !w->exiting)
 		event_base_loopexit(w->rt.base, NULL);
@@ -304,6 +308,21 @@ client_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *de
 	client_abort(c);
 }
 
+/*
+ * The client closed or reset its connection while reading was paused (its
+ * message is being relayed): it cannot be seen by reading, so the kernel's
+ * "peer closed" (EPOLLRDHUP) tells us. Whatever the client pipelined
+ * before closing stays unread.
+ */
+static void
+client_hangup_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct client *c = arg;
+
+	if (!c->dead && !c->close_pending && c->session != NULL)
+		smtp_session_hangup(c->session);
+}
+
 static const struct conn_cbs client_conn_cbs = {
 	.on_read = client_on_read,
 	.on_flushed = client_on_flushed,
@@ -358,8 +377,12 @@ io_pause(void *ctx, bool paused)
 	client_arm_idle(c);
 	if (paused) {
 		conn_pause_read(c->conn);
+		if (c->ev_hangup != NULL)
+			event_add(c->ev_hangup, NULL);
 		return;
 	}
+	if (c->ev_hangup != NULL)
+		event_del(c->ev_hangup);
 	conn_resume_read(c->conn);
 	/* Commands pipelined during the pause may already be buffered: no
 	 * read event will announce them. */
@@ -413,6 +436,26 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
 		smtp_session_timer(c->session);
 }
 
+static struct relay *
+io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *env, uint64_t size, const char *client_addr)
+{
+	return relay_prepare(rt, user, env, size, client_addr);
+}
+
+static struct relay *
+io_relay_begin(void *ctx, struct relay *r, const struct upstream_msg *msg, uint64_t size,
+    relay_done_fn done, void *arg)
+{
+	return relay_begin(r, msg, size, done, arg);
+}
+
+static bool
+io_relay_dot_sent(void *ctx, const struct relay *r)
+{
+	return relay_dot_sent(r);
+}
+
 static const struct smtp_session_io client_session_io = {
 	.flush = io_flush,
 	.starttls = io_starttls,
@@ -422,6 +465,9 @@ static const struct smtp_session_io client_session_io = {
 	.set_timer = io_set_timer,
 	.relay_start = io_relay_start,
 	.relay_cancel = io_relay_cancel,
+	.relay_prepare = io_relay_prepare,
+	.relay_begin = io_relay_begin,
+	.relay_dot_sent = io_relay_dot_sent,
 };
 
 /* --- accepting ---------------------------------------------------------- */
@@ -505,6 +551,10 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 	c->ev_linger = evtimer_new(w->rt.base, client_linger_cb, c);
 	c->ev_idle = evtimer_new(w->rt.base, client_idle_cb, c);
 	c->ev_timer = evtimer_new(w->rt.base, client_timer_cb, c);
+	/* Without early-close support in the backend a hang-up during a relay
+	 * is only noticed when the reply is written. */
+	if (event_base_get_features(w->rt.base) & EV_FEATURE_EARLY_CLOSE)
+		c->ev_hangup = event_new(w->rt.base, fd, EV_CLOSED, client_hangup_cb, c);
 	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL &&
 	    c->ev_timer != NULL)
 		c->conn = conn_new(w->rt.base, fd, &client_conn_cbs, c);
@@ -522,6 +572,8 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 			event_free(c->ev_idle);
 		if (c->ev_timer != NULL)
 			event_free(c->ev_timer);
+		if (c->ev_hangup != NULL)
+			event_free(c->ev_hangup);
 		free(c);
 		return NULL;
 	}
@@ -698,21 +750,30 @@ worker_close_listeners(struct worker *w)
 
 /* --- stopping ----------------------------------------------------------- */
 
-/* A session still busy at the deadline: its transaction is lost, but
- * the client is told so (it will retry) rather than just cut off. */
-static void
+/*
+ * A session still busy at the deadline: its transaction is lost, but the
+ * client is told so (it will retry) rather than just cut off - unless its
+ * message already went to a downstream with the final dot: that relay
+ * runs to its verdict (within limits.relay_deadline) and the client hears
+ * it. Returns true for such a session.
+ */
+static bool
 client_drop(struct client *c)
 {
 	if (c->dead || c->close_pending)
-		return;
+		return false;
 	if (c->session == NULL) {
 		client_kill(c);
-		return;
+		return false;
 	}
-	smtp_session_abort(c->session);
-	evbuffer_add_printf(conn_output(c->conn), "421 4.3.2 %s Service shutting down\r\n",
-	    c->w->cfg->hostname);
-	io_close(c);
+	return smtp_session_deadline(c->session);
+}
+
+static bool
+client_relaying(const struct client *c)
+{
+	return !c->dead && !c->close_pending && c->session != NULL &&
+	    smtp_session_busy(c->session);
 }
 
 static void
@@ -721,17 +782,27 @@ worker_deadline_cb(evutil_socket_t fd, short what, void *arg)
 	struct worker *w = arg;
 	struct timeval tv = { FINAL_FLUSH_SECONDS, 0 };
 	struct client *c;
+	unsigned finishing = 0;
 
-	if (w->deadline_passed) {
-		event_base_loopbreak(w->rt.base);
+	if (!w->deadline_passed) {
+		log_warn("shutdown timeout (%u s): closing %u session(s)",
+		    w->cfg->limits.shutdown_timeout, w->n_clients);
+		w->deadline_passed = true;
+		for (c = w->clients; c != NULL; c = c->next)
+			finishing += client_drop(c);
+		if (finishing > 0)
+			log_info("shutdown timeout: %u relay(s) past the final dot finish first",
+			    finishing);
+		evtimer_add(w->ev_deadline, &tv);
 		return;
 	}
-	log_warn("shutdown timeout (%u s): dropping %u session(s)",
-	    w->cfg->limits.shutdown_timeout, w->n_clients);
-	w->deadline_passed = true;
+	/* The 421s had their second; relays past the dot end on their own. */
 	for (c = w->clients; c != NULL; c = c->next)
-		client_drop(c);
-	evtimer_add(w->ev_deadline, &tv);
+		finishing += client_relaying(c);
+	if (finishing > 0)
+		evtimer_add(w->ev_deadline, &tv);
+	else
+		event_base_loopbreak(w->rt.base);
 }
 
 static void
@@ -742,6 +813,9 @@ worker_stop_accepting(struct worker *w)
 	w->stopping = true;
 	worker_update_accept(w);         /* publishes: no room here */
 	worker_close_listeners(w);
+	/* Idle downstream sessions get QUIT; the next generation, or nobody,
+	 * opens its own. */
+	upstream_close_idle(&w->rt);
 	if (w->ev_accept_resume != NULL)
 		event_del(w->ev_accept_resume);
 }
@@ -865,6 +939,9 @@ worker_setup(struct worker *w, const struct worker_params *p)
 	w->ev_reopen = evsignal_new(w->rt.base, SIGUSR1, worker_reopen_cb, w);
 	w->ev_deadline = evtimer_new(w->rt.base, worker_deadline_cb, w);
 	w->ev_accept_resume = evtimer_new(w->rt.base, worker_accept_resume_cb, w);
+	if (w->cfg->connection_cache.enabled &&
+	    (w->rt.cache = upstream_cache_new(&w->cfg->connection_cache)) == NULL)
+		return -1;
 	if (w->ev_stop == NULL || w->ev_retire == NULL || w->ev_retire_end == NULL ||
 	    w->ev_reopen == NULL || w->ev_deadline == NULL ||
 	    w->ev_accept_resume == NULL)
@@ -902,6 +979,7 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_retire);
 	event_free_if(w->ev_retire_end);
 	upstream_free_lingering(&w->rt);
+	upstream_cache_free(w->rt.cache);
 	if (w->rt.dns != NULL)
 		evdns_base_free(w->rt.dns, 0);
 	if (w->rt.base != NULL)

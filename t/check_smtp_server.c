@@ -72,6 +72,13 @@ struct harness {
 	bool answer_at_once;             /* call done inside relay_start */
 	bool fail_start;                 /* relay_start returns NULL */
 	struct relay_result at_once;
+
+	/* early connect and the final dot */
+	bool early_connect;              /* relay_prepare gives a relay */
+	int prepared_token;
+	unsigned prepares, begins;
+	size_t prepared_rcpts;           /* recipients known at relay_prepare */
+	bool dot_sent;                   /* what relay_dot_sent says */
 };
 
 static struct harness H;
@@ -134,16 +141,14 @@ relayed_free(struct relayed *m)
 	memset(m, 0, sizeof(*m));
 }
 
-static struct relay *
-io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
-    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
-    relay_done_fn done, void *arg)
+/* Keeps a copy of what a relay was given. */
+static void
+record_message(struct harness *h, const struct user_cfg *user, const struct upstream_msg *msg,
+    uint64_t size, const char *client_addr)
 {
-	struct harness *h = ctx;
 	struct relayed *m = &h->msg;
 
 	relayed_free(m);
-	h->relay_starts++;
 	snprintf(m->id, sizeof(m->id), "%s", msg->id);
 	m->from = strdup(msg->mail_from);
 	m->rcpts = calloc(msg->n_rcpts, sizeof(char *));
@@ -155,6 +160,17 @@ io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
 	m->body_type = msg->body;
 	m->user = user;
 	snprintf(m->client, sizeof(m->client), "%s", client_addr);
+}
+
+static struct relay *
+io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
+    relay_done_fn done, void *arg)
+{
+	struct harness *h = ctx;
+
+	h->relay_starts++;
+	record_message(h, user, msg, size, client_addr);
 	ck_assert_ptr_eq(rt, &h->rt);
 	if (h->fail_start)
 		return NULL;
@@ -176,6 +192,39 @@ io_relay_cancel(void *ctx, struct relay *r)
 	h->cancelled = r;
 }
 
+static struct relay *
+io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
+    const struct upstream_msg *env, uint64_t size, const char *client_addr)
+{
+	struct harness *h = ctx;
+
+	ck_assert_ptr_eq(rt, &h->rt);
+	ck_assert_ptr_eq(user, &h->users[0]);
+	h->prepares++;
+	h->prepared_rcpts = env->n_rcpts;
+	return h->early_connect ? (struct relay *)&h->prepared_token : NULL;
+}
+
+static struct relay *
+io_relay_begin(void *ctx, struct relay *prepared, const struct upstream_msg *msg,
+    uint64_t size, relay_done_fn done, void *arg)
+{
+	struct harness *h = ctx;
+
+	ck_assert_ptr_eq(prepared, (struct relay *)&h->prepared_token);
+	h->begins++;
+	record_message(h, &h->users[0], msg, size, CLIENT);
+	h->done = done;
+	h->done_arg = arg;
+	return prepared;
+}
+
+static bool
+io_relay_dot_sent(void *ctx, const struct relay *r)
+{
+	return ((struct harness *)ctx)->dot_sent;
+}
+
 static const struct smtp_session_io test_io = {
 	.flush = io_flush,
 	.starttls = io_starttls,
@@ -185,6 +234,9 @@ static const struct smtp_session_io test_io = {
 	.set_timer = io_set_timer,
 	.relay_start = io_relay_start,
 	.relay_cancel = io_relay_cancel,
+	.relay_prepare = io_relay_prepare,
+	.relay_begin = io_relay_begin,
+	.relay_dot_sent = io_relay_dot_sent,
 };
 
 /* ---------------------------------------------------------------- fixture */
@@ -1771,6 +1823,174 @@ START_TEST(test_disconnect_log)
 }
 END_TEST
 
+
+/* ---------------------------------------------------------------- early connect, hang-up, deadline */
+
+/* The relay is prepared once, at the first accepted RCPT, and used at the dot. */
+START_TEST(test_early_connect_prepared_at_first_rcpt)
+{
+	char expect[128];
+
+	H.early_connect = true;
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<sender@example.com>\r\n", MAIL_OK);
+	ck_assert_uint_eq(H.prepares, 0);
+	ck_exchange("RCPT TO:<r1@example.net>\r\nRCPT TO:<r2@example.net>\r\nDATA\r\n",
+	    RCPT_OK RCPT_OK DATA_GO);
+	ck_assert_uint_eq(H.prepares, 1);
+	ck_assert_uint_eq(H.prepared_rcpts, 1);
+	send_str("hi\r\n.\r\n");
+	ck_assert_uint_eq(H.begins, 1);
+	ck_assert_uint_eq(H.relay_starts, 0);
+	ck_assert_uint_eq(H.msg.n_rcpts, 2);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+	ck_assert_uint_eq(H.relay_cancels, 0);
+}
+END_TEST
+
+/* A transaction given up (RSET, a refused message, the client gone)
+ * gives its prepared relay back. */
+START_TEST(test_early_connect_given_up)
+{
+	H.early_connect = true;
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<r1@example.net>\r\nRSET\r\n",
+	    MAIL_OK RCPT_OK "250 2.0.0 Ok\r\n");
+	ck_assert_uint_eq(H.relay_cancels, 1);
+	ck_assert_ptr_eq(H.cancelled, (struct relay *)&H.prepared_token);
+	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<r1@example.net>\r\n",
+	    MAIL_OK RCPT_OK);
+	ck_assert_uint_eq(H.prepares, 2);
+	smtp_session_abort(H.s);
+	ck_assert_uint_eq(H.relay_cancels, 2);
+	ck_assert_uint_eq(H.begins, 0);
+}
+END_TEST
+
+/* Without early connect (relay_prepare gives nothing) the relay starts at
+ * the dot, as before. */
+START_TEST(test_early_connect_off)
+{
+	h_ready_for_data();
+	ck_assert_uint_eq(H.prepares, 1);
+	send_str("hi\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	ck_assert_uint_eq(H.begins, 0);
+	relay_answer(true, 250, "2.0.0", "Ok");
+}
+END_TEST
+
+/* The client hangs up before the dot went out: the relay is taken back,
+ * and a client that only half-closed hears why. */
+START_TEST(test_hangup_before_the_dot)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	ck_assert(smtp_session_busy(H.s));
+	calls_reset();
+	smtp_session_hangup(H.s);
+	ck_assert_uint_eq(H.relay_cancels, 1);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Connection closed by client, message not sent\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_ptr_nonnull(strstr(log_text(), "relay cancelled: client [" CLIENT "] hung up "
+	    "before the message was sent"));
+	smtp_session_hangup(H.s);            /* once */
+	ck_assert_uint_eq(H.relay_cancels, 1);
+}
+END_TEST
+
+/* After the dot the relay runs to its verdict, which the log tells as it is. */
+START_TEST(test_hangup_after_the_dot)
+{
+	char expect[128];
+
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	H.dot_sent = true;
+	calls_reset();
+	smtp_session_hangup(H.s);
+	ck_assert_uint_eq(H.relay_cancels, 0);
+	ck_assert_str_eq(take(), "");
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+	ck_assert_str_eq(calls(), "FC");
+	snprintf(expect, sizeof(expect), "id=%s client=[" CLIENT "] reply=250: the client had "
+	    "hung up; message delivered", H.msg.id);
+	ck_assert_ptr_nonnull(strstr(log_text(), expect));
+	ck_assert_ptr_null(strstr(log_text(), "reply=250\n"));
+}
+END_TEST
+
+/* Outside a relay a hang-up is seen when reading: nothing to do here. */
+START_TEST(test_hangup_outside_relay)
+{
+	h_start();
+	h_auth();
+	calls_reset();
+	smtp_session_hangup(H.s);
+	ck_assert_str_eq(take(), "");
+	ck_assert_str_eq(calls(), "");
+	ck_exchange("NOOP\r\n", "250 2.0.0 Ok\r\n");
+}
+END_TEST
+
+/* Shutdown grace over, the dot sent: the client gets the real verdict. */
+START_TEST(test_deadline_after_the_dot)
+{
+	char expect[256];
+
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	smtp_session_shutdown(H.s);
+	H.dot_sent = true;
+	ck_assert(smtp_session_deadline(H.s));
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.relay_cancels, 0);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	snprintf(expect, sizeof(expect), "250 2.0.0 Ok: queued as %s\r\n"
+	    "421 4.3.2 " HOST " Service shutting down\r\n", H.msg.id);
+	ck_assert_str_eq(take(), expect);
+	ck_assert_ptr_null(strstr(log_text(), "disconnected"));
+}
+END_TEST
+
+START_TEST(test_deadline_before_the_dot)
+{
+	h_ready_for_data();
+	send_str("m\r\n.\r\n");
+	smtp_session_shutdown(H.s);
+	calls_reset();
+	ck_assert(!smtp_session_deadline(H.s));
+	ck_assert_uint_eq(H.relay_cancels, 1);
+	ck_assert_str_eq(take(), "421 4.3.2 " HOST " Service shutting down\r\n");
+	ck_assert_str_eq(calls(), "FC");
+	ck_assert_ptr_nonnull(strstr(log_text(), "relay cancelled: shutdown timeout before the "
+	    "message was sent"));
+	ck_assert_ptr_null(strstr(log_text(), "disconnected"));
+}
+END_TEST
+
+/* RFC 6152: a body with 8-bit octets goes as 8BITMIME, declared or not. */
+START_TEST(test_8bit_body_detected)
+{
+	h_ready_for_data();
+	send_str("Subject: caf\xc3\xa9\r\n\r\nx\r\n.\r\n");
+	ck_assert_int_eq(H.msg.body_type, SMTP_BODY_8BITMIME);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	take();
+	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n",
+	    MAIL_OK RCPT_OK DATA_GO);
+	send_str("Subject: plain\r\n\r\nx\r\n.\r\n");
+	ck_assert_int_ne(H.msg.body_type, SMTP_BODY_8BITMIME);
+	relay_answer(true, 250, "2.0.0", "Ok");
+}
+END_TEST
+
 static Suite *
 server_suite(void)
 {
@@ -1883,6 +2103,15 @@ server_suite(void)
 	tcase_add_test(tc, test_abort_during_relay);
 	tcase_add_test(tc, test_abort_during_data);
 	tcase_add_test(tc, test_free_during_relay_cancels);
+	tcase_add_test(tc, test_early_connect_prepared_at_first_rcpt);
+	tcase_add_test(tc, test_early_connect_given_up);
+	tcase_add_test(tc, test_early_connect_off);
+	tcase_add_test(tc, test_hangup_before_the_dot);
+	tcase_add_test(tc, test_hangup_after_the_dot);
+	tcase_add_test(tc, test_hangup_outside_relay);
+	tcase_add_test(tc, test_deadline_after_the_dot);
+	tcase_add_test(tc, test_deadline_before_the_dot);
+	tcase_add_test(tc, test_8bit_body_detected);
 	tcase_add_test(tc, test_disconnect_log);
 	suite_add_tcase(s, tc);
 	return s;
