@@ -8,6 +8,7 @@ process or server a test starts is stopped by the test's cleanup.
 import asyncio
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -20,6 +21,8 @@ import unittest
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+
+from fakesmtp import FakeDownstream
 
 SRCDIR = os.environ.get("SRCDIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 BUILDDIR = os.environ.get("BUILDDIR", SRCDIR)
@@ -79,10 +82,16 @@ class RecordingHandler:
         self.rcpt_attempts = 0
         self.data_delay = 0.0       # seconds before answering the final dot
         self.data_started = threading.Event()
+        self.hold_data = None       # a threading.Event the final dot's reply waits for
+        self.rcpt_started = threading.Event()
+        self.hold_rcpt = None       # a threading.Event each RCPT's reply waits for
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
             self.rcpt_attempts += 1
+        self.rcpt_started.set()
+        if self.hold_rcpt is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.hold_rcpt.wait, READY_TIMEOUT)
         if self.fault == "rcpt_451":
             return "451 4.3.0 Try again later"
         if self.fault == "throttle":
@@ -94,6 +103,8 @@ class RecordingHandler:
         self.data_started.set()
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
+        if self.hold_data is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.hold_data.wait, READY_TIMEOUT)
         if self.fault == "drop_data":
             # The provider vanishes before answering the final dot.
             server.transport.abort()
@@ -166,7 +177,7 @@ def user_entry(email, password, downstreams, selector="round_robin.so"):
 
 
 def plain_downstream(ds, **extra):
-    entry = {"addr": ds.addr if isinstance(ds, Downstream) else ds, "tls": "none"}
+    entry = {"addr": getattr(ds, "addr", ds), "tls": "none"}
     entry.update(extra)
     return entry
 
@@ -239,6 +250,34 @@ class Daemon:
                    what="reload to finish")
         return self.log_text().count("reload failed") == before_bad
 
+    def status(self):
+        """The table of `smtpmuxd -s status`."""
+        res = subprocess.run([SMTPMUXD, "-s", "status", "-c", self.config_path], env=self.env,
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise AssertionError("smtpmuxd -s status: %s" % res.stderr)
+        return res.stdout
+
+    # Columns of `smtpmuxd -s status` whose values are aligned right.
+    STATUS_NUMBERS = ("FAILS", "FLIGHT", "LAT(ms)", "ATTEMPTS", "SENT", "FAILED")
+
+    def status_cell(self, name, heading):
+        """One cell of the status table: the row named name, the column headed
+        heading. A number ends where its heading ends, a text starts where its
+        heading starts; never split at blanks: a DOWNSTREAM cell ("addr user")
+        has one."""
+        lines = self.status().splitlines()
+        spans = [m.span() for m in re.finditer(r"\S+", lines[0])]
+        i = [lines[0][a:b] for a, b in spans].index(heading)
+        if heading in self.STATUS_NUMBERS:
+            lo, hi = spans[i - 1][1], spans[i][1]
+        else:
+            lo, hi = spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else None
+        for line in lines[1:]:
+            if line.split(None, 1)[0] == name:
+                return line[lo:hi].strip()
+        raise AssertionError("no status row for %s" % name)
+
     def stop(self, sig=signal.SIGTERM, timeout=READY_TIMEOUT):
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
@@ -308,6 +347,12 @@ class DaemonTestCase(unittest.TestCase):
         ds = Downstream(**kwargs).start()
         self.addCleanup(ds.stop)
         return ds
+
+    def fake(self, **kwargs):
+        """A scripted raw-socket downstream (fakesmtp.FakeDownstream), started."""
+        f = FakeDownstream(free_port(), **kwargs).start()
+        self.addCleanup(f.stop)
+        return f
 
     def daemon(self, config, env=None, start=True):
         d = Daemon(self.tmpdir, config, env)

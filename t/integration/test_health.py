@@ -4,12 +4,11 @@
 import os
 import signal
 import smtplib
-import subprocess
 import threading
 import unittest
 import urllib.request
 
-from harness import (SMTPMUXD, SELECTORS, DaemonTestCase, Downstream, free_port, make_message, plain_downstream,
+from harness import (DaemonTestCase, Downstream, free_port, make_message, plain_downstream,
                      send, user_entry, wait_until)
 
 USER, PASSWORD = "app@example.com", "health-password"
@@ -40,11 +39,7 @@ class HealthTest(DaemonTestCase):
         return self.daemon(config)
 
     def status(self, d):
-        res = subprocess.run([SMTPMUXD, "-s", "status", "-c", d.config_path],
-                             env=dict(os.environ, SMTPMUX_SELECTOR_PATH=SELECTORS),
-                             capture_output=True, text=True, timeout=30)
-        self.assertEqual(res.returncode, 0, res.stderr)
-        return res.stdout
+        return d.status()
 
     def test_quota_is_exact_across_eight_workers(self):
         a, b = self.downstream(), self.downstream()
@@ -137,14 +132,7 @@ class HealthTest(DaemonTestCase):
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
 
     def column(self, d, name, heading):
-        """One cell of the status table: the row named name, the column headed heading."""
-        lines = self.status(d).splitlines()
-        headings = lines[0].split()
-        for line in lines[1:]:
-            cells = line.split(None, len(headings) - 1)
-            if cells and cells[0] == name:
-                return cells[headings.index(heading)]
-        self.fail("no status row for %s" % name)
+        return d.status_cell(name, heading)
 
     def _send_ignoring_errors(self, port):
         try:

@@ -90,6 +90,8 @@ class RelayTest(DaemonTestCase):
         d = self.start_pair(fault_a="reject_550", fault_b="reject_550")
         code, _ = send(d.port, USER, PASSWORD)
         self.assertEqual(code // 100, 5)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 0)
+        self.assertEqual(d.log_text().count("stage=dot status=bounced"), 2)
 
     def test_mail_without_auth_is_refused(self):
         d = self.start_pair()
@@ -295,8 +297,9 @@ class RelayTest(DaemonTestCase):
         self.assertIn("%s:5:" % path, res.stderr)
         self.assertIn("users[0].downstreams[0].addr", res.stderr)
 
-    def test_client_that_half_closes_after_the_dot_hears_250(self):
-        d = self.start_pair()
+    def half_closed_client(self, d, after_dot):
+        """Sends a message, shuts its sending side once after_dot() returns,
+        and reads what the server says until it closes."""
         token = base64.b64encode(("\0%s\0%s" % (USER, PASSWORD)).encode()).decode()
         script = ("EHLO half.test\r\nAUTH PLAIN %s\r\nMAIL FROM:<app@example.com>\r\n"
                   "RCPT TO:<rcpt@example.org>\r\nDATA\r\n" % token).encode()
@@ -307,10 +310,33 @@ class RelayTest(DaemonTestCase):
             while not f.readline().startswith(b"354"):
                 pass
             s.sendall(make_message("half-close") + b".\r\n")
+            after_dot()
             s.shutdown(socket.SHUT_WR)        # no QUIT: done sending, still reading
-            rest = f.read().decode()
+            return f.read().decode()
+
+    def test_client_that_half_closes_after_the_dot_hears_250(self):
+        # The downstream holds its verdict until the client has half-closed:
+        # a relay past its final dot runs to the end, and the client hears it.
+        d = self.start_pair(selector="failover.so")
+        self.a.handler.hold_data = threading.Event()
+        self.addCleanup(self.a.handler.hold_data.set)
+        rest = self.half_closed_client(d, lambda: wait_until(self.a.handler.data_started.is_set,
+                                                             what="the dot at the downstream"))
         self.assertRegex(rest, r"^250 2\.0\.0 Ok: queued as \w+", d.log_text())
         self.assertEqual(self.a.handler.count() + self.b.handler.count(), 1)
+
+    def test_client_that_half_closes_before_the_relay_sent_the_dot_hears_421(self):
+        # Before the dot has gone out the message is taken back: the client
+        # is told so, and nothing arrives anywhere (no duplicate on retry).
+        d = self.start_pair(selector="failover.so")
+        self.a.handler.hold_rcpt = threading.Event()
+        self.addCleanup(self.a.handler.hold_rcpt.set)
+        rest = self.half_closed_client(d, lambda: wait_until(self.a.handler.rcpt_started.is_set,
+                                                             what="the RCPT at the downstream"))
+        self.assertRegex(rest, r"^421 4\.4\.2 ", d.log_text())
+        d.wait_log("hung up before the message was sent")
+        self.a.handler.hold_rcpt.set()
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 0)
 
     def test_second_daemon_on_the_same_state_file_is_refused(self):
         d = self.start_pair()

@@ -42,9 +42,13 @@ class InboundTLSTest(DaemonTestCase):
         self.assertEqual(self.ds.handler.count(), 1)
 
     def test_smtplib_implicit_tls(self):
+        msg = make_message("implicit")
         code, _ = send(self.implicit_port, USER, PASSWORD, implicit=True,
-                       ssl_context=self.ca.client_context())
+                       ssl_context=self.ca.client_context(), msg=msg)
         self.assertEqual(code, 250)
+        self.assertEqual(self.ds.handler.count(), 1)
+        got = self.ds.messages[0]["data"]
+        self.assertEqual(got[got.index(b"\r\nFrom: ") + 2:], msg)
 
     def test_swaks_starttls_and_implicit(self):
         for args in (["--tls"], ["--tlsc"]):
@@ -215,6 +219,18 @@ class DownstreamTLSTest(DaemonTestCase):
         self.assertEqual(plain.handler.auth_seen, [])
         self.assertEqual(plain.handler.count(), 0)
         self.assertEqual(good.handler.count(), 1)
+
+    def test_downstream_without_login_or_starttls_gets_no_mail_in_clear(self):
+        # No user, no `tls:`: STARTTLS is still the default, and required.
+        plain = self.downstream()
+        d = self.daemon(self.config([{"addr": plain.addr, "name": "plain"}]))
+        code, _ = send(d.port, USER, PASSWORD)
+        self.assertEqual(code, 451)
+        self.assertEqual(plain.handler.count(), 0)
+        self.assertEqual(plain.handler.rcpt_attempts, 0)
+        log = d.log_text()
+        self.assertIn("relay=plain[%s] attempt=1 stage=tls status=deferred" % plain.addr, log)
+        self.assertIn("downstream does not offer STARTTLS", log)
 
 
 if __name__ == "__main__":
