@@ -361,9 +361,10 @@ attempt_done(void *arg, const struct upstream_result *res)
 }
 
 /*
- * An attempt is begun only while the time left covers it: twice the
+ * A further attempt is begun only while the time left covers it: twice the
  * downstream's average delivery time, and at least a second. One cut short
  * after its final dot could deliver a message the client is told failed.
+ * The first attempt has the whole deadline, whatever it is.
  */
 static bool
 deadline_covers(const struct relay *r, const struct downstream_cfg *ds, time_t now,
@@ -372,11 +373,13 @@ deadline_covers(const struct relay *r, const struct downstream_cfg *ds, time_t n
 	struct smtpmux_downstream_view v;
 	int64_t need;
 
+	*left = r->deadline_ms - runtime_now_ms();
+	if (r->attempts == 0)
+		return true;
 	fill_view(r, ds, now, &v);
 	need = 2 * (int64_t)v.latency_ms;
 	if (need < 1000)
 		need = 1000;
-	*left = r->deadline_ms - runtime_now_ms();
 	return *left >= need;
 }
 

@@ -1367,6 +1367,7 @@ up_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *detail
 	if (up->state == UP_READY && up->entry.cached) {
 		log_debug("relay=%s[%s]: idle session lost: %s", up->ds->name, up->ds->addr,
 		    *detail ? detail : stage_event_text(ev));
+		detach_conn(up);
 		up_close(up);
 		return;
 	}

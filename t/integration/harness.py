@@ -280,6 +280,8 @@ class Daemon:
 
     def stop(self, sig=signal.SIGTERM, timeout=READY_TIMEOUT):
         if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None and not self.log.closed:
+                self.log.close()              # it was signalled by the test itself
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
         try:

@@ -228,6 +228,7 @@ class StopAfterDotTest(UpstreamTestCase):
         d.proc.send_signal(signal.SIGTERM)
         self.finish_held(d, t)
         self.assertEqual(d.proc.wait(30), 0)
+        self.assertEqual(d.stop(), 0)
 
     def test_reload_lets_a_relay_past_the_dot_finish(self):
         d, t = self.start_held()
@@ -247,6 +248,7 @@ class StopAfterDotTest(UpstreamTestCase):
         d.proc.send_signal(signal.SIGTERM)
         self.assertTrue(reply_line(f).startswith(b"421 4.3.2"))
         self.assertEqual(d.proc.wait(30), 0)
+        self.assertEqual(d.stop(), 0)
         self.assertEqual(a.messages(), [])
         self.assertIn("relay cancelled: shutdown timeout before the message was sent", d.log_text())
         hang_up(s, f)
