@@ -59,6 +59,7 @@ class DepsTest(unittest.TestCase):
         self.assertEqual(set(plan("deps", "check-package")), {"build", "test", "package"})
         self.assertEqual(set(plan("deps", "fuzz")), {"build", "fuzz"})
         self.assertEqual(set(plan("deps", "bench")), {"build", "bench"})
+        self.assertEqual(set(plan("deps", "bench-load")), {"build", "bench"})
         test = plan("check")["test"]
         for tool in ("postfix", "chromium", "redis-server", "python3-aiosmtpd", "valgrind"):
             self.assertIn(tool, test)
