@@ -52,11 +52,16 @@ void
 report_human(FILE *f, const struct load_opts *o, const struct load_stats *s, const struct load_run *run)
 {
 	uint64_t sessions = s->sessions_ok + s->sessions_failed;
+	char per[32];
 
+	if (o->per_session == 0)
+		snprintf(per, sizeof(per), "all");
+	else
+		snprintf(per, sizeof(per), "%u", o->per_session);
 	fprintf(f, "smtp-load: %s:%s, %u connection%s in %u thread%s, %" PRIu64 "-octet messages, "
-	    "%u per session (0: unlimited), %u rcpt, tls %s, auth %s, pipelining %s\n",
+	    "%s per session, %u rcpt, tls %s, auth %s, pipelining %s\n",
 	    o->host, o->port, o->concurrency, o->concurrency == 1 ? "" : "s", o->threads,
-	    o->threads == 1 ? "" : "s", o->size, o->per_session, o->rcpts, opts_tls_name(o->tls),
+	    o->threads == 1 ? "" : "s", o->size, per, o->rcpts, opts_tls_name(o->tls),
 	    opts_auth_name(o->auth), o->pipelining ? "when offered" : "off");
 	fprintf(f, "messages   %" PRIu64 " accepted, %" PRIu64 " failed, in %.3f s: %.1f/s\n",
 	    s->msgs_ok, s->msgs_failed, run->seconds, per_second(s->msgs_ok, run->seconds));

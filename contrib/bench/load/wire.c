@@ -428,6 +428,8 @@ wire_on_write(evutil_socket_t fd, short what, void *arg)
 	struct wire *w = arg;
 
 	w->write_armed = false;
+	/* A long message upload is progress too: it must not look like a silent server. */
+	w->last_io_ns = load_now_ns();
 	if (w->state == WIRE_HANDSHAKE)
 		wire_handshake(w);
 	else if (w->state == WIRE_OPEN)
