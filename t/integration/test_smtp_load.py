@@ -26,6 +26,8 @@ class SmtpLoadTest(DaemonTestCase):
         res = subprocess.run([SMTP_LOAD, "--json", "--timeout", "10", *args, "127.0.0.1:%d" % port],
                              capture_output=True, text=True, timeout=120)
         self.assertEqual(res.returncode, status, res.stdout + res.stderr)
+        # a sanitizer build (./configure --enable-sanitizers) reports on stderr
+        self.assertNotRegex(res.stderr, r"ERROR: \w+Sanitizer|runtime error:")
         report = json.loads(res.stdout)
         lat = report["latency_ms"]["message"]
         self.assertEqual(lat["count"], report["messages"])
@@ -73,6 +75,7 @@ class SmtpLoadTest(DaemonTestCase):
                               "127.0.0.1:%d" % ds.port],
                              capture_output=True, text=True, timeout=120, env=env)
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertNotRegex(res.stderr, r"ERROR: \w+Sanitizer|runtime error:")
         self.assertEqual(json.loads(res.stdout)["messages"], 4)
         self.assertEqual(ds.handler.count(), 4)
         for m in ds.messages:

@@ -30,7 +30,8 @@ void hist_merge(struct hist *into, const struct hist *from);
 
 /*
  * The value at or below which a fraction q (0 < q <= 1) of the samples
- * lie, as the middle of its bucket (never above max); 0 when empty.
+ * lie, as the middle of its bucket, within [min, max]; max itself for
+ * q = 1; 0 when empty.
  */
 uint64_t hist_quantile(const struct hist *, double q);
 uint64_t hist_mean(const struct hist *);
