@@ -119,7 +119,8 @@ wire_finish(struct wire *w)
 		st->sessions_pipelined++;
 	if (client_end(&w->cl)) {
 		st->sessions_ok++;
-		hist_add(&st->session_latency, load_now_ns() - w->started_ns);
+		/* the last read was the reply to QUIT */
+		hist_add(&st->session_latency, w->last_io_ns - w->started_ns);
 	} else {
 		st->sessions_failed++;
 	}
