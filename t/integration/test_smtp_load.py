@@ -23,7 +23,7 @@ class SmtpLoadTest(DaemonTestCase):
 
     def load(self, port, *args, status=0):
         """Runs smtp-load --json against port; returns its report."""
-        res = subprocess.run([SMTP_LOAD, "--json", "--timeout", "10", *args, "127.0.0.1:%d" % port],
+        res = subprocess.run([SMTP_LOAD, "--json", "--timeout", "30", *args, "127.0.0.1:%d" % port],
                              capture_output=True, text=True, timeout=120)
         self.assertEqual(res.returncode, status, res.stdout + res.stderr)
         # a sanitizer build (./configure --enable-sanitizers) reports on stderr
