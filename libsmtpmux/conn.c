@@ -23,6 +23,15 @@
  * GnuTLS bufferevent, so this drives gnutls_record_recv/send itself and
  * re-arms read or write interest from gnutls_record_get_direction().
  *
+ * System calls are the cost of a relay, so interest in the socket changes
+ * as rarely as it can: read interest stays armed for the life of the
+ * connection (a pause only drops it once the peer actually sends while
+ * paused), and write interest is armed only while the socket is full.
+ * Output is written from the loop (an event_active, no epoll_ctl) once the
+ * callbacks that queued it have returned, so each batch of replies is one
+ * sendmsg. A read takes what one readv gets; only a read that filled the
+ * space it was given is followed by another.
+ *
  * Callbacks only ever run from the three event handlers below, each of
  * which counts itself in c->depth: conn_free() from inside a callback only
  * marks the connection, and the outermost handler frees it on the way out.
@@ -32,6 +41,10 @@
 #define CONN_IO_BUDGET  (256 * 1024)
 /* One TLS record's worth of plaintext. */
 #define CONN_CHUNK      16384
+/* First read of a connection; a read that fills its space doubles the next
+ * one, up to CONN_READ_MAX. SMTP commands are small; message data is not. */
+#define CONN_READ_MIN   4096
+#define CONN_READ_MAX   (64 * 1024)
 #define CONN_IOV_MAX    16
 #define CONN_ERRLEN     512
 /* Non-fatal GnuTLS results (warning alerts) tolerated in one handshake step. */
@@ -62,13 +75,20 @@ struct conn {
 	struct event *ev_read;
 	struct event *ev_write;
 	struct event *ev_timer;
+	struct event *ev_closed;        /* EV_CLOSED while parked, for on_hangup */
+	struct event *ev_flush;         /* no fd: runs a due write from the loop */
 	bool read_armed;
 	bool write_armed;
+	bool closed_armed;
+	bool write_blocked;             /* the socket took less than offered */
+	unsigned long interest_changes; /* event_add/event_del on the socket */
+	size_t read_size;               /* space offered to the next readv */
 	unsigned timeout_ms;
 
 	struct evbuffer *in;
 	struct evbuffer *out;
 	bool read_paused;
+	bool read_parked;               /* paused, and the peer sent: interest dropped */
 
 	/* Back-pressure (conn_set_limits); 0: no limit. */
 	size_t in_max;
@@ -101,6 +121,8 @@ struct conn {
 static void conn_on_readable(evutil_socket_t, short, void *);
 static void conn_on_writable(evutil_socket_t, short, void *);
 static void conn_on_timeout(evutil_socket_t, short, void *);
+static void conn_on_closed(evutil_socket_t, short, void *);
+static void conn_on_flush(evutil_socket_t, short, void *);
 
 static bool
 conn_gone(const struct conn *c)
@@ -109,7 +131,7 @@ conn_gone(const struct conn *c)
 }
 
 static void
-conn_arm(struct event *ev, bool *armed, bool want)
+conn_arm(struct conn *c, struct event *ev, bool *armed, bool want)
 {
 	if (want == *armed)
 		return;
@@ -118,6 +140,7 @@ conn_arm(struct event *ev, bool *armed, bool want)
 	else
 		event_del(ev);
 	*armed = want;
+	c->interest_changes++;
 }
 
 /* Octets conn_input() may still take before reading stops. */
@@ -157,18 +180,40 @@ conn_update_events(struct conn *c)
 		rd = !wr;
 		break;
 	case CONN_S_OPEN:
-		rd = (conn_may_read(c) && !c->eof_seen && conn_input_room(c) > 0) ||
-		    c->send_wants_read;
-		wr = ((c->flush_wanted || c->eof_after_flush) && !c->send_wants_read) ||
-		    c->recv_wants_write;
+		/* A pause alone keeps the interest: most peers wait for our
+		 * answer and never make it fire (see conn_park_read()). */
+		rd = (!c->out_full && !c->read_parked && !c->eof_seen &&
+		    conn_input_room(c) > 0) || c->send_wants_read;
+		wr = (c->write_blocked && (c->flush_wanted || c->eof_after_flush) &&
+		    !c->send_wants_read) || c->recv_wants_write;
 		break;
 	case CONN_S_DEAD:
 		break;
 	}
 	if (c->freed)
 		rd = wr = false;
-	conn_arm(c->ev_read, &c->read_armed, rd);
-	conn_arm(c->ev_write, &c->write_armed, wr);
+	conn_arm(c, c->ev_read, &c->read_armed, rd);
+	conn_arm(c, c->ev_write, &c->write_armed, wr);
+	/* The hang-up watch is armed only by conn_park_read(). */
+	if (c->closed_armed && (c->freed || c->state != CONN_S_OPEN || !c->read_parked))
+		conn_arm(c, c->ev_closed, &c->closed_armed, false);
+}
+
+/*
+ * Output is due: written from the loop, after the callbacks that queued
+ * it, in one go - without asking epoll whether the socket has room, which
+ * it nearly always has. Only a socket that took less than offered is
+ * watched for room (write_blocked).
+ */
+static void
+conn_kick_write(struct conn *c)
+{
+	if (c->state != CONN_S_OPEN || conn_gone(c))
+		return;
+	if (c->write_blocked || c->send_wants_read)
+		conn_update_events(c);
+	else
+		event_active(c->ev_flush, EV_TIMEOUT, 0);
 }
 
 /*
@@ -257,13 +302,15 @@ conn_alloc(struct event_base *base, int fd, const struct conn_cbs *cbs, void *ar
 	c->cbs = *cbs;
 	c->arg = arg;
 	c->state = CONN_S_OPEN;
+	c->read_size = CONN_READ_MIN;
 	c->in = evbuffer_new();
 	c->out = evbuffer_new();
 	c->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, conn_on_readable, c);
 	c->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, conn_on_writable, c);
 	c->ev_timer = evtimer_new(base, conn_on_timeout, c);
+	c->ev_flush = event_new(base, -1, 0, conn_on_flush, c);
 	if (c->in == NULL || c->out == NULL || c->ev_read == NULL ||
-	    c->ev_write == NULL || c->ev_timer == NULL) {
+	    c->ev_write == NULL || c->ev_timer == NULL || c->ev_flush == NULL) {
 		c->fd = -1;                     /* the caller keeps its socket */
 		conn_free(c);
 		return NULL;
@@ -286,15 +333,24 @@ conn_new(struct event_base *base, int fd, const struct conn_cbs *cbs, void *arg)
 {
 	struct sockaddr_storage ss;
 	socklen_t sslen = sizeof(ss);
-	struct conn *c;
 
 	if (evutil_make_socket_nonblocking(fd) < 0)
 		return NULL;
-	c = conn_alloc(base, fd, cbs, arg);
+	if (getpeername(fd, (struct sockaddr *)&ss, &sslen) < 0)
+		sslen = 0;
+	return conn_accepted(base, fd, sslen > 0 ? (struct sockaddr *)&ss : NULL, sslen, cbs, arg);
+}
+
+struct conn *
+conn_accepted(struct event_base *base, int fd, const struct sockaddr *peer, socklen_t peerlen,
+    const struct conn_cbs *cbs, void *arg)
+{
+	struct conn *c = conn_alloc(base, fd, cbs, arg);
+
 	if (c == NULL)
 		return NULL;
-	if (getpeername(fd, (struct sockaddr *)&ss, &sslen) == 0)
-		conn_set_peer(c, (struct sockaddr *)&ss, sslen);
+	if (peer != NULL && peerlen > 0)
+		conn_set_peer(c, peer, peerlen);
 	conn_update_events(c);
 	return c;
 }
@@ -342,6 +398,10 @@ conn_destroy(struct conn *c)
 		event_free(c->ev_write);
 	if (c->ev_timer != NULL)
 		event_free(c->ev_timer);
+	if (c->ev_closed != NULL)
+		event_free(c->ev_closed);
+	if (c->ev_flush != NULL)
+		event_free(c->ev_flush);
 	if (c->in != NULL) {
 		if (c->in_cb != NULL)
 			evbuffer_remove_cb_entry(c->in, c->in_cb);
@@ -419,7 +479,7 @@ conn_flush(struct conn *c)
 	if (conn_gone(c))
 		return;
 	c->flush_wanted = true;
-	conn_update_events(c);
+	conn_kick_write(c);
 }
 
 int
@@ -452,8 +512,11 @@ conn_resume_read(struct conn *c)
 	if (!c->read_paused)
 		return;
 	c->read_paused = false;
+	c->read_parked = false;
 	if (conn_gone(c))
 		return;
+	if (c->ev_closed != NULL)
+		conn_arm(c, c->ev_closed, &c->closed_armed, false);
 	conn_update_events(c);
 	if (c->state != CONN_S_OPEN)
 		return;
@@ -467,6 +530,33 @@ size_t
 conn_pending_output(struct conn *c)
 {
 	return evbuffer_get_length(c->out);
+}
+
+unsigned long
+conn_interest_changes(const struct conn *c)
+{
+	return c->interest_changes;
+}
+
+/*
+ * The peer sent while reading is paused: now, and only now, the read
+ * interest goes (conn_update_events), or level-triggered readiness would
+ * wake the loop for ever; what it sent waits in the socket. A hang-up is
+ * still watched for (EV_CLOSED) when the owner wants to hear of it.
+ */
+static void
+conn_park_read(struct conn *c)
+{
+	if (c->read_parked)
+		return;
+	c->read_parked = true;
+	if (c->cbs.on_hangup == NULL)
+		return;
+	if (c->ev_closed == NULL &&
+	    (event_base_get_features(c->base) & EV_FEATURE_EARLY_CLOSE) != 0)
+		c->ev_closed = event_new(c->base, c->fd, EV_CLOSED, conn_on_closed, c);
+	if (c->ev_closed != NULL)
+		conn_arm(c, c->ev_closed, &c->closed_armed, true);
 }
 
 /*
@@ -512,10 +602,54 @@ conn_set_limits(struct conn *c, size_t in_max, size_t out_high, size_t out_low)
 		conn_update_events(c);
 }
 
+/* Offers `in` at most want octets of room, in at most two vectors:
+ * with two, libevent never moves buffered data to make room (see
+ * conn_read_tls()), so nothing read is left behind unwiped. */
+static int
+conn_reserve(struct conn *c, size_t want, struct iovec iov[2], size_t *total)
+{
+	struct evbuffer_iovec v[2];
+	int nv = evbuffer_reserve_space(c->in, (ev_ssize_t)want, v, 2);
+
+	*total = 0;
+	for (int i = 0; i < nv; i++) {
+		size_t len = v[i].iov_len < want - *total ? v[i].iov_len : want - *total;
+
+		iov[i].iov_base = v[i].iov_base;
+		iov[i].iov_len = len;
+		*total += len;
+	}
+	return nv;
+}
+
+/* Commits the first n octets of what conn_reserve() offered. */
+static void
+conn_commit(struct conn *c, struct iovec iov[2], int nv, size_t n)
+{
+	struct evbuffer_iovec v[2];
+	int used = 0;
+
+	for (int i = 0; i < nv && n > 0; i++, used++) {
+		v[i].iov_base = iov[i].iov_base;
+		v[i].iov_len = n < iov[i].iov_len ? n : iov[i].iov_len;
+		n -= v[i].iov_len;
+	}
+	evbuffer_commit_space(c->in, v, used);
+}
+
+/*
+ * One readv per readiness, without asking the kernel first how much there
+ * is (FIONREAD): a read that did not fill its space emptied the socket, so
+ * there is no need to read on until EAGAIN. One that did doubles the space
+ * for the next, as a message is coming.
+ */
 static enum conn_io
 conn_read_plain(struct conn *c, size_t *got, char *err, size_t errlen)
 {
-	int n;
+	struct iovec iov[2];
+	size_t total;
+	ssize_t n;
+	int nv;
 
 	while (*got < CONN_IO_BUDGET) {
 		size_t room = conn_input_room(c);
@@ -524,9 +658,19 @@ conn_read_plain(struct conn *c, size_t *got, char *err, size_t errlen)
 			c->in_full = true;
 			return CONN_IO_MORE;
 		}
-		n = evbuffer_read(c->in, c->fd, room < CONN_CHUNK ? (int)room : CONN_CHUNK);
+		nv = conn_reserve(c, room < c->read_size ? room : c->read_size, iov, &total);
+		if (nv < 1) {
+			snprintf(err, errlen, "read: %s", strerror(ENOMEM));
+			return CONN_IO_FAIL_SYS;
+		}
+		n = readv(c->fd, iov, nv);
 		if (n > 0) {
+			conn_commit(c, iov, nv, (size_t)n);
 			*got += (size_t)n;
+			if ((size_t)n < total)
+				return CONN_IO_AGAIN;
+			if (c->read_size < CONN_READ_MAX)
+				c->read_size *= 2;
 			continue;
 		}
 		if (n == 0)
@@ -645,7 +789,7 @@ conn_do_read(struct conn *c)
 			 * reply (a lost 250 means the message is sent twice). */
 			c->eof_seen = true;
 			c->eof_after_flush = true;
-			conn_update_events(c);
+			conn_kick_write(c);
 		} else {
 			conn_fail(c, CONN_EOF, "connection closed by peer");
 		}
@@ -758,6 +902,9 @@ conn_do_write(struct conn *c)
 		r = conn_write_plain(c, &sent, err, sizeof(err));
 	if (sent > 0)
 		conn_touch(c);
+	/* Room is waited for only where the socket ran out of it, or to let
+	 * others have their turn after a large write (CONN_IO_MORE). */
+	c->write_blocked = (r == CONN_IO_AGAIN && !c->send_wants_read) || r == CONN_IO_MORE;
 	if (c->out_full && evbuffer_get_length(c->out) <= c->out_low) {
 		/* The peer reads again: what it sent meanwhile is already in
 		 * `in`, and no socket event will announce it. */
@@ -827,6 +974,8 @@ conn_tls_established(struct conn *c)
 	if (c->resume_ctx != NULL)
 		conn_remember_session(c);
 	conn_touch(c);
+	if (c->flush_wanted)
+		conn_kick_write(c);
 	c->cbs.on_tls_ready(c, c->arg);
 	if (conn_gone(c) || c->state != CONN_S_OPEN || c->read_paused)
 		return;
@@ -878,6 +1027,8 @@ conn_finish_connect(struct conn *c)
 	}
 	c->state = CONN_S_OPEN;
 	conn_touch(c);
+	if (c->flush_wanted)
+		conn_kick_write(c);
 	if (c->cbs.on_connected != NULL)
 		c->cbs.on_connected(c, c->arg);
 }
@@ -893,9 +1044,41 @@ conn_on_readable(evutil_socket_t fd, short what, void *arg)
 	} else if (c->state == CONN_S_OPEN) {
 		if (c->send_wants_read)
 			conn_do_write(c);
-		if (!conn_gone(c) && c->state == CONN_S_OPEN && conn_may_read(c))
+		if (!conn_gone(c) && c->state == CONN_S_OPEN && c->read_paused)
+			conn_park_read(c);
+		else if (!conn_gone(c) && c->state == CONN_S_OPEN && conn_may_read(c))
 			conn_do_read(c);
 	}
+	conn_leave(c);
+}
+
+/* conn_kick_write(): output is due and the socket is not known to be full. */
+static void
+conn_on_flush(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)fd;
+	(void)what;
+	conn_enter(c);
+	if (c->state == CONN_S_OPEN && !conn_gone(c) && !c->write_blocked &&
+	    (c->flush_wanted || c->eof_after_flush))
+		conn_do_write(c);
+	conn_leave(c);
+}
+
+/* The peer closed or reset while reading was parked (EV_CLOSED, once). */
+static void
+conn_on_closed(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)fd;
+	(void)what;
+	c->closed_armed = false;                /* not persistent: it fired */
+	conn_enter(c);
+	if (c->state == CONN_S_OPEN && c->read_paused && c->cbs.on_hangup != NULL)
+		c->cbs.on_hangup(c, c->arg);
 	conn_leave(c);
 }
 
@@ -915,7 +1098,8 @@ conn_on_writable(evutil_socket_t fd, short what, void *arg)
 			if (conn_may_read(c))
 				conn_do_read(c);
 		}
-		if (!conn_gone(c) && c->state == CONN_S_OPEN && c->flush_wanted)
+		if (!conn_gone(c) && c->state == CONN_S_OPEN &&
+		    (c->flush_wanted || c->eof_after_flush))
 			conn_do_write(c);
 	}
 	conn_leave(c);

@@ -17,9 +17,15 @@
  * reads conn_input() and appends to conn_output() and never knows whether
  * the bytes are encrypted.
  *
- * Callbacks run from the event loop. After on_error the connection is
- * dead: the owner must conn_free() it (possibly from inside the callback).
+ * Callbacks run from the event loop, never inside a call to this API
+ * (conn_flush_now() excepted). After on_error the connection is dead: the
+ * owner must conn_free() it (possibly from inside the callback).
  * conn_free() from inside any callback is allowed.
+ *
+ * Written with the fewest system calls a relay can afford: read interest
+ * stays armed while the connection lives, output goes out in one sendmsg
+ * per batch from the loop, and epoll is asked for room only when the
+ * socket is full.
  */
 
 enum conn_event {
@@ -37,11 +43,19 @@ struct conn_cbs {
 	void (*on_connected)(struct conn *, void *arg);  /* outbound connect done; may be NULL */
 	void (*on_tls_ready)(struct conn *, void *arg);  /* handshake (and verification) done */
 	void (*on_error)(struct conn *, void *arg, enum conn_event ev, const char *detail);
+	/* The peer closed or reset the connection while reading is paused
+	 * (EV_CLOSED, where the backend has it); may be NULL. Once per pause. */
+	void (*on_hangup)(struct conn *, void *arg);
 };
 
 /* Wraps an accepted, connected socket (made non-blocking here). */
 struct conn *conn_new(struct event_base *base, int fd,
     const struct conn_cbs *cbs, void *arg);
+
+/* Wraps a socket accept4() made non-blocking, with the peer address it
+ * returned (may be NULL): no system call. */
+struct conn *conn_accepted(struct event_base *base, int fd, const struct sockaddr *peer,
+    socklen_t peerlen, const struct conn_cbs *cbs, void *arg);
 
 /* Starts a non-blocking connect; on_connected or on_error follows. */
 struct conn *conn_connect(struct event_base *base, const struct sockaddr *sa,
@@ -58,7 +72,8 @@ void conn_set_timeout(struct conn *, unsigned ms);
 struct evbuffer *conn_input(struct conn *);
 struct evbuffer *conn_output(struct conn *);
 
-/* Writes whatever is in conn_output(); call after appending to it. */
+/* Writes whatever is in conn_output(); call after appending to it. The
+ * write happens from the loop, once, for everything appended until then. */
 void conn_flush(struct conn *);
 int conn_printf(struct conn *, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -68,7 +83,13 @@ int conn_printf(struct conn *, const char *fmt, ...) __attribute__((format(print
  */
 void conn_flush_now(struct conn *);
 
-/* Stops / restarts reading from the peer (back-pressure). */
+/*
+ * Stops / restarts reading from the peer (back-pressure). What the peer
+ * sends meanwhile waits in the socket. The read interest itself is only
+ * dropped once the peer does send while paused, so a pause in which the
+ * peer waits for our reply costs no system call; on_hangup tells of a
+ * peer that closes meanwhile.
+ */
 void conn_pause_read(struct conn *);
 void conn_resume_read(struct conn *);
 
@@ -85,6 +106,10 @@ void conn_set_limits(struct conn *, size_t in_max, size_t out_high, size_t out_l
 
 /* Bytes already written to conn_output() but not yet sent. */
 size_t conn_pending_output(struct conn *);
+
+/* How often interest in the socket changed (epoll_ctl), for tests and
+ * benchmarks: a connection that only talks should not change it. */
+unsigned long conn_interest_changes(const struct conn *);
 
 /*
  * Starts a TLS handshake as server. Whatever is in conn_input() was sent

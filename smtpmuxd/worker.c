@@ -48,7 +48,6 @@ struct client {
 	struct event *ev_idle;           /* the session's read timeout */
 	struct event *ev_timer;          /* the session's one-shot timer (io->set_timer) */
 	struct client_entry *address;    /* its count in the shared client table, or NULL */
-	struct event *ev_hangup;         /* EV_CLOSED while reading is paused; may be NULL */
 	unsigned timeout_s;              /* 0: none */
 	bool starttls_pending;           /* start TLS once the 220 is flushed */
 	bool close_pending;              /* close once the output is flushed */
@@ -148,8 +147,6 @@ client_free(struct client *c)
 	event_free(c->ev_linger);
 	event_free(c->ev_idle);
 	event_free(c->ev_timer);
-	if (c->ev_hangup != NULL)
-		event_free(c->ev_hangup);
 	free(c);
 	if (w->stopping && w->n_clients == 0 && !w->exiting)
 		event_base_loopexit(w->rt.base, NULL);
@@ -310,12 +307,12 @@ client_on_error(struct conn *conn, void *arg, enum conn_event ev, const char *de
 
 /*
  * The client closed or reset its connection while reading was paused (its
- * message is being relayed): it cannot be seen by reading, so the kernel's
- * "peer closed" (EPOLLRDHUP) tells us. Whatever the client pipelined
- * before closing stays unread.
+ * message is being relayed): it cannot be seen by reading, so the conn
+ * watches for the kernel's "peer closed" (EPOLLRDHUP). Whatever the client
+ * pipelined before closing stays unread.
  */
 static void
-client_hangup_cb(evutil_socket_t fd, short what, void *arg)
+client_on_hangup(struct conn *conn, void *arg)
 {
 	struct client *c = arg;
 
@@ -329,6 +326,7 @@ static const struct conn_cbs client_conn_cbs = {
 	.on_connected = NULL,
 	.on_tls_ready = client_on_tls_ready,
 	.on_error = client_on_error,
+	.on_hangup = client_on_hangup,
 };
 
 /* --- session io callbacks --------------------------------------------- */
@@ -377,12 +375,8 @@ io_pause(void *ctx, bool paused)
 	client_arm_idle(c);
 	if (paused) {
 		conn_pause_read(c->conn);
-		if (c->ev_hangup != NULL)
-			event_add(c->ev_hangup, NULL);
 		return;
 	}
-	if (c->ev_hangup != NULL)
-		event_del(c->ev_hangup);
 	conn_resume_read(c->conn);
 	/* Commands pipelined during the pause may already be buffered: no
 	 * read event will announce them. */
@@ -538,7 +532,8 @@ client_refuse_address(struct client *c, unsigned sessions)
 }
 
 static struct client *
-client_new(struct worker *w, const struct listen_cfg *lc, int fd)
+client_new(struct worker *w, const struct listen_cfg *lc, int fd,
+    const struct sockaddr *peer, socklen_t peerlen)
 {
 	struct client *c = calloc(1, sizeof(*c));
 
@@ -551,13 +546,9 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 	c->ev_linger = evtimer_new(w->rt.base, client_linger_cb, c);
 	c->ev_idle = evtimer_new(w->rt.base, client_idle_cb, c);
 	c->ev_timer = evtimer_new(w->rt.base, client_timer_cb, c);
-	/* Without early-close support in the backend a hang-up during a relay
-	 * is only noticed when the reply is written. */
-	if (event_base_get_features(w->rt.base) & EV_FEATURE_EARLY_CLOSE)
-		c->ev_hangup = event_new(w->rt.base, fd, EV_CLOSED, client_hangup_cb, c);
 	if (c->ev_kick != NULL && c->ev_linger != NULL && c->ev_idle != NULL &&
 	    c->ev_timer != NULL)
-		c->conn = conn_new(w->rt.base, fd, &client_conn_cbs, c);
+		c->conn = conn_accepted(w->rt.base, fd, peer, peerlen, &client_conn_cbs, c);
 	/* What one client can make us hold: the session stops answering at
 	 * max_output_buffer too, and the conn resumes at a quarter of it. */
 	if (c->conn != NULL)
@@ -572,8 +563,6 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd)
 			event_free(c->ev_idle);
 		if (c->ev_timer != NULL)
 			event_free(c->ev_timer);
-		if (c->ev_hangup != NULL)
-			event_free(c->ev_hangup);
 		free(c);
 		return NULL;
 	}
@@ -592,7 +581,8 @@ worker_has_room(const struct worker *w)
 }
 
 static void
-worker_accept_one(struct worker_listener *l, int fd)
+worker_accept_one(struct worker_listener *l, int fd, const struct sockaddr *peer,
+    socklen_t peerlen)
 {
 	struct worker *w = l->w;
 	unsigned per_ip = w->cfg->limits.max_sessions_per_ip, sessions;
@@ -602,7 +592,7 @@ worker_accept_one(struct worker_listener *l, int fd)
 		reject_busy(w, fd);
 		return;
 	}
-	c = client_new(w, l->lc, fd);
+	c = client_new(w, l->lc, fd, peer, peerlen);
 	if (c == NULL) {
 		log_err("cannot accept a connection on %s: out of memory", l->lc->text);
 		close(fd);
@@ -660,6 +650,8 @@ static void
 listener_accept_cb(evutil_socket_t lfd, short what, void *arg)
 {
 	struct worker_listener *l = arg;
+	struct sockaddr_storage peer;
+	socklen_t peerlen;
 	int i, fd;
 
 	for (i = 0; i < ACCEPT_BATCH && !l->w->stopping; i++) {
@@ -669,9 +661,12 @@ listener_accept_cb(evutil_socket_t lfd, short what, void *arg)
 			if (!l->w->listening)
 				return;
 		}
-		fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		/* Non-blocking and with its peer's address at once: no fcntl,
+		 * no getpeername. */
+		peerlen = sizeof(peer);
+		fd = accept4(lfd, (struct sockaddr *)&peer, &peerlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd >= 0) {
-			worker_accept_one(l, fd);
+			worker_accept_one(l, fd, (struct sockaddr *)&peer, peerlen);
 			continue;
 		}
 		if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)

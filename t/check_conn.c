@@ -183,7 +183,7 @@ client_ctx(const char *cafile, bool verify, const char *priority)
 
 /* --- one end of a test connection ---------------------------------------- */
 
-enum what { W_READ, W_FLUSHED, W_CONNECTED, W_TLS, W_ERROR };
+enum what { W_READ, W_FLUSHED, W_CONNECTED, W_TLS, W_ERROR, W_HANGUP };
 
 struct side {
 	struct event_base *base;
@@ -191,7 +191,7 @@ struct side {
 	bool server;
 	bool keep_input;                /* leave conn_input() to the hook */
 	struct evbuffer *got;           /* everything read, unless keep_input */
-	int reads, flushes, connects, tls_ready, errors;
+	int reads, flushes, connects, tls_ready, errors, hangups;
 	enum conn_event err;
 	char detail[512];
 	char tls_desc[96];
@@ -265,7 +265,23 @@ side_on_error(struct conn *c, void *arg, enum conn_event ev, const char *detail)
 }
 
 static const struct conn_cbs side_cbs = {
-	side_on_read, side_on_flushed, side_on_connected, side_on_tls_ready, side_on_error
+	side_on_read, side_on_flushed, side_on_connected, side_on_tls_ready, side_on_error, NULL
+};
+
+static void
+side_on_hangup(struct conn *c, void *arg)
+{
+	struct side *s = arg;
+
+	ck_assert_ptr_eq(c, s->c);
+	s->hangups++;
+	side_event(s, W_HANGUP);
+}
+
+/* The same, for an owner that wants to hear of a hang-up while paused. */
+static const struct conn_cbs side_hangup_cbs = {
+	side_on_read, side_on_flushed, side_on_connected, side_on_tls_ready, side_on_error,
+	side_on_hangup
 };
 
 static void
@@ -624,6 +640,220 @@ settle(struct event_base *base, long ms)
 	ck_assert_int_eq(event_base_loopexit(base, &(struct timeval){ ms / 1000, (ms % 1000) * 1000 }), 0);
 	ck_assert_int_eq(event_base_dispatch(base), 0);
 }
+
+/* --- system calls: interest in the socket changes only when it must ----- */
+
+#define ROUNDS 200
+
+/* A conversation: the client sends a line, the server answers it in
+ * three pieces (three flushes), the client sends the next line. */
+static void
+chat_hook(struct side *s, enum what w)
+{
+	char *line;
+
+	if (w != W_READ)
+		return;
+	while ((line = evbuffer_readln(conn_input(s->c), NULL, EVBUFFER_EOL_CRLF)) != NULL) {
+		free(line);
+		if (s->server) {
+			conn_printf(s->c, "250-one\r\n");
+			conn_printf(s->c, "250-two\r\n");
+			conn_printf(s->c, "250 three\r\n");
+			continue;
+		}
+		if (++s->stage % 3 != 0)            /* the last of three lines */
+			continue;
+		if (s->stage / 3 >= ROUNDS)
+			stop(s);
+		else
+			conn_printf(s->c, "NOOP\r\n");
+	}
+}
+
+/*
+ * Once both ends are set up, a conversation changes nothing in epoll: the
+ * read interest stays armed and every reply goes out without asking for
+ * write readiness (which used to be added and removed around each one).
+ */
+START_TEST(interest_kept_in_conversation)
+{
+	struct event_base *base = event_base_new();
+	struct side srv, cli;
+	unsigned long srv0, cli0;
+
+	side_init(&srv, base, true, chat_hook);
+	side_init(&cli, base, false, chat_hook);
+	srv.keep_input = cli.keep_input = true;
+	pair(&srv, &cli, 0);
+	srv0 = conn_interest_changes(srv.c);
+	cli0 = conn_interest_changes(cli.c);
+	ck_assert_uint_le(srv0, 1);             /* the read interest, once */
+	conn_printf(cli.c, "NOOP\r\n");
+	run(base);
+	ck_assert_int_eq(cli.stage, 3 * ROUNDS);
+	ck_assert_int_ge(srv.reads, ROUNDS);
+	ck_assert_uint_eq(conn_interest_changes(srv.c), srv0);
+	ck_assert_uint_eq(conn_interest_changes(cli.c), cli0);
+	ck_assert_int_eq(srv.errors + cli.errors, 0);
+	side_fini(&srv);
+	side_fini(&cli);
+	event_base_free(base);
+}
+END_TEST
+
+/* Several flushes in one callback leave in one write: the peer finds all
+ * of them in the socket at once, after a single loop pass. */
+START_TEST(one_write_per_batch)
+{
+	struct event_base *base = event_base_new();
+	struct side s;
+	char buf[256];
+	ssize_t n;
+	int peer;
+
+	side_init(&s, base, true, NULL);
+	peer = pair_raw(&s);
+	conn_printf(s.c, "250-one\r\n");
+	conn_printf(s.c, "250-two\r\n");
+	conn_printf(s.c, "250 three\r\n");
+	/* Nothing is written inside the calls: callbacks come from the loop. */
+	ck_assert_int_eq(recv(peer, buf, sizeof(buf), MSG_DONTWAIT), -1);
+	ck_assert_int_eq(event_base_loop(base, EVLOOP_NONBLOCK), 0);
+	n = recv(peer, buf, sizeof(buf), MSG_DONTWAIT);
+	ck_assert_int_eq(n, 29);
+	ck_assert_int_eq(memcmp(buf, "250-one\r\n250-two\r\n250 three\r\n", 29), 0);
+	ck_assert_int_eq(s.flushes, 1);
+	ck_assert_uint_eq(conn_interest_changes(s.c), 1);
+	close(peer);
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/* A socket that fills up is watched for room, and only then. */
+START_TEST(write_interest_only_when_full)
+{
+	struct event_base *base = event_base_new();
+	static char big[256 * 1024], sink[65536];
+	struct side s;
+	unsigned long before;
+	int peer;
+
+	side_init(&s, base, true, NULL);
+	peer = pair_raw_sized(&s, 4096);
+	before = conn_interest_changes(s.c);
+	evbuffer_add(conn_output(s.c), big, sizeof(big));
+	conn_flush(s.c);
+	settle(base, 50);
+	ck_assert_uint_gt(conn_pending_output(s.c), 0);
+	ck_assert_uint_eq(conn_interest_changes(s.c), before + 1);   /* armed: full */
+	while (conn_pending_output(s.c) > 0 || s.flushes == 0) {
+		(void)recv(peer, sink, sizeof(sink), MSG_DONTWAIT);
+		ck_assert_int_eq(event_base_loop(base, EVLOOP_NONBLOCK), 0);
+	}
+	ck_assert_uint_eq(conn_interest_changes(s.c), before + 2);   /* and disarmed */
+	ck_assert_int_eq(s.errors, 0);
+	close(peer);
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/*
+ * A pause costs nothing while the peer waits for our answer; the read
+ * interest goes only when the peer sends anyway, and what it sent is read
+ * after the resume.
+ */
+START_TEST(pause_parks_only_when_peer_sends)
+{
+	struct event_base *base = event_base_new();
+	struct side s;
+	unsigned long base_changes;
+	int peer;
+
+	side_init(&s, base, true, NULL);
+	peer = pair_raw(&s);
+	base_changes = conn_interest_changes(s.c);
+	conn_pause_read(s.c);
+	conn_resume_read(s.c);
+	conn_pause_read(s.c);
+	settle(base, 20);
+	ck_assert_uint_eq(conn_interest_changes(s.c), base_changes);
+	ck_assert_int_eq(write(peer, "MAIL\r\n", 6), 6);
+	settle(base, 20);
+	ck_assert_int_eq(s.reads, 0);
+	ck_assert_uint_eq(conn_interest_changes(s.c), base_changes + 1);
+	conn_resume_read(s.c);
+	while (s.reads == 0)
+		ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+	ck_assert(side_got(&s, "MAIL\r\n"));
+	ck_assert_uint_eq(conn_interest_changes(s.c), base_changes + 2);
+	close(peer);
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
+
+/* A peer that hangs up during a pause is told of (once), whether or not
+ * it pipelined something first; without a pause it is an EOF as before. */
+START_TEST(hangup_while_paused)
+{
+	struct event_base *base = event_base_new();
+	struct side s;
+	int sv[2];
+
+	if ((event_base_get_features(base) & EV_FEATURE_EARLY_CLOSE) == 0) {
+		event_base_free(base);
+		return;                             /* no EPOLLRDHUP: nothing to watch */
+	}
+	for (int pipelined = 0; pipelined < 2; pipelined++) {
+		side_init(&s, base, true, NULL);
+		socket_pair(sv, 0);
+		s.c = conn_new(base, sv[0], &side_hangup_cbs, &s);
+		ck_assert_ptr_nonnull(s.c);
+		conn_pause_read(s.c);
+		if (pipelined)
+			ck_assert_int_eq(write(sv[1], "QUIT\r\n", 6), 6);
+		close(sv[1]);
+		while (s.hangups == 0)
+			ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+		settle(base, 20);
+		ck_assert_int_eq(s.hangups, 1);
+		ck_assert_int_eq(s.reads, 0);
+		ck_assert_int_eq(s.errors, 0);
+		conn_resume_read(s.c);
+		while (s.errors == 0)
+			ck_assert_int_eq(event_base_loop(base, EVLOOP_ONCE), 0);
+		ck_assert_int_eq(s.err, CONN_EOF);
+		ck_assert_int_eq(s.hangups, 1);
+		ck_assert(side_got(&s, pipelined ? "QUIT\r\n" : ""));
+		side_fini(&s);
+	}
+	event_base_free(base);
+}
+END_TEST
+
+/* An accepted socket is wrapped with the address accept gave. */
+START_TEST(accepted_with_peer_address)
+{
+	struct event_base *base = event_base_new();
+	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons(2525) };
+	struct side s;
+	int sv[2];
+
+	side_init(&s, base, true, NULL);
+	socket_pair(sv, 0);
+	ck_assert_int_eq(evutil_make_socket_nonblocking(sv[0]), 0);
+	inet_pton(AF_INET, "192.0.2.7", &sin.sin_addr);
+	s.c = conn_accepted(base, sv[0], (struct sockaddr *)&sin, sizeof(sin), &side_cbs, &s);
+	ck_assert_ptr_nonnull(s.c);
+	ck_assert_str_eq(conn_peer(s.c), "192.0.2.7");
+	close(sv[1]);
+	side_fini(&s);
+	event_base_free(base);
+}
+END_TEST
 
 /* Every line read is answered with 1000 octets, whatever is queued. */
 static void
@@ -1551,6 +1781,12 @@ conn_suite(void)
 	tcase_add_loop_test(tc, plain_bulk, 0, 2);
 	tcase_add_loop_test(tc, write_to_closed_peer, 0, 2);
 	tcase_add_test(tc, pause_resume_read);
+	tcase_add_test(tc, interest_kept_in_conversation);
+	tcase_add_test(tc, one_write_per_batch);
+	tcase_add_test(tc, write_interest_only_when_full);
+	tcase_add_test(tc, pause_parks_only_when_peer_sends);
+	tcase_add_test(tc, hangup_while_paused);
+	tcase_add_test(tc, accepted_with_peer_address);
 	tcase_add_test(tc, unread_input_wiped);
 	tcase_add_test(tc, output_high_water);
 	tcase_add_test(tc, input_limit);
