@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,10 +13,16 @@
 #include <event2/event.h>
 
 #include "log.h"
+#include "self_pid.h"
 
 /*
  * Logging is process-wide by nature (syslog itself is), so its small state
  * lives here rather than in every context struct.
+ *
+ * The pid in every line comes from self_pid()'s cache, not a getpid() per
+ * line. syslog's LOG_PID would ask the kernel on every line, so the syslog
+ * identity carries the pid itself, "smtpmuxd[PID]" - byte for byte what
+ * LOG_PID writes - and is renewed by the first line after a fork.
  */
 static struct {
 	enum log_target target;
@@ -24,15 +31,36 @@ static struct {
 	char role[32];
 	char *file;
 	FILE *fp;
-} log_state = { LOG_TO_STDERR, LOG_LEVEL_INFO, "smtpmuxd", "", NULL, NULL };
+	pid_t ident_pid;                 /* the pid in syslog_ident; 0: not opened */
+	char syslog_ident[48];           /* "ident[pid]"; openlog keeps the pointer */
+	time_t stamp_sec;                /* the second stamp[] was formatted for */
+	char stamp[32];
+} log_state = { .target = LOG_TO_STDERR, .level = LOG_LEVEL_INFO, .ident = "smtpmuxd" };
+
+/* The pid for this line; a syslog identity of another process is renewed. */
+static pid_t
+log_pid(void)
+{
+	pid_t pid = self_pid();
+
+	if (log_state.target == LOG_TO_SYSLOG && pid != log_state.ident_pid) {
+		snprintf(log_state.syslog_ident, sizeof(log_state.syslog_ident), "%s[%ld]",
+		    log_state.ident, (long)pid);
+		closelog();
+		openlog(log_state.syslog_ident, LOG_NDELAY, LOG_MAIL);
+		log_state.ident_pid = pid;
+	}
+	return pid;
+}
 
 int
 log_open(const char *ident, enum log_target target, const char *file)
 {
 	snprintf(log_state.ident, sizeof(log_state.ident), "%s", ident);
 	log_state.target = target;
+	log_state.ident_pid = 0;
 	if (target == LOG_TO_SYSLOG)
-		openlog(log_state.ident, LOG_PID | LOG_NDELAY, LOG_MAIL);
+		log_pid();                   /* opens the log as "ident[pid]" */
 	if (target == LOG_TO_FILE) {
 		free(log_state.file);
 		log_state.file = strdup(file);
@@ -103,7 +131,6 @@ log_vwrite(enum log_level level, const char *fmt, va_list ap)
 	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
 	static const char *const tag[] = { "error: ", "warning: ", "", "debug: " };
 	char msg[2048];
-	char stamp[32];
 	struct timespec ts;
 	struct tm tm;
 	FILE *out;
@@ -113,6 +140,7 @@ log_vwrite(enum log_level level, const char *fmt, va_list ap)
 		return;
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	if (log_state.target == LOG_TO_SYSLOG) {
+		log_pid();                   /* after a fork: the child's identity */
 		syslog(prio[level], "%s%s%s%s", log_state.role,
 		    log_state.role[0] ? ": " : "", tag[level], msg);
 		errno = saved;
@@ -120,10 +148,14 @@ log_vwrite(enum log_level level, const char *fmt, va_list ap)
 	}
 	out = log_state.target == LOG_TO_FILE && log_state.fp ? log_state.fp : stderr;
 	clock_gettime(CLOCK_REALTIME, &ts);
-	localtime_r(&ts.tv_sec, &tm);
-	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
-	fprintf(out, "%s.%03ld %s[%ld]: %s%s%s%s\n", stamp, ts.tv_nsec / 1000000L,
-	    log_state.ident, (long)getpid(), log_state.role,
+	/* A busy worker logs many lines a second: one strftime per second. */
+	if (ts.tv_sec != log_state.stamp_sec || log_state.stamp[0] == '\0') {
+		localtime_r(&ts.tv_sec, &tm);
+		strftime(log_state.stamp, sizeof(log_state.stamp), "%Y-%m-%dT%H:%M:%S", &tm);
+		log_state.stamp_sec = ts.tv_sec;
+	}
+	fprintf(out, "%s.%03ld %s[%ld]: %s%s%s%s\n", log_state.stamp, ts.tv_nsec / 1000000L,
+	    log_state.ident, (long)log_pid(), log_state.role,
 	    log_state.role[0] ? ": " : "", tag[level], msg);
 	errno = saved;
 }

@@ -13,6 +13,7 @@
 #include "buffer_wipe.h"
 #include "log.h"
 #include "msgbody.h"
+#include "self_pid.h"
 #include "client_table.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
@@ -333,7 +334,7 @@ set_id(struct runtime *rt, char buf[13])
 
 	clock_gettime(CLOCK_REALTIME, &ts);
 	runtime_new_id(rt, buf, (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u,
-	    (uint32_t)getpid());
+	    (uint32_t)self_pid());
 }
 
 /* ---------------------------------------------------------------- HELO/EHLO */
