@@ -38,6 +38,7 @@ struct relay {
 	struct runtime *rt;
 	const struct user_cfg *user;
 	const struct upstream_msg *msg;
+	const char *client;                  /* the client's address, for logs; may be NULL */
 	uint64_t size;
 	relay_done_fn done;
 	void *arg;
@@ -188,15 +189,26 @@ format_rcpts(const struct upstream_msg *msg, char *out, size_t outlen)
 	}
 }
 
+/*
+ * The one line per message. For a client's message it is also the
+ * session's: its id first, the client's address, and in parentheses the
+ * reply the client is given (smtp_server.c answers with exactly this).
+ */
 static void
 log_final(const struct relay *r, const struct relay_result *res, const char *status)
 {
 	char from[SMTP_PATH_MAX + 1], to[512], text[SMTP_REPLY_TEXT_MAX], user[128];
+	char session[32] = "", client[80] = "";
 	unsigned ms = ms_since(&r->t0);
 
+	if (r->msg->session != NULL && r->msg->session[0] != '\0') {
+		snprintf(session, sizeof(session), "%s: ", r->msg->session);
+		if (r->client != NULL && r->client[0] != '\0')
+			snprintf(client, sizeof(client), " client=[%s]", r->client);
+	}
 	format_rcpts(r->msg, to, sizeof(to));
-	log_info("id=%s user=%s from=<%s> to=%s nrcpt=%zu size=%llu relay=%s attempts=%u "
-	    "status=%s delay=%u.%03u (%d %s %s)", r->msg->id,
+	log_info("%sid=%s%s user=%s from=<%s> to=%s nrcpt=%zu size=%llu relay=%s attempts=%u "
+	    "status=%s delay=%u.%03u (%d %s %s)", session, r->msg->id, client,
 	    clean(user, sizeof(user), r->user->email), clean(from, sizeof(from), r->msg->mail_from),
 	    to, r->msg->n_rcpts, (unsigned long long)r->size,
 	    res->relay[0] ? res->relay : "none", r->attempts, status, ms / 1000, ms % 1000,
@@ -511,6 +523,7 @@ relay_new(struct runtime *rt, const struct user_cfg *user, const struct upstream
 	r->rt = rt;
 	r->user = user;
 	r->msg = env;
+	r->client = client_addr;
 	r->size = size;
 	if ((r->order = calloc(user->n_downstreams + 1, sizeof(*r->order))) == NULL ||
 	    (r->later = calloc(user->n_downstreams + 1, sizeof(*r->later))) == NULL ||

@@ -29,8 +29,8 @@ typedef void (*relay_done_fn)(void *arg, const struct relay_result *res);
 
 /*
  * Starts relaying msg (which must stay valid until done or cancel) for
- * user; client_addr is passed to the selector. done is called exactly once
- * unless cancelled.
+ * user; client_addr (which must stay valid as long) is passed to the
+ * selector and logged. done is called exactly once unless cancelled.
  */
 struct relay *relay_start(struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *msg, uint64_t size, const char *client_addr,

@@ -828,14 +828,6 @@ after_transaction(struct smtp_session *s)
 		reply_close(s, "4.3.2", "Service shutting down");
 }
 
-/* Links the session to the message: relay.c logged the attempts and the
- * verdict under the message id; this is what the client was told. */
-static void
-log_relay_result(const struct smtp_session *s, int code)
-{
-	log_info("%s: id=%s client=[%s] reply=%d", s->id, s->tx.qid, s->client, code);
-}
-
 /* The relay's verdict becomes the client's reply to the final dot. A
  * failure is the downstream's fault, not the client's: it does not count
  * toward the error budget. */
@@ -866,7 +858,8 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 		s->io->close(s->ctx);
 		return;
 	}
-	log_relay_result(s, code);
+	/* relay.c's line for the message (session id, client, verdict) said
+	 * it all: one line per message. */
 	txn_reset(s);
 	s->io->pause(s->ctx, false);
 	after_transaction(s);
@@ -896,7 +889,7 @@ relay_message(struct smtp_session *s)
 	struct relay *prepared = tx->prepared;
 
 	tx->umsg = (struct upstream_msg){
-		.id = tx->qid, .mail_from = tx->mail_from,
+		.id = tx->qid, .session = s->id, .mail_from = tx->mail_from,
 		.rcpts = (const char *const *)tx->rcpts, .n_rcpts = tx->n_rcpts,
 		.body = tx->saw_8bit ? SMTP_BODY_8BITMIME : tx->body_type, .data = tx->body,
 	};

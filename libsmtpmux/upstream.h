@@ -31,6 +31,7 @@
 
 struct upstream_msg {
 	const char *id;                  /* queue id, for logs */
+	const char *session;             /* the client's session id, for logs; may be NULL */
 	const char *mail_from;           /* validated path, "" for <> */
 	const char *const *rcpts;
 	size_t n_rcpts;
