@@ -25,6 +25,8 @@ struct msgbody {
 	struct evbuffer *mem;            /* NULL once the body is in the file */
 	int fd;                          /* -1 while in memory */
 	uint64_t size;
+	struct evbuffer_ptr peek_pos;    /* in mem, where the last peek ended */
+	uint64_t peek_off;               /* its offset; UINT64_MAX: none */
 };
 
 struct msgbody *
@@ -36,6 +38,7 @@ msgbody_new(uint64_t memory_threshold, const char *tmp_dir)
 		return NULL;
 	b->threshold = memory_threshold;
 	b->fd = -1;
+	b->peek_off = UINT64_MAX;
 	if (tmp_dir == NULL || *tmp_dir == '\0')
 		tmp_dir = getenv("TMPDIR");
 	if (tmp_dir == NULL || *tmp_dir == '\0')
@@ -137,6 +140,7 @@ msgbody_append(struct msgbody *b, const void *data, size_t len)
 {
 	if (len == 0)
 		return 0;
+	b->peek_off = UINT64_MAX;
 	if (b->mem != NULL && b->size + len > b->threshold &&
 	    spill_to_file(b) == -1)
 		return -1;
@@ -148,6 +152,31 @@ msgbody_append(struct msgbody *b, const void *data, size_t len)
 	} else if (write_all(b->fd, data, len) == -1)
 		return -1;
 	b->size += len;
+	return 0;
+}
+
+int
+msgbody_append_buffer(struct msgbody *b, struct evbuffer *src)
+{
+	struct evbuffer_iovec v;
+	size_t len = evbuffer_get_length(src);
+
+	if (len == 0)
+		return 0;
+	b->peek_off = UINT64_MAX;
+	if (b->mem != NULL && b->size + len <= b->threshold) {
+		if (evbuffer_add_buffer(b->mem, src) == -1) {
+			errno = ENOMEM;
+			return -1;
+		}
+		b->size += len;
+		return 0;
+	}
+	while (evbuffer_peek(src, -1, NULL, &v, 1) > 0) {
+		if (msgbody_append(b, v.iov_base, v.iov_len) == -1)
+			return -1;
+		evbuffer_drain(src, v.iov_len);
+	}
 	return 0;
 }
 
@@ -180,4 +209,43 @@ msgbody_read(struct msgbody *b, uint64_t off, void *buf, size_t len)
 		n = pread(b->fd, buf, len, (off_t)off);
 	while (n == -1 && errno == EINTR);
 	return n;
+}
+
+bool
+msgbody_in_memory(const struct msgbody *b)
+{
+	return b->mem != NULL;
+}
+
+ssize_t
+msgbody_peek(struct msgbody *b, uint64_t off, const void **data)
+{
+	struct evbuffer_ptr pos;
+	struct evbuffer_iovec v;
+	size_t len;
+
+	if (b->mem == NULL) {
+		errno = EINVAL;
+		return -1;
+	}
+	if (off >= b->size)
+		return 0;
+	if (off == b->peek_off)
+		pos = b->peek_pos;           /* streaming on: no walk from the start */
+	else if (evbuffer_ptr_set(b->mem, &pos, (size_t)off, EVBUFFER_PTR_SET) == -1) {
+		errno = EINVAL;
+		return -1;
+	}
+	if (evbuffer_peek(b->mem, -1, &pos, &v, 1) < 1) {
+		errno = EINVAL;
+		return -1;
+	}
+	len = v.iov_len > SSIZE_MAX ? SSIZE_MAX : v.iov_len;
+	*data = v.iov_base;
+	b->peek_pos = pos;
+	b->peek_off = UINT64_MAX;
+	if (off + len < b->size &&
+	    evbuffer_ptr_set(b->mem, &b->peek_pos, len, EVBUFFER_PTR_ADD) == 0)
+		b->peek_off = off + len;
+	return (ssize_t)len;
 }

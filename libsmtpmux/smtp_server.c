@@ -123,7 +123,6 @@ struct smtp_session {
 	unsigned n_ok[N_VERBS];
 
 	struct txn tx;
-	char line[SMTP_AUTH_LINE_MAX + 1];
 };
 
 static void smtp_session_process(struct smtp_session *s);
@@ -800,21 +799,38 @@ has_8bit(const void *p, size_t len)
 	return false;
 }
 
-/* Moves the unstuffed octets from the scratch buffer into the body. */
+/* Any octet >= 0x80 in buf, read where it lies. */
+static bool
+buffer_has_8bit(struct evbuffer *buf)
+{
+	struct evbuffer_ptr p;
+	struct evbuffer_iovec v;
+	size_t off = 0, len = evbuffer_get_length(buf);
+
+	if (evbuffer_ptr_set(buf, &p, 0, EVBUFFER_PTR_SET) < 0)
+		return false;
+	while (off < len && evbuffer_peek(buf, -1, &p, &v, 1) > 0) {
+		if (has_8bit(v.iov_base, v.iov_len))
+			return true;
+		off += v.iov_len;
+		if (off >= len || evbuffer_ptr_set(buf, &p, v.iov_len, EVBUFFER_PTR_ADD) < 0)
+			break;
+	}
+	return false;
+}
+
+/* Moves the unstuffed octets from the scratch buffer into the body: in
+ * memory its chains move over, uncopied. */
 static void
 store_body_chunk(struct smtp_session *s)
 {
-	struct evbuffer_iovec v;
-
-	while (evbuffer_peek(s->scratch, -1, NULL, &v, 1) > 0) {
-		if (!s->tx.saw_8bit && has_8bit(v.iov_base, v.iov_len))
-			s->tx.saw_8bit = true;
-		if (!s->tx.store_failed && msgbody_append(s->tx.body, v.iov_base, v.iov_len) < 0) {
-			log_err("%s: cannot store the message body: %s", s->id, strerror(errno));
-			s->tx.store_failed = true;
-		}
-		evbuffer_drain(s->scratch, v.iov_len);
+	if (!s->tx.saw_8bit)
+		s->tx.saw_8bit = buffer_has_8bit(s->scratch);
+	if (!s->tx.store_failed && msgbody_append_buffer(s->tx.body, s->scratch) < 0) {
+		log_err("%s: cannot store the message body: %s", s->id, strerror(errno));
+		s->tx.store_failed = true;
 	}
+	evbuffer_drain(s->scratch, evbuffer_get_length(s->scratch));
 }
 
 static void
@@ -1136,14 +1152,15 @@ in_auth_exchange(const struct smtp_session *s)
 }
 
 /*
- * Copies the next line, up to and with its LF, into s->line; returns its
- * length without the line end (*consumed: with it), -1 when no complete
- * line is there yet, -2 when SMTP_AUTH_LINE_MAX octets came without a line
- * end. `in` is searched where it lies, never linearised: evbuffer_pullup
- * would leave copies of an AUTH line in chains it frees.
+ * Copies the next line, up to and with its LF, into line (room for
+ * SMTP_AUTH_LINE_MAX + 1); returns its length without the line end
+ * (*consumed: with it), -1 when no complete line is there yet, -2 when
+ * SMTP_AUTH_LINE_MAX octets came without a line end. `in` is searched
+ * where it lies, never linearised: evbuffer_pullup would leave copies of
+ * an AUTH line in chains it frees.
  */
 static long
-copy_line(struct smtp_session *s, size_t *consumed)
+copy_line(struct smtp_session *s, char *line, size_t *consumed)
 {
 	size_t avail = evbuffer_get_length(s->in);
 	size_t scan = avail < SMTP_AUTH_LINE_MAX ? avail : SMTP_AUTH_LINE_MAX;
@@ -1155,19 +1172,22 @@ copy_line(struct smtp_session *s, size_t *consumed)
 	lf = evbuffer_search_range(s->in, "\n", 1, NULL, &end);
 	if (lf.pos < 0)
 		return avail >= SMTP_AUTH_LINE_MAX ? -2 : -1;
-	evbuffer_copyout(s->in, s->line, (size_t)lf.pos + 1);
-	return smtp_next_line(s->line, (size_t)lf.pos + 1, SMTP_AUTH_LINE_MAX, consumed);
+	evbuffer_copyout(s->in, line, (size_t)lf.pos + 1);
+	return smtp_next_line(line, (size_t)lf.pos + 1, SMTP_AUTH_LINE_MAX, consumed);
 }
 
 /* Takes one line off `in`; false when no complete line is there yet. The
  * line is copied out first so callbacks may touch `in` freely. Every
  * command line is wiped from `in` as it is drained: any of them may be an
- * AUTH line or a response carrying a password. */
+ * AUTH line or a response carrying a password. The copy lives on the
+ * stack for the time of the command only (wiped after an AUTH line): a
+ * session waiting for its next command holds no 12 KiB line buffer. */
 static bool
 read_line(struct smtp_session *s)
 {
+	char line[SMTP_AUTH_LINE_MAX + 1];
 	size_t consumed;
-	long len = copy_line(s, &consumed);
+	long len = copy_line(s, line, &consumed);
 
 	if (len == -1)
 		return false;
@@ -1182,17 +1202,17 @@ read_line(struct smtp_session *s)
 		line_too_long(s, in_auth);
 		return true;
 	}
-	s->line[len] = '\0';
+	line[len] = '\0';
 	buffer_wipe_drain(s->in, consumed);
 	s->lines_read++;
 	if (in_auth_exchange(s)) {
-		auth_continue(s, s->line, (size_t)len);
-		auth_wipe(s->line, consumed);
+		auth_continue(s, line, (size_t)len);
+		auth_wipe(line, consumed);
 	} else {
-		handle_command(s, s->line, (size_t)len);
+		handle_command(s, line, (size_t)len);
 		/* An initial response carries the password. */
-		if (len > 5 && strncasecmp(s->line, "AUTH ", 5) == 0)
-			auth_wipe(s->line, consumed);
+		if (len > 5 && strncasecmp(line, "AUTH ", 5) == 0)
+			auth_wipe(line, consumed);
 	}
 	return true;
 }

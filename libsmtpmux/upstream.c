@@ -1060,10 +1060,14 @@ envelope_continue(struct upstream *up)
 
 static void refill_body(struct upstream *);
 
+/* A body in a file is read through a buffer of our own, for the time of
+ * its transfer only: an idle session keeps none. One in memory is
+ * stuffed straight from where it lies. */
 static void
 start_body(struct upstream *up)
 {
-	if (up->chunk == NULL && (up->chunk = malloc(BODY_CHUNK)) == NULL) {
+	if (!msgbody_in_memory(up->msg->data) && up->chunk == NULL &&
+	    (up->chunk = malloc(BODY_CHUNK)) == NULL) {
 		finish(up, UPSTREAM_TEMPFAIL, "data", 0, "", false, "out of memory");
 		return;
 	}
@@ -1078,6 +1082,8 @@ start_body(struct upstream *up)
 static void
 queue_dot(struct upstream *up)
 {
+	free(up->chunk);
+	up->chunk = NULL;
 	smtp_data_writer_finish(&up->writer, conn_output(up->conn));
 	if (await_push(up, AW_DOT) == -1) {
 		finish(up, UPSTREAM_TEMPFAIL, "data", 0, "", false, "out of memory");
@@ -1110,7 +1116,12 @@ refill_body(struct upstream *up)
 		up->refill_again = false;
 		size = msgbody_size(up->msg->data);
 		while (up->body_off < size && conn_pending_output(up->conn) < BODY_HIGH_WATER) {
-			n = msgbody_read(up->msg->data, up->body_off, up->chunk, BODY_CHUNK);
+			const void *run = up->chunk;
+
+			if (msgbody_in_memory(up->msg->data))
+				n = msgbody_peek(up->msg->data, up->body_off, &run);
+			else
+				n = msgbody_read(up->msg->data, up->body_off, up->chunk, BODY_CHUNK);
 			if (n <= 0) {
 				int e = n < 0 ? errno : EIO;
 				up->in_refill = false;
@@ -1118,7 +1129,7 @@ refill_body(struct upstream *up)
 				    "reading the message body: %s", strerror(e));
 				return;
 			}
-			smtp_data_write(&up->writer, up->chunk, (size_t)n, conn_output(up->conn));
+			smtp_data_write(&up->writer, run, (size_t)n, conn_output(up->conn));
 			up->body_off += (uint64_t)n;
 		}
 		if (up->body_off >= size)
