@@ -17,6 +17,7 @@
 #include "client_table.h"
 #include "accept_room.h"
 #include "conn.h"
+#include "idle_trim.h"
 #include "log.h"
 #include "relay.h"
 #include "runtime.h"
@@ -30,6 +31,7 @@
 #define CLIENT_LINGER_SECONDS 10     /* to flush a final reply to a slow reader */
 #define FINAL_FLUSH_SECONDS 1        /* for the 421s sent at the shutdown deadline */
 #define BUSY_REPLY "421 4.3.2 Too many connections\r\n"
+#define IDLE_TRIM_MS 1000            /* without sessions this long: memory back */
 
 struct worker;
 
@@ -84,6 +86,7 @@ struct worker {
 	struct event *ev_deadline;       /* shutdown_timeout after the stop signal */
 	struct event *ev_accept_resume;  /* after an accept failure such as EMFILE */
 	struct accept_room *room;        /* which workers have room, shared */
+	struct idle_trim *trim;          /* after a burst, memory back to the kernel */
 	bool listening;                  /* listener events added */
 	bool accept_paused;              /* after an accept failure such as EMFILE */
 	struct refusal_log busy_log;     /* limits.max_sessions */
@@ -152,6 +155,8 @@ client_free(struct client *c)
 		event_base_loopexit(w->rt.base, NULL);
 	else if (!w->exiting)
 		worker_update_accept(w);
+	if (w->n_clients == 0 && !w->exiting)
+		idle_trim_arm(w->trim);
 }
 
 static void
@@ -571,6 +576,7 @@ client_new(struct worker *w, const struct listen_cfg *lc, int fd,
 		w->clients->prev = c;
 	w->clients = c;
 	w->n_clients++;
+	idle_trim_cancel(w->trim);
 	return c;
 }
 
@@ -934,12 +940,13 @@ worker_setup(struct worker *w, const struct worker_params *p)
 	w->ev_reopen = evsignal_new(w->rt.base, SIGUSR1, worker_reopen_cb, w);
 	w->ev_deadline = evtimer_new(w->rt.base, worker_deadline_cb, w);
 	w->ev_accept_resume = evtimer_new(w->rt.base, worker_accept_resume_cb, w);
+	w->trim = idle_trim_new(w->rt.base, IDLE_TRIM_MS);
 	if (w->cfg->connection_cache.enabled &&
 	    (w->rt.cache = upstream_cache_new(&w->cfg->connection_cache)) == NULL)
 		return -1;
 	if (w->ev_stop == NULL || w->ev_retire == NULL || w->ev_retire_end == NULL ||
 	    w->ev_reopen == NULL || w->ev_deadline == NULL ||
-	    w->ev_accept_resume == NULL)
+	    w->ev_accept_resume == NULL || w->trim == NULL)
 		return -1;
 	if (event_add(w->ev_stop, NULL) < 0 || event_add(w->ev_retire, NULL) < 0 ||
 	    event_add(w->ev_reopen, NULL) < 0)
@@ -971,6 +978,7 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_reopen);
 	event_free_if(w->ev_deadline);
 	event_free_if(w->ev_accept_resume);
+	idle_trim_free(w->trim);
 	event_free_if(w->ev_retire);
 	event_free_if(w->ev_retire_end);
 	upstream_free_lingering(&w->rt);
