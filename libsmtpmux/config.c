@@ -731,7 +731,7 @@ check_cache(struct loader *ld, const struct raw_cache *raw, struct cache_cfg *c)
 		raw = &none;
 	c->enabled = raw->enabled == NULL || *raw->enabled;
 	c->early_connect = raw->early_connect == NULL || *raw->early_connect;
-	if (uint_opt(ld, b, "max_idle", raw->max_idle, 2, 1, &c->max_idle) == -1 ||
+	if (uint_opt(ld, b, "max_idle", raw->max_idle, 100, 1, &c->max_idle) == -1 ||
 	    uint_opt(ld, b, "idle_timeout", raw->idle_timeout, 5, 1, &c->idle_timeout) == -1 ||
 	    uint_opt(ld, b, "max_messages", raw->max_messages, 100, 1, &c->max_messages) == -1)
 		return -1;

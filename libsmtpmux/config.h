@@ -81,7 +81,7 @@ struct auth_cfg {
 /* `connection_cache:` (idle authenticated sessions to downstreams, per worker) */
 struct cache_cfg {
 	bool enabled;                    /* default true; false: one session per message */
-	unsigned max_idle;               /* idle sessions kept per downstream; default 2 */
+	unsigned max_idle;               /* idle sessions kept per downstream; default 100 */
 	unsigned idle_timeout;           /* s, before an idle session is closed; default 5 */
 	unsigned max_messages;           /* messages per session; default 100 */
 	bool early_connect;              /* connect at the first RCPT; default true */

@@ -429,7 +429,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->auth.failure_delay, 1);
 	ck_assert_uint_eq(cfg->limits.relay_deadline, 240);
 	ck_assert(cfg->connection_cache.enabled);
-	ck_assert_uint_eq(cfg->connection_cache.max_idle, 2);
+	ck_assert_uint_eq(cfg->connection_cache.max_idle, 100);
 	ck_assert_uint_eq(cfg->connection_cache.idle_timeout, 5);
 	ck_assert_uint_eq(cfg->connection_cache.max_messages, 100);
 	ck_assert(cfg->connection_cache.early_connect);
