@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -45,7 +46,9 @@
  * one, up to CONN_READ_MAX. SMTP commands are small; message data is not. */
 #define CONN_READ_MIN   4096
 #define CONN_READ_MAX   (64 * 1024)
-#define CONN_IOV_MAX    16
+/* A body in memory is a chain of ~4 KiB pieces: 64 of them go in one
+ * sendmsg (a write in two parts would wait on the peer's delayed ACK). */
+#define CONN_IOV_MAX    64
 #define CONN_ERRLEN     512
 /* Non-fatal GnuTLS results (warning alerts) tolerated in one handshake step. */
 #define CONN_HS_RETRIES 8
@@ -360,11 +363,14 @@ conn_connect(struct event_base *base, const struct sockaddr *sa, socklen_t salen
     unsigned timeout_ms, const struct conn_cbs *cbs, void *arg)
 {
 	struct conn *c;
-	int fd;
+	int fd, one = 1;
 
 	fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return NULL;
+	/* Commands and the end of a message are small writes that must not
+	 * wait for the ACK of what went before (Nagle with delayed ACK: 40 ms). */
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c = conn_alloc(base, fd, cbs, arg);
 	if (c == NULL) {
 		close(fd);
