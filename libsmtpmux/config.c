@@ -146,6 +146,7 @@ static const cyaml_strval_t tls_mode_names[] = {
 	{ "none", TLS_MODE_NONE },
 	{ "starttls", TLS_MODE_STARTTLS },
 	{ "implicit", TLS_MODE_IMPLICIT },
+	{ "may", TLS_MODE_MAY },
 };
 
 static const cyaml_schema_field_t limits_fields[] = {
@@ -286,6 +287,7 @@ static const cyaml_schema_value_t top_schema = {
 
 struct loader {
 	const char *file;                /* as the caller named it */
+	bool env_insecure_auth;          /* USE_INSECURE_AUTH=true: the prototype's meaning */
 	struct config_lines *lines;
 	char *err;
 	size_t errlen;
@@ -817,7 +819,8 @@ check_listen_one(struct loader *ld, const struct config *cfg, size_t i, struct l
 	}
 	rc = listen_addr(ld, base, word, l);
 	while (rc == 0 && (word = strtok_r(NULL, " \t", &save)) != NULL) {
-		if (strncmp(word, "tls=", 4) == 0 && tls_mode_parse(word + 4, &l->tls) == 0)
+		if (strncmp(word, "tls=", 4) == 0 && tls_mode_parse(word + 4, &l->tls) == 0 &&
+		    l->tls != TLS_MODE_MAY)
 			tls_set = true;
 		else if (strcmp(word, "require_tls") == 0)
 			l->require_tls = true;
@@ -939,7 +942,12 @@ default_workers(void)
 	return n < 1 ? 1 : n > MAX_WORKERS ? MAX_WORKERS : (unsigned)n;
 }
 
-/* The Go prototype took USE_INSECURE_AUTH=true from the environment. */
+/*
+ * The Go prototype took USE_INSECURE_AUTH=true from the environment: it
+ * allows AUTH without TLS inbound, and makes downstreams without a `tls:`
+ * key behave as `tls: may` (the prototype sent credentials in clear when a
+ * server offered no STARTTLS).
+ */
 static bool
 env_insecure_auth(void)
 {
@@ -957,8 +965,9 @@ check_top(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 	if (raw->workers != NULL && (*raw->workers < 1 || *raw->workers > MAX_WORKERS))
 		return fail(ld, "workers", NULL, "must be from 1 to %d", MAX_WORKERS);
 	cfg->workers = raw->workers ? *raw->workers : default_workers();
+	ld->env_insecure_auth = env_insecure_auth();
 	cfg->allow_insecure_auth = (raw->allow_insecure_auth && *raw->allow_insecure_auth) ||
-	    env_insecure_auth();
+	    ld->env_insecure_auth;
 	cfg->run_as_root = raw->run_as_root && *raw->run_as_root;
 	if (raw->hostname ? copy_str(ld, &cfg->hostname, raw->hostname) :
 	    default_hostname(ld, &cfg->hostname))
@@ -991,6 +1000,8 @@ check_downstream_auth(struct loader *ld, const char *base, const struct raw_down
 	return 0;
 }
 
+/* Without `tls:`: implicit on port 465; else STARTTLS, required unless
+ * USE_INSECURE_AUTH=true asks for the prototype's behaviour (may). */
 static int
 check_downstream_tls(struct loader *ld, const struct config *cfg,
     const struct raw_downstream *raw, struct downstream_cfg *ds)
@@ -998,9 +1009,10 @@ check_downstream_tls(struct loader *ld, const struct config *cfg,
 	ds->tls_explicit = raw->tls != NULL;
 	if (raw->tls != NULL)
 		ds->tls = *raw->tls;
+	else if (strcmp(ds->port, IMPLICIT_TLS_PORT) == 0)
+		ds->tls = TLS_MODE_IMPLICIT;
 	else
-		ds->tls = strcmp(ds->port, IMPLICIT_TLS_PORT) == 0 ? TLS_MODE_IMPLICIT :
-		    TLS_MODE_STARTTLS;
+		ds->tls = ld->env_insecure_auth ? TLS_MODE_MAY : TLS_MODE_STARTTLS;
 	ds->tls_verify = raw->tls_verify == NULL || *raw->tls_verify;
 	return copy_path(ld, cfg, &ds->tls_ca, raw->tls_ca);
 }
@@ -1238,10 +1250,62 @@ config_build(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	return 0;
 }
 
+/* Whether this downstream's login and password may cross the network in clear. */
+static bool
+credentials_may_go_plain(const struct downstream_cfg *ds)
+{
+	return ds->user != NULL && ds->user[0] != '\0' &&
+	    (ds->tls == TLS_MODE_NONE || ds->tls == TLS_MODE_MAY);
+}
+
+/*
+ * One line, at start and at every reload, that names each downstream that
+ * may be sent credentials without TLS (`tls: none`, `tls: may`, or no
+ * `tls:` with USE_INSECURE_AUTH=true).
+ */
+static void
+warn_plaintext_credentials(const struct config *cfg)
+{
+	char list[1536], tail[32] = "";
+	size_t used = 0, more = 0;
+
+	list[0] = '\0';
+	for (size_t i = 0; i < cfg->n_users; i++) {
+		const struct user_cfg *u = &cfg->users[i];
+
+		for (size_t j = 0; j < u->n_downstreams; j++) {
+			const struct downstream_cfg *ds = &u->downstreams[j];
+			bool named = strcmp(ds->name, ds->addr) != 0;
+			int n;
+
+			if (!credentials_may_go_plain(ds))
+				continue;
+			if (more > 0) {
+				more++;
+				continue;
+			}
+			n = snprintf(list + used, sizeof(list) - used, "%suser=%s downstream=%s%s%s%s "
+			    "tls=%s", used ? ", " : "", u->email, ds->name, named ? "[" : "",
+			    named ? ds->addr : "", named ? "]" : "",
+			    ds->tls == TLS_MODE_MAY ? "may" : "none");
+			if (n < 0 || (size_t)n >= sizeof(list) - used) {
+				list[used] = '\0';
+				more++;
+			} else
+				used += (size_t)n;
+		}
+	}
+	if (more > 0)
+		snprintf(tail, sizeof(tail), " and %zu more", more);
+	if (used > 0 || more > 0)
+		log_warn("config: credentials may be sent without TLS to: %s%s", list, tail);
+}
+
 /* Logged once the configuration is accepted, for the administrator to see. */
 static void
 config_warn(const struct config *cfg)
 {
+	warn_plaintext_credentials(cfg);
 	for (size_t i = 0; i < cfg->n_users; i++) {
 		const struct user_cfg *u = &cfg->users[i];
 

@@ -21,7 +21,8 @@
 enum tls_mode {
 	TLS_MODE_NONE = 0,
 	TLS_MODE_STARTTLS,
-	TLS_MODE_IMPLICIT
+	TLS_MODE_IMPLICIT,
+	TLS_MODE_MAY                     /* downstreams only: STARTTLS if offered, else plain */
 };
 
 struct tls_server_ctx;
@@ -110,7 +111,8 @@ struct downstream_cfg {
 	char *port;
 	char *user;                      /* NULL or "": no AUTH */
 	char *pass;
-	enum tls_mode tls;               /* default: implicit on 465, else starttls */
+	enum tls_mode tls;               /* default: implicit on 465, else starttls;
+	                                    may with USE_INSECURE_AUTH=true */
 	bool tls_explicit;               /* `tls:` was written in the config */
 	char *tls_ca;                    /* PEM bundle; NULL: system trust store */
 	bool tls_verify;                 /* default true */

@@ -883,16 +883,23 @@ auth_choose(const struct upstream *up)
 
 /*
  * Credentials go only over TLS, or in the clear when the administrator
- * wrote `tls: none` for this downstream; a default that happens to be
- * plain never leaks them.
+ * wrote `tls: none` for this downstream, or asked for `tls: may` (also
+ * what USE_INSECURE_AUTH=true means for a downstream without `tls:`); a
+ * default that happens to be plain never leaks them.
  */
+static bool
+plain_auth_allowed(const struct downstream_cfg *ds)
+{
+	return (ds->tls == TLS_MODE_NONE && ds->tls_explicit) || ds->tls == TLS_MODE_MAY;
+}
+
 static void
 start_auth(struct upstream *up)
 {
 	const struct downstream_cfg *ds = up->ds;
 
 	up->stage = "auth";
-	if (!up->tls_active && !(ds->tls == TLS_MODE_NONE && ds->tls_explicit)) {
+	if (!up->tls_active && !plain_auth_allowed(ds)) {
 		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
 		    "refusing to send credentials without TLS");
 		return;
@@ -922,11 +929,19 @@ on_auth_reply(struct upstream *up, const struct smtp_reply *r)
 		conn_flush(up->conn);
 }
 
+/* STARTTLS when configured, or with `tls: may` when offered. */
+static bool
+wants_starttls(const struct upstream *up)
+{
+	return !up->tls_active && (up->ds->tls == TLS_MODE_STARTTLS ||
+	    (up->ds->tls == TLS_MODE_MAY && up->caps.cap_starttls));
+}
+
 /* After a good EHLO/HELO: STARTTLS, AUTH, or the transaction. */
 static void
 after_ehlo(struct upstream *up)
 {
-	if (up->ds->tls == TLS_MODE_STARTTLS && !up->tls_active) {
+	if (wants_starttls(up)) {
 		if (!up->caps.cap_starttls) {
 			finish(up, UPSTREAM_TEMPFAIL, "tls", 0, "", false,
 			    "downstream does not offer STARTTLS");

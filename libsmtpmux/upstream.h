@@ -20,7 +20,8 @@
  * recipient, DATA (all pipelined when the downstream offers PIPELINING),
  * the dot-stuffed body, the final dot. Every step has a timeout, capped by
  * the relay's deadline. Credentials are never sent without TLS unless the
- * downstream is configured with `tls: none`.
+ * downstream is configured with `tls: none` or `tls: may` (STARTTLS when
+ * offered, else plain).
  *
  * Sessions outlive attempts when the runtime has a connection cache
  * (rt->cache): after a delivery the session waits there, logged in, for

@@ -299,6 +299,7 @@ START_TEST(test_full)
 	ck_assert(cfg->users[1].downstreams[0].tls_explicit);
 	ck_assert_str_eq(cfg->users[2].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[2].n_params, 0);
+	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
 	config_free(cfg);
 }
 END_TEST
@@ -503,6 +504,11 @@ START_TEST(test_status_listen_bare_port_is_loopback)
 }
 END_TEST
 
+/*
+ * The prototype's meaning: inbound AUTH without TLS, and downstreams
+ * without `tls:` as `tls: may` (but implicit TLS stays implicit on 465,
+ * and a written `tls:` is kept).
+ */
 START_TEST(test_env_insecure_auth)
 {
 	struct config *cfg;
@@ -510,16 +516,25 @@ START_TEST(test_env_insecure_auth)
 	setenv("USE_INSECURE_AUTH", "true", 1);
 	cfg = load_ok(FIXTURES "/minimal.yaml");
 	ck_assert(cfg->allow_insecure_auth);
+	ck_assert_int_eq(cfg->users[0].downstreams[0].tls, TLS_MODE_MAY);
+	ck_assert(!cfg->users[0].downstreams[0].tls_explicit);
+	ck_assert_ptr_nonnull(cfg->users[0].downstreams[0].tls_client);
+	ck_assert_int_eq(cfg->users[0].downstreams[1].tls, TLS_MODE_IMPLICIT);
+	config_free(cfg);
+	cfg = load_ok(FIXTURES "/aliases.yaml");
+	ck_assert_int_eq(cfg->users[1].downstreams[1].tls, TLS_MODE_NONE);
 	config_free(cfg);
 
 	setenv("USE_INSECURE_AUTH", "false", 1);
 	cfg = load_ok(FIXTURES "/minimal.yaml");
 	ck_assert(!cfg->allow_insecure_auth);
+	ck_assert_int_eq(cfg->users[0].downstreams[0].tls, TLS_MODE_STARTTLS);
 	config_free(cfg);
 
 	unsetenv("USE_INSECURE_AUTH");
 	cfg = load_ok(FIXTURES "/minimal.yaml");
 	ck_assert(!cfg->allow_insecure_auth);
+	ck_assert_int_eq(cfg->users[0].downstreams[0].tls, TLS_MODE_STARTTLS);
 	config_free(cfg);
 }
 END_TEST
@@ -551,16 +566,16 @@ START_TEST(test_find_user)
 }
 END_TEST
 
-/* Captures stderr, where log.c writes in the foreground. */
-START_TEST(test_tls_verify_false_warns)
+/* Loads path with stderr, where log.c writes in the foreground, captured;
+ * returns what was logged. */
+static char *
+load_logged(const char *path)
 {
-	char path[512], logpath[512], *log;
+	char logpath[512], *log;
 	int saved = dup(STDERR_FILENO), fd;
 	size_t len;
 	struct config *cfg;
-	const char *hit;
 
-	fixture_in_tmp("full.yaml", path, sizeof(path));
 	snprintf(logpath, sizeof(logpath), "%s/warn-%d.log", tmpdir, (int)getpid());
 	fd = open(logpath, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 	ck_assert_int_ge(fd, 0);
@@ -572,14 +587,60 @@ START_TEST(test_tls_verify_false_warns)
 	close(saved);
 	close(fd);
 	config_free(cfg);
-
 	log = file_slurp(logpath, &len);
+	unlink(logpath);
+	return log;
+}
+
+static size_t
+count_of(const char *hay, const char *needle)
+{
+	size_t n = 0;
+
+	for (const char *p = hay; (p = strstr(p, needle)) != NULL; p++)
+		n++;
+	return n;
+}
+
+START_TEST(test_tls_verify_false_warns)
+{
+	char path[512], *log;
+	const char *hit;
+
+	fixture_in_tmp("full.yaml", path, sizeof(path));
+	log = load_logged(path);
 	hit = strstr(log, "tls_verify is false");
 	ck_assert_msg(hit != NULL && strstr(log, "relay.example.com:2525") != NULL, "log: %s", log);
 	ck_assert_msg(strstr(hit + 1, "tls_verify is false") == NULL, "warned twice: %s", log);
 	ck_assert_ptr_null(strstr(log, "provider-pass"));
 	free(log);
-	unlink(logpath);
+}
+END_TEST
+
+/* One line names every downstream that may get credentials in clear. */
+START_TEST(test_plaintext_credentials_warn)
+{
+	char *log;
+
+	unsetenv("USE_INSECURE_AUTH");
+	log = load_logged(FIXTURES "/prototype.yaml");
+	ck_assert_msg(strstr(log, "without TLS") == NULL, "log: %s", log);
+	free(log);
+
+	setenv("USE_INSECURE_AUTH", "true", 1);
+	log = load_logged(FIXTURES "/prototype.yaml");
+	unsetenv("USE_INSECURE_AUTH");
+	ck_assert_msg(count_of(log, "warning: config: credentials may be sent without TLS to: "
+	    "user=test@user.com downstream=127.0.0.1:2526 tls=may\n") == 1, "log: %s", log);
+	ck_assert_uint_eq(count_of(log, "without TLS"), 1);
+	free(log);
+
+	/* `tls: none` with a login counts; without one it does not */
+	log = load_logged(FIXTURES "/plain_credentials.yaml");
+	ck_assert_msg(count_of(log, "without TLS to: user=app@example.com downstream=a[127.0.0.1:2526] "
+	    "tls=none, user=app@example.com downstream=c[127.0.0.1:2528] tls=may\n") == 1,
+	    "log: %s", log);
+	free(log);
 }
 END_TEST
 
@@ -685,7 +746,7 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_wrong_type.yaml", false, 2, "workers",
 	  "expected a whole number from 0 to 4294967295, got \"abc\"", false },
 	{ "bad_tls_mode.yaml", false, 6, "users[0].downstreams[0].tls",
-	  "expected one of none, starttls, implicit, got \"maybe\"", false },
+	  "expected one of none, starttls, implicit, may, got \"maybe\"", false },
 	{ "bad_list_type.yaml", false, 4, "users[0].downstreams",
 	  "expected a list, got a mapping", false },
 	{ "bad_params_type.yaml", false, 6, "users[0].selector.params",
@@ -723,6 +784,8 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_cert_missing.yaml", true, 2, "tls.cert", "missing.crt", true },
 	{ "bad_cert_mismatch.yaml", true, 2, "tls.cert", "other.key", true },
 	{ "bad_tls_ca.yaml", false, 8, "users[0].downstreams[1].tls_ca", "missing-ca.pem", true },
+	{ "bad_listen_may.yaml", false, 2, "listen[0]",
+	  "unknown option \"tls=may\" (expected tls=none|starttls|implicit or require_tls)", false },
 };
 
 START_TEST(test_bad)
@@ -1003,6 +1066,7 @@ config_suite(void)
 	tcase_add_test(tc, test_aliases);
 	tcase_add_test(tc, test_find_user);
 	tcase_add_test(tc, test_tls_verify_false_warns);
+	tcase_add_test(tc, test_plaintext_credentials_warn);
 	tcase_add_test(tc, test_demo_config);
 	tcase_add_test(tc, test_installed_config);
 	tcase_add_test(tc, test_default_path);

@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: MIT
+"""Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`."""
+
+import json
+import os
+import unittest
+
+from certs import TestCA
+from harness import (DaemonTestCase, Downstream, RecordingHandler, free_port,
+                     make_message, plain_downstream, send, user_entry)
+
+USER, PASSWORD = "app@example.com", "app-password"
+PLAINTEXT_WARNING = "config: credentials may be sent without TLS to: "
+
+
+class SenderRecorder(RecordingHandler):
+    """Also records the MAIL FROM of every attempt, failed ones included."""
+
+    def __init__(self, fault=None):
+        super().__init__(fault)
+        self.mail_froms = []
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.mail_froms.append(address)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+
+def received_prefix_stripped(data):
+    """The message as the client sent it: smtpmuxd's Received header removed."""
+    assert data.startswith(b"Received: from "), data[:80]
+    end = data.index(b"\r\n")
+    while data[end + 2:end + 3] == b"\t":
+        end = data.index(b"\r\n", end + 2)
+    return data[end + 2:]
+
+
+class PolicyTestCase(DaemonTestCase):
+
+    def recording_downstream(self, **kwargs):
+        fault = kwargs.pop("fault", None)
+        ds = Downstream(**kwargs)
+        ds.handler = SenderRecorder(fault)
+        ds.controller.handler = ds.handler
+        ds.start()
+        self.addCleanup(ds.stop)
+        return ds
+
+
+# --- 1. USE_INSECURE_AUTH as the prototype meant it, and tls: may -------------
+
+PROTOTYPE_USERS = """users:
+  - email: "test@user.com"
+    password: "password123"
+    selector_algo_path: "selectors/round_robin.so"
+    downstreams:
+      - addr: "127.0.0.1:{a}"
+        user: "any"
+        pass: "any"
+      - addr: "127.0.0.1:{b}"
+        user: "any"
+        pass: "any"
+"""
+
+
+class PrototypeQuickStartTest(PolicyTestCase):
+    """The Go prototype's quick start: its config file (users, email,
+    password, selector_algo_path, downstreams, addr, user, pass; no tls
+    keys), USE_INSECURE_AUTH=true, and two plain MailHog-style downstreams
+    that offer AUTH PLAIN without TLS."""
+
+    def start_prototype(self, env, extra=""):
+        self.a = self.downstream(auth=("any", "any"))
+        self.b = self.downstream(auth=("any", "any"))
+        d = self.daemon({"users": []}, env=env, start=False)
+        # Only what the test harness needs is added (a free port, a private
+        # state file); the prototype's part is its text as it was.
+        plumbing = {k: d.config[k] for k in ("listen", "workers", "hostname", "state_file")}
+        d.write_config(text=PROTOTYPE_USERS.format(a=self.a.port, b=self.b.port) + extra +
+                       "".join("%s: %s\n" % (k, json.dumps(v)) for k, v in plumbing.items()))
+        return d.start()
+
+    def test_quick_start_relays_round_robin(self):
+        d = self.start_prototype({"USE_INSECURE_AUTH": "true"})
+        sent = []
+        for i in range(4):
+            msg = make_message("proto %d" % i, sender="test@user.com")
+            sent.append(msg)
+            code, text = send(d.port, "test@user.com", "password123", msg=msg,
+                              sender="test@user.com")
+            self.assertEqual(code, 250, text)
+        self.assertEqual(self.a.handler.count(), 2)
+        self.assertEqual(self.b.handler.count(), 2)
+        # Round robin: the two take turns.
+        got_a = [received_prefix_stripped(m["data"]) for m in self.a.messages]
+        got_b = [received_prefix_stripped(m["data"]) for m in self.b.messages]
+        self.assertIn(got_a, ([sent[0], sent[2]], [sent[1], sent[3]]))
+        self.assertEqual(sorted(got_a + got_b), sorted(sent))
+        # The credentials went in clear, as the prototype sent them (once
+        # per session: the connection cache may carry both messages).
+        for ds in (self.a, self.b):
+            self.assertTrue(ds.handler.auth_seen)
+            self.assertEqual(set(ds.handler.auth_seen), {("PLAIN", b"any", False)})
+            self.assertFalse(any(m["tls"] for m in ds.messages))
+        log = d.log_text()
+        self.assertEqual(log.count(PLAINTEXT_WARNING), 1, log)
+        self.assertIn("downstream=127.0.0.1:%d tls=may, user=test@user.com downstream="
+                      "127.0.0.1:%d tls=may" % (self.a.port, self.b.port), log)
+        # ...and again at every reload.
+        with open(d.config_path) as f:
+            self.assertTrue(d.reload(text=f.read()))
+        self.assertEqual(d.log_text().count(PLAINTEXT_WARNING), 2)
+
+    def test_without_the_variable_credentials_stay_off_plaintext(self):
+        # allow_insecure_auth: the inbound half only; downstreams keep
+        # requiring STARTTLS.
+        d = self.start_prototype(None, extra="allow_insecure_auth: true\n")
+        code, _ = send(d.port, "test@user.com", "password123")
+        self.assertEqual(code, 451)
+        self.assertEqual(self.a.handler.count() + self.b.handler.count(), 0)
+        self.assertEqual(self.a.handler.auth_seen + self.b.handler.auth_seen, [])
+        self.assertNotIn(PLAINTEXT_WARNING, d.log_text())
+        self.assertIn("downstream does not offer STARTTLS", d.log_text())
+
+
+class TLSMayTest(PolicyTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.ca = TestCA(os.path.join(self.tmpdir, "ca"))
+
+    def tls_downstream(self, ca, auth=("relay-user", "relay-pass")):
+        cert, key = ca.issue("ds%d" % free_port(), ["relay.test"], ["127.0.0.1"])
+        # auth_require_tls: credentials sent before STARTTLS would be refused.
+        return self.downstream(tls_context=ca.server_context(cert, key), require_starttls=True,
+                               auth=auth)
+
+    def config(self, *downstreams):
+        return {"allow_insecure_auth": True,
+                "users": [user_entry(USER, PASSWORD, list(downstreams), "failover.so")]}
+
+    def test_may_uses_starttls_when_offered(self):
+        ds = self.tls_downstream(self.ca)
+        d = self.daemon(self.config({"addr": ds.addr, "tls": "may", "tls_ca": self.ca.cert,
+                                     "user": "relay-user", "pass": "relay-pass"}))
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(ds.handler.count(), 1)
+        self.assertTrue(ds.messages[0]["tls"])
+        self.assertEqual(ds.handler.auth_seen, [("PLAIN", b"relay-user", True)])
+
+    def test_may_verifies_the_certificate(self):
+        # Offered STARTTLS with a certificate nobody vouches for: a failed
+        # attempt, never a quiet fall back to plain text.
+        other = TestCA(os.path.join(self.tmpdir, "other"), "untrusted CA")
+        bad = self.tls_downstream(other)
+        d = self.daemon(self.config({"addr": bad.addr, "tls": "may", "tls_ca": self.ca.cert,
+                                     "user": "relay-user", "pass": "relay-pass"}))
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 451)
+        self.assertEqual(bad.handler.count(), 0)
+        self.assertEqual(bad.handler.auth_seen, [])
+        self.assertRegex(d.log_text(), r"stage=tls status=deferred")
+
+    def test_default_without_credentials_never_in_clear(self):
+        # No login, no tls key, no USE_INSECURE_AUTH: STARTTLS is required,
+        # so a plain server gets nothing, not even the envelope.
+        plain = self.recording_downstream()
+        d = self.daemon(self.config({"addr": plain.addr}))
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 451)
+        self.assertEqual(plain.handler.count(), 0)
+        self.assertEqual(plain.handler.mail_froms, [])
+
+
+if __name__ == "__main__":
+    unittest.main()
