@@ -15,6 +15,7 @@
 #include "log.h"
 #include "netaddr.h"
 #include "selector_host.h"
+#include "smtp_parse.h"
 #include "tls.h"
 
 /*
@@ -94,6 +95,7 @@ struct raw_downstream {
 	char *addr;
 	char *user;
 	char *pass;
+	char *rewrite_from;
 	char *name;
 	enum tls_mode *tls;
 	char *tls_ca;
@@ -214,6 +216,8 @@ static const cyaml_schema_field_t downstream_fields[] = {
 	STR_REQ("addr", struct raw_downstream, addr),
 	STR_OPT("user", struct raw_downstream, user),
 	STR_OPT("pass", struct raw_downstream, pass),
+	CYAML_FIELD_STRING_PTR("rewrite_from", OPT, struct raw_downstream, rewrite_from,
+	    1, CYAML_UNLIMITED),
 	CYAML_FIELD_STRING_PTR("name", OPT, struct raw_downstream, name, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_ENUM_PTR("tls", OPT | CYAML_FLAG_STRICT, struct raw_downstream, tls,
 	    tls_mode_names, CYAML_ARRAY_LEN(tls_mode_names)),
@@ -1017,6 +1021,29 @@ check_downstream_tls(struct loader *ld, const struct config *cfg,
 	return copy_path(ld, cfg, &ds->tls_ca, raw->tls_ca);
 }
 
+/* `rewrite_from:` an address, or "user": the downstream's login. */
+static int
+check_rewrite_from(struct loader *ld, const char *base, const struct raw_downstream *raw,
+    struct downstream_cfg *ds)
+{
+	const char *addr = raw->rewrite_from;
+
+	if (addr == NULL)
+		return 0;
+	if (strcmp(addr, "user") == 0) {
+		if (ds->user == NULL || ds->user[0] == '\0')
+			return fail(ld, base, "rewrite_from", "\"user\" needs the downstream's user");
+		if (!smtp_mailbox_valid(ds->user, strlen(ds->user)))
+			return fail(ld, base, "rewrite_from", "\"user\": the downstream's user is "
+			    "not an e-mail address; write the address to send as");
+		addr = ds->user;
+	} else if (!smtp_mailbox_valid(addr, strlen(addr))) {
+		return fail(ld, base, "rewrite_from", "\"%s\" is not an e-mail address "
+		    "(or \"user\")", addr);
+	}
+	return copy_str(ld, &ds->rewrite_from, addr);
+}
+
 static int
 check_downstream(struct loader *ld, const struct config *cfg, const char *base,
     const struct raw_downstream *raw, struct downstream_cfg *ds)
@@ -1030,6 +1057,7 @@ check_downstream(struct loader *ld, const struct config *cfg, const char *base,
 	if (copy_str(ld, &ds->name, raw->name ? raw->name : raw->addr) == -1 ||
 	    check_downstream_auth(ld, base, raw, ds) == -1 ||
 	    check_downstream_tls(ld, cfg, raw, ds) == -1 ||
+	    check_rewrite_from(ld, base, raw, ds) == -1 ||
 	    uint_opt(ld, base, "weight", raw->weight, 1, 1, &ds->weight) == -1 ||
 	    uint_opt(ld, base, "max_per_minute", raw->max_per_minute, 0, 0,
 	        &ds->max_per_minute) == -1 ||
@@ -1481,6 +1509,7 @@ downstream_free(struct downstream_cfg *ds)
 	free(ds->user);
 	free(ds->pass);
 	free(ds->tls_ca);
+	free(ds->rewrite_from);
 }
 
 static void

@@ -122,6 +122,8 @@ struct downstream_cfg {
 	unsigned max_per_hour;
 	unsigned max_per_day;
 	unsigned probe_interval;         /* s; 0: no active probe */
+	char *rewrite_from;              /* envelope and header From for this downstream;
+	                                    NULL: kept (`rewrite_from: user` is resolved) */
 	struct health_rec *health;       /* shared record, bound by health_bind() */
 };
 

@@ -643,3 +643,9 @@ smtp_next_line(const char *buf, size_t len, size_t max, size_t *consumed)
 		n--;
 	return (long)n;
 }
+
+bool
+smtp_mailbox_valid(const char *s, size_t len)
+{
+	return len <= SMTP_PATH_MAX && valid_mailbox(s, len, false);
+}

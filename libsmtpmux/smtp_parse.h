@@ -96,4 +96,11 @@ size_t smtp_cmd_line_max(const struct smtp_cmd *cmd);
  */
 long smtp_next_line(const char *buf, size_t len, size_t max, size_t *consumed);
 
+/*
+ * True when s[0..len) is a mailbox that MAIL FROM would accept
+ * ("local@domain", the local part possibly quoted), for addresses that come
+ * from the configuration rather than from a client.
+ */
+bool smtp_mailbox_valid(const char *s, size_t len);
+
 #endif

@@ -15,6 +15,7 @@
 
 #include "auth.h"
 #include "conn.h"
+#include "from_rewrite.h"
 #include "log.h"
 #include "netaddr.h"
 #include "smtp_data.h"
@@ -154,6 +155,7 @@ struct upstream {
 	struct upstream_cache_entry entry;
 
 	struct smtp_data_writer writer;
+	struct from_rewrite *rewrite;        /* `rewrite_from:`, per message */
 	uint64_t body_off;
 	char *chunk;
 	bool in_refill, refill_again;
@@ -361,6 +363,7 @@ up_free(struct upstream *up)
 	if (up->timer != NULL)
 		event_free(up->timer);
 	free(up->aw);
+	from_rewrite_free(up->rewrite);
 	free(up->chunk);
 	free(up);
 }
@@ -963,6 +966,19 @@ after_ehlo(struct upstream *up)
 /* --- the transaction ---------------------------------------------------- */
 
 /*
+ * `rewrite_from:` replaces the sender for this downstream only. The null
+ * sender stays null: it marks a bounce, which must never cause another
+ * (RFC 5321 4.5.5).
+ */
+static const char *
+envelope_sender(const struct upstream *up)
+{
+	const char *from = up->msg->mail_from;
+
+	return up->ds->rewrite_from != NULL && from[0] != '\0' ? up->ds->rewrite_from : from;
+}
+
+/*
  * RFC 6152: an 8-bit body goes only where 8BITMIME is offered; RFC 1870:
  * nothing larger than the SIZE a downstream announced. Known once the
  * session is logged in; the session itself stays good for other messages.
@@ -1022,7 +1038,7 @@ send_envelope_cmd(struct upstream *up)
 		if (up->caps.cap_size)
 			snprintf(size_param, sizeof(size_param), " SIZE=%llu",
 			    (unsigned long long)msgbody_size(msg->data));
-		return queue_cmd(up, AW_MAIL, "MAIL FROM:<%s>%s%s", msg->mail_from,
+		return queue_cmd(up, AW_MAIL, "MAIL FROM:<%s>%s%s", envelope_sender(up),
 		    msg->body == SMTP_BODY_8BITMIME ? " BODY=8BITMIME" : "", size_param);
 	}
 	if (i <= msg->n_rcpts)
@@ -1075,14 +1091,37 @@ envelope_continue(struct upstream *up)
 
 static void refill_body(struct upstream *);
 
+/* The message octets, through the From rewriter when there is one. */
+static void
+stuff_body(void *arg, const char *data, size_t len)
+{
+	struct upstream *up = arg;
+
+	smtp_data_write(&up->writer, data, len, conn_output(up->conn));
+}
+
+static void
+write_body(struct upstream *up, const char *data, size_t len)
+{
+	if (up->rewrite != NULL)
+		from_rewrite_feed(up->rewrite, data, len);
+	else
+		stuff_body(up, data, len);
+}
+
 /* A body in a file is read through a buffer of our own, for the time of
  * its transfer only: an idle session keeps none. One in memory is
- * stuffed straight from where it lies. */
+ * stuffed straight from where it lies. A rewritten message gets a
+ * rewriter of its own, for its transfer only as well. */
 static void
 start_body(struct upstream *up)
 {
-	if (!msgbody_in_memory(up->msg->data) && up->chunk == NULL &&
-	    (up->chunk = malloc(BODY_CHUNK)) == NULL) {
+	from_rewrite_free(up->rewrite);
+	up->rewrite = NULL;
+	if ((!msgbody_in_memory(up->msg->data) && up->chunk == NULL &&
+	    (up->chunk = malloc(BODY_CHUNK)) == NULL) ||
+	    (up->ds->rewrite_from != NULL &&
+	    (up->rewrite = from_rewrite_new(up->ds->rewrite_from, stuff_body, up)) == NULL)) {
 		finish(up, UPSTREAM_TEMPFAIL, "data", 0, "", false, "out of memory");
 		return;
 	}
@@ -1099,6 +1138,8 @@ queue_dot(struct upstream *up)
 {
 	free(up->chunk);
 	up->chunk = NULL;
+	from_rewrite_free(up->rewrite);
+	up->rewrite = NULL;
 	smtp_data_writer_finish(&up->writer, conn_output(up->conn));
 	if (await_push(up, AW_DOT) == -1) {
 		finish(up, UPSTREAM_TEMPFAIL, "data", 0, "", false, "out of memory");
@@ -1144,12 +1185,14 @@ refill_body(struct upstream *up)
 				    "reading the message body: %s", strerror(e));
 				return;
 			}
-			smtp_data_write(&up->writer, run, (size_t)n, conn_output(up->conn));
+			write_body(up, run, (size_t)n);
 			up->body_off += (uint64_t)n;
 		}
-		if (up->body_off >= size)
+		if (up->body_off >= size) {
+			if (up->rewrite != NULL)
+				from_rewrite_finish(up->rewrite);
 			queue_dot(up);
-		else
+		} else
 			arm_timer(up, timeout_reply(up), "the downstream to accept message data");
 		if (up->conn != NULL)
 			conn_flush(up->conn);

@@ -21,7 +21,8 @@
  * the dot-stuffed body, the final dot. Every step has a timeout, capped by
  * the relay's deadline. Credentials are never sent without TLS unless the
  * downstream is configured with `tls: none` or `tls: may` (STARTTLS when
- * offered, else plain).
+ * offered, else plain). With `rewrite_from:` the envelope sender and the
+ * header From of each message are rewritten (from_rewrite.h).
  *
  * Sessions outlive attempts when the runtime has a connection cache
  * (rt->cache): after a delivery the session waits there, logged in, for

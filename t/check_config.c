@@ -267,8 +267,10 @@ check_full_alice(const struct user_cfg *u)
 	ck_assert_uint_eq(ds[0].max_per_hour, 100);
 	ck_assert_uint_eq(ds[0].max_per_day, 1000);
 	ck_assert_uint_eq(ds[0].probe_interval, 60);
+	ck_assert_str_eq(ds[0].rewrite_from, "alerts@example.net");
 
 	ck_assert_str_eq(ds[1].name, "[2001:db8::1]:25");
+	ck_assert_ptr_null(ds[1].rewrite_from);
 	ck_assert_str_eq(ds[1].host, "2001:db8::1");
 	ck_assert_str_eq(ds[1].port, "25");
 	ck_assert_int_eq(ds[1].tls, TLS_MODE_NONE);
@@ -297,6 +299,8 @@ START_TEST(test_full)
 	ck_assert_str_eq(cfg->users[1].selector_path, "failover");
 	ck_assert_int_eq(cfg->users[1].downstreams[0].tls, TLS_MODE_STARTTLS);
 	ck_assert(cfg->users[1].downstreams[0].tls_explicit);
+	ck_assert_str_eq(cfg->users[1].downstreams[0].pass, "bob-provider-secret");
+	ck_assert_str_eq(cfg->users[1].downstreams[0].rewrite_from, "bob@provider.example");
 	ck_assert_str_eq(cfg->users[2].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[2].n_params, 0);
 	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
@@ -460,6 +464,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(ds[0].max_per_hour, 0);
 	ck_assert_uint_eq(ds[0].max_per_day, 0);
 	ck_assert_uint_eq(ds[0].probe_interval, 0);
+	ck_assert_ptr_null(ds[0].rewrite_from);
 	config_free(cfg);
 	unsetenv("TMPDIR");
 }
@@ -786,6 +791,11 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_tls_ca.yaml", false, 8, "users[0].downstreams[1].tls_ca", "missing-ca.pem", true },
 	{ "bad_listen_may.yaml", false, 2, "listen[0]",
 	  "unknown option \"tls=may\" (expected tls=none|starttls|implicit or require_tls)", false },
+	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
+	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
+	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",
+	  "\"user\": the downstream's user is not an e-mail address; write the address "
+	  "to send as", false },
 };
 
 START_TEST(test_bad)

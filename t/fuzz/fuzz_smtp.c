@@ -8,16 +8,21 @@
  *  - DATA writer then reader gives the body back;
  *  - a reply's length is within the input and its text is printable;
  *  - a DATA deadline never passes its cap nor shrinks, an AUTH delay
- *    never passes 32 times its base.
+ *    never passes 32 times its base;
+ *  - the From rewriter gives the same output however the message is
+ *    chunked, never changes what follows the first empty line, and passes
+ *    a message without "From" through unchanged.
  * See README in this folder.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <event2/buffer.h>
 
 #include "auth.h"
+#include "from_rewrite.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
@@ -207,6 +212,71 @@ fuzz_limits(const uint8_t *p, size_t left)
 	require(smtp_auth_delay_ms(failures, base) <= (uint64_t)base * 1000 * 32);
 }
 
+static void
+collect(void *arg, const char *data, size_t len)
+{
+	require(len > 0);
+	require(evbuffer_add(arg, data, len) == 0);
+}
+
+/* chunk 0: all at once; otherwise sizes taken from the input itself. */
+static struct evbuffer *
+rewrite(const char *in, size_t len, size_t chunk)
+{
+	struct evbuffer *out = evbuffer_new();
+	struct from_rewrite *fr;
+	size_t pos = 0, k = 0;
+
+	require(out != NULL);
+	fr = from_rewrite_new("new@fuzz.example", collect, out);
+	require(fr != NULL);
+	while (pos < len) {
+		size_t n = chunk == 0 ? len - pos : 1 + (unsigned char)in[k++ % len] % chunk;
+
+		if (n > len - pos)
+			n = len - pos;
+		from_rewrite_feed(fr, in + pos, n);
+		pos += n;
+	}
+	from_rewrite_finish(fr);
+	from_rewrite_free(fr);
+	return out;
+}
+
+static bool
+has_from(const char *in, size_t len)
+{
+	for (size_t i = 0; i + 4 <= len; i++)
+		if (strncasecmp(in + i, "from", 4) == 0)
+			return true;
+	return false;
+}
+
+static void
+fuzz_from_rewrite(const char *in, size_t len)
+{
+	struct evbuffer *one = rewrite(in, len, 0);
+	size_t n = evbuffer_get_length(one);
+	const char *out = (const char *)evbuffer_pullup(one, -1);
+	const char *blank = len >= 4 ? memmem(in, len, "\r\n\r\n", 4) : NULL;
+
+	for (size_t chunk = 1; chunk <= 13; chunk += 6) {
+		struct evbuffer *other = rewrite(in, len, chunk);
+
+		require(evbuffer_get_length(other) == n);
+		require(n == 0 || memcmp(evbuffer_pullup(other, -1), out, n) == 0);
+		evbuffer_free(other);
+	}
+	if (!has_from(in, len))
+		require(n == len && (n == 0 || memcmp(out, in, n) == 0));
+	if (blank != NULL) {
+		size_t tail = len - (size_t)(blank + 4 - in);
+
+		require(n >= tail && memcmp(out + n - tail, blank + 4, tail) == 0);
+	}
+	evbuffer_free(one);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -219,5 +289,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_reply(in, size, true);
 	fuzz_auth(in, size);
 	fuzz_limits(data, size);
+	fuzz_from_rewrite(in, size);
 	return 0;
 }

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`."""
+"""Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting."""
 
 import json
 import os
@@ -169,6 +169,113 @@ class TLSMayTest(PolicyTestCase):
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 451)
         self.assertEqual(plain.handler.count(), 0)
         self.assertEqual(plain.handler.mail_froms, [])
+
+
+# --- 2. rewrite_from ------------------------------------------------------------
+
+FOLDED_FROM = (b'From: "Alerts from the =?UTF-8?Q?b=C3=BCro?= monitoring system"\r\n'
+               b' <alerts@corp.example> (ops)\r\n')
+
+
+def message_with(from_field, body, extra=b""):
+    return (b"Subject: disk full\r\n" + from_field + b"To: <ops@example.org>\r\n" + extra +
+            b"Message-ID: <m1@corp.example>\r\n\r\n" + body)
+
+
+class RewriteFromTest(PolicyTestCase):
+
+    def start(self, downstreams, **extra):
+        config = {"allow_insecure_auth": True,
+                  "users": [user_entry(USER, PASSWORD, downstreams, "failover.so")]}
+        config.update(extra)
+        return self.daemon(config)
+
+    def test_failover_uses_each_downstreams_own_setting(self):
+        a = self.recording_downstream(auth=("a-acct@provider-a.example", "pa"), fault="rcpt_451")
+        b = self.recording_downstream(auth=("b-login", "pb"))
+        d = self.start([
+            plain_downstream(a, name="A", user="a-acct@provider-a.example", rewrite_from="user",
+                             **{"pass": "pa"}),
+            plain_downstream(b, name="B", user="b-login", rewrite_from="me@provider-b.example",
+                             **{"pass": "pb"}),
+        ])
+        body = b"From: this line is body text and stays.\r\n"
+        msg = message_with(FOLDED_FROM, body)
+        code, _ = send(d.port, USER, PASSWORD, msg=msg, sender="alerts@corp.example")
+        self.assertEqual(code, 250)
+        # A (its login) failed at RCPT; B (an address) took the message.
+        self.assertEqual(a.handler.mail_froms, ["a-acct@provider-a.example"])
+        self.assertEqual(b.handler.mail_froms, ["me@provider-b.example"])
+        self.assertEqual(b.handler.count(), 1)
+        want = (b"Subject: disk full\r\n"
+                b'From: "Alerts from the =?UTF-8?Q?b=C3=BCro?= monitoring system"\r\n'
+                b" <me@provider-b.example> (ops)\r\n"
+                b"To: <ops@example.org>\r\n"
+                b"Message-ID: <m1@corp.example>\r\n"
+                b'Reply-To: "Alerts from the =?UTF-8?Q?b=C3=BCro?= monitoring system"\r\n'
+                b" <alerts@corp.example> (ops)\r\n"
+                b"\r\n" + body)
+        self.assertEqual(received_prefix_stripped(b.messages[0]["data"]), want)
+        # The log still names the app's sender.
+        self.assertIn("from=<alerts@corp.example>", d.log_text())
+
+    def test_big_message_from_temp_file(self):
+        ds = self.recording_downstream()
+        d = self.start([plain_downstream(ds, rewrite_from="relay@provider.example")],
+                       limits={"memory_threshold": 4096})
+        line = b"x" * 76 + b"\r\n"
+        body = line * 40000                        # 3.1 MB, kept in a temporary file
+        msg = message_with(b"From: Alice <alice@corp.example>\r\n", body,
+                           extra=b"Reply-To: <help@corp.example>\r\n")
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        got = received_prefix_stripped(ds.messages[0]["data"])
+        # The app's own Reply-To is kept; nothing else changes.
+        self.assertEqual(got, msg.replace(b"alice@corp.example", b"relay@provider.example", 1))
+        self.assertEqual(ds.handler.mail_froms, ["relay@provider.example"])
+
+    def test_null_sender_and_other_downstreams_untouched(self):
+        plain = self.recording_downstream(fault="rcpt_451")
+        rewriting = self.recording_downstream()
+        d = self.start([plain_downstream(plain, name="plain"),
+                        plain_downstream(rewriting, name="rw", rewrite_from="me@provider.example")])
+        msg = message_with(b"From: <alice@corp.example>\r\n", b"bounce\r\n")
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg, sender="<>")[0], 250)
+        # The attempt without rewrite_from saw the sender as the app sent it.
+        self.assertEqual(plain.handler.mail_froms, ["<>"])
+        # A bounce stays a bounce; the header From is still the account's.
+        self.assertEqual(rewriting.handler.mail_froms, ["<>"])
+        self.assertIn(b"\r\nFrom: <me@provider.example>\r\n", rewriting.messages[0]["data"])
+
+    def test_reused_session_rewrites_per_message(self):
+        # Two users share one provider account (one cached session), each
+        # with its own rewrite_from: every message gets its own.
+        ds = self.recording_downstream(auth=("acct@provider.example", "pw"))
+        account = dict(user="acct@provider.example", **{"pass": "pw"})
+        d = self.daemon({"allow_insecure_auth": True, "workers": 1,
+                         "connection_cache": {"idle_timeout": 300}, "users": [
+            user_entry(USER, PASSWORD, [plain_downstream(ds, rewrite_from="user", **account)]),
+            user_entry("other@example.com", "other-pw",
+                       [plain_downstream(ds, rewrite_from="team@provider.example", **account)]),
+        ]})
+        msg = message_with(b"From: App <app@corp.example>\r\n", b"x\r\n")
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        self.assertEqual(send(d.port, "other@example.com", "other-pw", msg=msg)[0], 250)
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        self.assertEqual(len(ds.handler.auth_seen), 1)          # one session for all three
+        self.assertEqual(ds.handler.mail_froms, ["acct@provider.example", "team@provider.example",
+                                                 "acct@provider.example"])
+        froms = [received_prefix_stripped(m["data"]).split(b"\r\n")[1] for m in ds.messages]
+        self.assertEqual(froms, [b"From: App <acct@provider.example>",
+                                 b"From: App <team@provider.example>",
+                                 b"From: App <acct@provider.example>"])
+
+    def test_without_rewrite_byte_identical(self):
+        ds = self.recording_downstream()
+        d = self.start([plain_downstream(ds)])
+        msg = message_with(FOLDED_FROM, b"body\r\n")
+        self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+        self.assertEqual(received_prefix_stripped(ds.messages[0]["data"]), msg)
+        self.assertEqual(ds.handler.mail_froms, ["app@example.com"])
 
 
 if __name__ == "__main__":
