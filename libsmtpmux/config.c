@@ -116,6 +116,11 @@ struct raw_user {
 	unsigned n_downstreams;
 };
 
+struct raw_client {
+	char *network;
+	char *user;
+};
+
 struct raw_config {
 	char **listen;
 	unsigned n_listen;
@@ -136,6 +141,8 @@ struct raw_config {
 	struct raw_cache *connection_cache;
 	struct raw_user *users;
 	unsigned n_users;
+	struct raw_client *clients;
+	unsigned n_clients;
 };
 
 #define OPT CYAML_FLAG_OPTIONAL
@@ -250,6 +257,16 @@ static const cyaml_schema_value_t user_schema = {
 	CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct raw_user, user_fields),
 };
 
+static const cyaml_schema_field_t client_fields[] = {
+	STR_REQ("network", struct raw_client, network),
+	STR_REQ("user", struct raw_client, user),
+	CYAML_FIELD_END
+};
+
+static const cyaml_schema_value_t client_schema = {
+	CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct raw_client, client_fields),
+};
+
 static const cyaml_schema_value_t listen_entry_schema = {
 	CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 1, CYAML_UNLIMITED),
 };
@@ -280,6 +297,8 @@ static const cyaml_schema_field_t top_fields[] = {
 	 * broken. */
 	CYAML_FIELD_SEQUENCE_COUNT("users", CYAML_FLAG_POINTER | OPT, struct raw_config,
 	    users, n_users, &user_schema, 0, CYAML_UNLIMITED),
+	CYAML_FIELD_SEQUENCE_COUNT("clients", CYAML_FLAG_POINTER | OPT, struct raw_config,
+	    clients, n_clients, &client_schema, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_END
 };
 
@@ -1183,6 +1202,45 @@ check_users(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 }
 
 static int
+check_client(struct loader *ld, const struct config *cfg, size_t i, const struct raw_client *raw,
+    struct netmask *net, struct client_cfg *c)
+{
+	char base[32], why[160];
+
+	snprintf(base, sizeof(base), "clients[%zu]", i);
+	if (copy_str(ld, &c->network, raw->network) == -1)
+		return -1;
+	if (netmask_parse(raw->network, net, why, sizeof(why)) == -1)
+		return fail(ld, base, "network", "%s", why);
+	if (netmask_is_everything(net))
+		return fail(ld, base, "network", "\"%s\" covers every address: sending without "
+		    "AUTH is for the hosts of a local network", raw->network);
+	for (size_t j = 0; j < i; j++)
+		if (netmask_equal(&cfg->client_nets[j], net))
+			return fail(ld, base, "network", "same network as clients[%zu]", j);
+	if ((c->user = config_find_user(cfg, raw->user)) == NULL)
+		return fail(ld, base, "user", "no user \"%s\" in users", raw->user);
+	return 0;
+}
+
+static int
+check_clients(struct loader *ld, const struct raw_config *raw, struct config *cfg)
+{
+	if (raw->n_clients == 0)
+		return 0;
+	if ((cfg->clients = calloc(raw->n_clients, sizeof(*cfg->clients))) == NULL ||
+	    (cfg->client_nets = calloc(raw->n_clients, sizeof(*cfg->client_nets))) == NULL)
+		return fail_oom(ld);
+	for (size_t i = 0; i < raw->n_clients; i++) {
+		cfg->n_clients++;
+		if (check_client(ld, cfg, i, &raw->clients[i], &cfg->client_nets[i],
+		    &cfg->clients[i]) == -1)
+			return -1;
+	}
+	return 0;
+}
+
+static int
 config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 {
 	if (check_top(ld, raw, cfg) == -1 ||
@@ -1192,7 +1250,8 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_health(ld, raw->health, &cfg->health) == -1 ||
 	    check_auth(ld, raw->auth, &cfg->auth) == -1 ||
 	    check_cache(ld, raw->connection_cache, &cfg->connection_cache) == -1 ||
-	    check_users(ld, raw, cfg) == -1)
+	    check_users(ld, raw, cfg) == -1 ||
+	    check_clients(ld, raw, cfg) == -1)
 		return -1;
 	return 0;
 }
@@ -1539,6 +1598,10 @@ config_free(struct config *cfg)
 	for (size_t i = 0; i < cfg->n_users; i++)
 		user_free(&cfg->users[i]);
 	free(cfg->users);
+	for (size_t i = 0; i < cfg->n_clients; i++)
+		free(cfg->clients[i].network);
+	free(cfg->clients);
+	free(cfg->client_nets);
 	for (size_t i = 0; i < cfg->n_listen; i++) {
 		free(cfg->listen[i].text);
 		free(cfg->listen[i].host);
@@ -1579,6 +1642,18 @@ config_has_users(const struct config *cfg, char *err, size_t errlen)
 	snprintf(err, errlen, "%s: no users defined, so there is nothing to relay: add the "
 	    "applications and their providers under \"users:\" (see smtpmux.yaml(5))", cfg->path);
 	return -1;
+}
+
+const struct client_cfg *
+config_find_client(const struct config *cfg, const char *addr)
+{
+	struct netmask host;
+	long i;
+
+	if (cfg->n_clients == 0 || addr == NULL || netmask_parse_addr(addr, &host) == -1)
+		return NULL;
+	i = netmask_best(cfg->client_nets, cfg->n_clients, &host);
+	return i < 0 ? NULL : &cfg->clients[i];
 }
 
 const char *

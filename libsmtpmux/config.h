@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "netmask.h"
+
 /*
  * The configuration as the rest of smtpmux sees it: loaded from YAML with a
  * libcyaml schema, then validated and completed (defaults, parsed
@@ -145,6 +147,12 @@ struct user_cfg {
 	struct health_user *health;      /* shared per-user record (sequence) */
 };
 
+/* `clients:` entry: a network whose hosts send without AUTH, as `user`. */
+struct client_cfg {
+	char *network;                   /* as written, for logs */
+	const struct user_cfg *user;
+};
+
 struct config {
 	char *path;                      /* the file it was loaded from */
 	char *dir;                       /* its folder: base of relative paths */
@@ -168,6 +176,9 @@ struct config {
 	struct cache_cfg connection_cache;
 	struct user_cfg *users;
 	size_t n_users;
+	struct client_cfg *clients;
+	struct netmask *client_nets;     /* client_nets[i] is clients[i].network */
+	size_t n_clients;
 	void *priv;                      /* config.c's own (libcyaml tree etc.) */
 };
 
@@ -191,6 +202,12 @@ const struct user_cfg *config_find_user(const struct config *cfg, const char *em
  * what to do.
  */
 int config_has_users(const struct config *cfg, char *err, size_t errlen);
+
+/*
+ * The user a client address (numeric text) may send as without AUTH: the
+ * most specific `clients:` network that contains it. NULL when none does.
+ */
+const struct client_cfg *config_find_client(const struct config *cfg, const char *addr);
 
 /* Default config file: SYSCONFDIR "/smtpmux/smtpmux.yaml". */
 const char *config_default_path(void);

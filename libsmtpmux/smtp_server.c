@@ -30,8 +30,9 @@
  * event callbacks. relay_start may call `done` before it returns: that is
  * handled.
  *
- * Nothing is relayed unless the client authenticated; the client hears 250
- * only once a downstream accepted the message.
+ * Nothing is relayed unless the client authenticated, or its address is in
+ * a `clients:` network (it then sends as that entry's user); the client
+ * hears 250 only once a downstream accepted the message.
  */
 
 enum sess_state {
@@ -64,6 +65,7 @@ enum sess_timer {
 
 
 struct txn {
+	const struct user_cfg *user;     /* relayed as: authenticated, or by network */
 	char *mail_from;
 	char **rcpts;
 	size_t n_rcpts;
@@ -101,6 +103,7 @@ struct smtp_session {
 	enum helo_kind helo;
 	char helo_name[SMTP_DOMAIN_MAX + 1];
 	const struct user_cfg *user;     /* NULL until AUTH succeeds */
+	const struct client_cfg *net_client;  /* `clients:` entry of the address, or NULL */
 	char login_user[AUTH_FIELD_MAX + 1];
 
 	bool started;
@@ -600,6 +603,16 @@ auth_continue(struct smtp_session *s, const char *line, size_t len)
 
 /* ---------------------------------------------------------------- MAIL/RCPT */
 
+/* The user a transaction is relayed as: the authenticated one, else the
+ * one the client's network maps to. */
+static const struct user_cfg *
+sending_user(const struct smtp_session *s)
+{
+	if (s->user != NULL)
+		return s->user;
+	return s->net_client != NULL ? s->net_client->user : NULL;
+}
+
 /*
  * Early connect: once the first recipient is accepted the relay may start
  * logging in to the downstream the message will go to first, so that only
@@ -616,17 +629,18 @@ early_connect(struct smtp_session *s)
 
 	if (s->io->relay_prepare == NULL || s->io->relay_begin == NULL || tx->prepared != NULL)
 		return;
-	tx->prepared = s->io->relay_prepare(s->ctx, s->rt, s->user, &env, tx->size_hint, s->client);
+	tx->prepared = s->io->relay_prepare(s->ctx, s->rt, tx->user, &env, tx->size_hint, s->client);
 }
 
 static void
 cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
 	uint64_t max = s->cfg->limits.max_message_size;
+	const struct user_cfg *u = sending_user(s);
 
 	if (require_tls_pending(s))
 		reply_error(s, 530, "5.7.0", "Must issue a STARTTLS command first");
-	else if (s->user == NULL)
+	else if (u == NULL)
 		/* Never an open relay: every transaction is authenticated. */
 		reply_error(s, 530, "5.7.0", "Authentication required");
 	else if (in_transaction(s))
@@ -636,6 +650,7 @@ cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 	else if ((s->tx.mail_from = strdup(cmd->path)) == NULL)
 		reply(s, 451, "4.3.0", "Out of memory");
 	else {
+		s->tx.user = u;
 		s->tx.body_type = cmd->body;
 		s->tx.size_hint = cmd->has_size ? cmd->size : 0;
 		set_state(s, SESS_MAIL);
@@ -919,7 +934,7 @@ relay_message(struct smtp_session *s)
 		r = s->io->relay_begin(s->ctx, prepared, &tx->umsg, msgbody_size(tx->body),
 		    relay_done, s);
 	else
-		r = s->io->relay_start(s->ctx, s->rt, s->user, &tx->umsg,
+		r = s->io->relay_start(s->ctx, s->rt, tx->user, &tx->umsg,
 		    msgbody_size(tx->body), s->client, relay_done, s);
 	tx->in_relay_start = false;
 	if (tx->early_done) {
@@ -1353,6 +1368,7 @@ smtp_session_new(const struct smtp_session_params *p, struct evbuffer *in,
 	snprintf(s->tls_desc, sizeof(s->tls_desc), "%s",
 	    p->tls_active && p->tls_desc != NULL ? p->tls_desc : "");
 	set_id(s->rt, s->id);
+	s->net_client = config_find_client(s->cfg, s->client);
 	s->state = SESS_CONNECTED;
 	return s;
 }
@@ -1363,8 +1379,13 @@ smtp_session_start(struct smtp_session *s)
 	if (s->started)
 		return;
 	s->started = true;
-	log_info("%s: connect from [%s]%s%s", s->id, s->client,
-	    s->tls_active ? " tls=" : "", s->tls_desc);
+	if (s->net_client != NULL)
+		log_info("%s: connect from [%s]%s%s network=%s user=%s", s->id, s->client,
+		    s->tls_active ? " tls=" : "", s->tls_desc, s->net_client->network,
+		    s->net_client->user->email);
+	else
+		log_info("%s: connect from [%s]%s%s", s->id, s->client,
+		    s->tls_active ? " tls=" : "", s->tls_desc);
 	/* RFC 2034: no enhanced code in the greeting. */
 	reply(s, 220, NULL, "%s ESMTP smtpmux", hostname(s));
 	s->state = SESS_GREETED;

@@ -304,6 +304,17 @@ START_TEST(test_full)
 	ck_assert_str_eq(cfg->users[2].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[2].n_params, 0);
 	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
+
+	ck_assert_uint_eq(cfg->n_clients, 3);
+	ck_assert_str_eq(cfg->clients[0].network, "192.168.1.0/24");
+	ck_assert_ptr_eq(cfg->clients[0].user, &cfg->users[1]);
+	ck_assert_ptr_eq(config_find_client(cfg, "192.168.1.5"), &cfg->clients[0]);
+	ck_assert_ptr_eq(config_find_client(cfg, "192.168.1.200"), &cfg->clients[1]);
+	ck_assert_ptr_eq(config_find_client(cfg, "::ffff:192.168.1.200"), &cfg->clients[1]);
+	ck_assert_ptr_eq(config_find_client(cfg, "2001:db8:1:2::5"), &cfg->clients[2]);
+	ck_assert_ptr_null(config_find_client(cfg, "192.168.2.1"));
+	ck_assert_ptr_null(config_find_client(cfg, "2001:db8:2::1"));
+	ck_assert_ptr_null(config_find_client(cfg, "not an address"));
 	config_free(cfg);
 }
 END_TEST
@@ -465,6 +476,8 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(ds[0].max_per_day, 0);
 	ck_assert_uint_eq(ds[0].probe_interval, 0);
 	ck_assert_ptr_null(ds[0].rewrite_from);
+	ck_assert_uint_eq(cfg->n_clients, 0);
+	ck_assert_ptr_null(config_find_client(cfg, "127.0.0.1"));
 	config_free(cfg);
 	unsetenv("TMPDIR");
 }
@@ -723,6 +736,8 @@ START_TEST(test_installed_config)
 	ck_assert_str_eq(cfg->users[0].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[0].n_downstreams, 3);
 	ck_assert_uint_eq(cfg->users[0].downstreams[0].max_per_day, 500);
+	ck_assert_uint_eq(cfg->n_clients, 2);
+	ck_assert_ptr_eq(cfg->clients[1].user, &cfg->users[0]);
 	config_free(cfg);
 }
 END_TEST
@@ -791,6 +806,18 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_tls_ca.yaml", false, 8, "users[0].downstreams[1].tls_ca", "missing-ca.pem", true },
 	{ "bad_listen_may.yaml", false, 2, "listen[0]",
 	  "unknown option \"tls=may\" (expected tls=none|starttls|implicit or require_tls)", false },
+	{ "bad_client_network.yaml", false, 8, "clients[0].network",
+	  "\"192.168.1.300\" is not a numeric IPv4 or IPv6 address", false },
+	{ "bad_client_everything.yaml", false, 10, "clients[1].network",
+	  "\"::/0\" covers every address: sending without AUTH is for the hosts of a "
+	  "local network", false },
+	{ "bad_client_host_bits.yaml", false, 8, "clients[0].network",
+	  "host bits set after /24 (the network address, with the last bits zero, "
+	  "is expected)", false },
+	{ "bad_client_user.yaml", false, 9, "clients[0].user",
+	  "no user \"backup@example.com\" in users", false },
+	{ "bad_client_duplicate.yaml", false, 10, "clients[1].network",
+	  "same network as clients[0]", false },
 	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
 	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",

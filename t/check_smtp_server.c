@@ -65,6 +65,7 @@ struct harness {
 	/* the fake relay */
 	int relay_token;
 	unsigned relay_starts, relay_cancels;
+	const struct user_cfg *prepared_user;  /* who relay_prepare was asked for */
 	struct relay *cancelled;
 	relay_done_fn done;
 	void *done_arg;
@@ -199,7 +200,7 @@ io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
 	struct harness *h = ctx;
 
 	ck_assert_ptr_eq(rt, &h->rt);
-	ck_assert_ptr_eq(user, &h->users[0]);
+	h->prepared_user = user;
 	h->prepares++;
 	h->prepared_rcpts = env->n_rcpts;
 	return h->early_connect ? (struct relay *)&h->prepared_token : NULL;
@@ -1839,6 +1840,7 @@ START_TEST(test_early_connect_prepared_at_first_rcpt)
 	ck_exchange("RCPT TO:<r1@example.net>\r\nRCPT TO:<r2@example.net>\r\nDATA\r\n",
 	    RCPT_OK RCPT_OK DATA_GO);
 	ck_assert_uint_eq(H.prepares, 1);
+	ck_assert_ptr_eq(H.prepared_user, &H.users[0]);
 	ck_assert_uint_eq(H.prepared_rcpts, 1);
 	send_str("hi\r\n.\r\n");
 	ck_assert_uint_eq(H.begins, 1);
@@ -1991,6 +1993,74 @@ START_TEST(test_8bit_body_detected)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- policy */
+
+/* `clients:` with one network, sending as users[1]. */
+static struct client_cfg net_client;
+static struct netmask net_mask;
+
+static void
+h_clients(const char *network)
+{
+	char why[160];
+
+	ck_assert_int_eq(netmask_parse(network, &net_mask, why, sizeof(why)), 0);
+	net_client.network = (char *)network;
+	net_client.user = &H.users[1];
+	H.cfg.clients = &net_client;
+	H.cfg.client_nets = &net_mask;
+	H.cfg.n_clients = 1;
+}
+
+static void
+h_message(void)
+{
+	ck_exchange("RCPT TO:<rcpt@example.net>\r\nDATA\r\n", RCPT_OK DATA_GO);
+	send_str("Subject: x\r\n\r\nbody\r\n.\r\n");
+	ck_assert_uint_eq(H.relay_starts, 1);
+	relay_answer(true, 250, "2.0.0", "Ok");
+	ck_assert(strncmp(take(), "250 2.0.0 Ok: queued as ", 24) == 0);
+}
+
+START_TEST(test_network_client_without_auth)
+{
+	h_clients("192.0.2.0/24");
+	h_start();
+	ck_exchange("EHLO printer.example\r\n", EHLO_AUTH);
+	ck_exchange("MAIL FROM:<scan@printer.example>\r\n", MAIL_OK);
+	h_message();
+	ck_assert_ptr_eq(H.msg.user, &H.users[1]);
+	ck_assert_ptr_eq(H.prepared_user, &H.users[1]);   /* early connect too */
+	/* Not authenticated: the trace says ESMTP, not ESMTPA. */
+	ck_assert_ptr_nonnull(strstr(H.msg.body, " with ESMTP id "));
+	ck_assert_ptr_nonnull(strstr(log_text(), "connect from [" CLIENT "] network=192.0.2.0/24 "
+	    "user=other@example.com"));
+}
+END_TEST
+
+START_TEST(test_network_client_elsewhere_needs_auth)
+{
+	h_clients("198.51.100.0/24");
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", "530 5.7.0 Authentication required\r\n");
+	ck_assert_uint_eq(H.relay_starts, 0);
+}
+END_TEST
+
+/* A client of the network that logs in sends as whom it logged in as. */
+START_TEST(test_network_client_auth_wins)
+{
+	h_clients("192.0.2.1");
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<a@example.com>\r\n", MAIL_OK);
+	h_message();
+	ck_assert_ptr_eq(H.msg.user, &H.users[0]);
+	ck_assert_ptr_nonnull(strstr(H.msg.body, " with ESMTPA id "));
+}
+END_TEST
+
 static Suite *
 server_suite(void)
 {
@@ -2113,6 +2183,14 @@ server_suite(void)
 	tcase_add_test(tc, test_deadline_before_the_dot);
 	tcase_add_test(tc, test_8bit_body_detected);
 	tcase_add_test(tc, test_disconnect_log);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("policy");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 30);
+	tcase_add_test(tc, test_network_client_without_auth);
+	tcase_add_test(tc, test_network_client_elsewhere_needs_auth);
+	tcase_add_test(tc, test_network_client_auth_wins);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -11,18 +11,21 @@
  *    never passes 32 times its base;
  *  - the From rewriter gives the same output however the message is
  *    chunked, never changes what follows the first empty line, and passes
- *    a message without "From" through unchanged.
+ *    a message without "From" through unchanged;
+ *  - a parsed network contains its own address.
  * See README in this folder.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include <event2/buffer.h>
 
 #include "auth.h"
 #include "from_rewrite.h"
+#include "netmask.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
@@ -277,6 +280,27 @@ fuzz_from_rewrite(const char *in, size_t len)
 	evbuffer_free(one);
 }
 
+static void
+fuzz_policy(const char *in, size_t len)
+{
+	char text[300], why[200];
+	struct netmask net, host;
+
+	if (len >= sizeof(text) || memchr(in, '\0', len) != NULL)
+		return;
+	memcpy(text, in, len);
+	text[len] = '\0';
+	if (netmask_parse(text, &net, why, sizeof(why)) == 0) {
+		require(net.prefix <= (net.family == AF_INET ? 32u : 128u));
+		host = net;
+		host.prefix = net.family == AF_INET ? 32 : 128;
+		require(netmask_contains(&net, &host));
+		require(netmask_best(&net, 1, &host) == 0);
+	}
+	if (netmask_parse_addr(text, &host) == 0)
+		require(host.prefix == 32 || host.prefix == 128);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -290,5 +314,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_auth(in, size);
 	fuzz_limits(data, size);
 	fuzz_from_rewrite(in, size);
+	fuzz_policy(in, size);
 	return 0;
 }

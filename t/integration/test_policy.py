@@ -1,12 +1,15 @@
 # SPDX-License-Identifier: MIT
-"""Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting."""
+"""Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting,
+clients by network."""
 
 import json
 import os
+import smtplib
+import subprocess
 import unittest
 
 from certs import TestCA
-from harness import (DaemonTestCase, Downstream, RecordingHandler, free_port,
+from harness import (SELECTORS, SMTPMUXD, DaemonTestCase, Downstream, RecordingHandler, free_port,
                      make_message, plain_downstream, send, user_entry)
 
 USER, PASSWORD = "app@example.com", "app-password"
@@ -36,6 +39,13 @@ def received_prefix_stripped(data):
     return data[end + 2:]
 
 
+def check_config(path):
+    """smtpmuxd -t, with this build's selectors and no $CREDENTIALS_DIRECTORY."""
+    env = dict(os.environ, SMTPMUX_SELECTOR_PATH=SELECTORS)
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    return subprocess.run([SMTPMUXD, "-t", "-c", path], capture_output=True, text=True, env=env)
+
+
 class PolicyTestCase(DaemonTestCase):
 
     def recording_downstream(self, **kwargs):
@@ -46,6 +56,13 @@ class PolicyTestCase(DaemonTestCase):
         ds.start()
         self.addCleanup(ds.stop)
         return ds
+
+    def write(self, name, text, mode=0o600):
+        path = os.path.join(self.tmpdir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
 
 
 # --- 1. USE_INSECURE_AUTH as the prototype meant it, and tls: may -------------
@@ -276,6 +293,97 @@ class RewriteFromTest(PolicyTestCase):
         self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
         self.assertEqual(received_prefix_stripped(ds.messages[0]["data"]), msg)
         self.assertEqual(ds.handler.mail_froms, ["app@example.com"])
+
+
+# --- 3. clients by network ------------------------------------------------------
+
+class ClientsTest(PolicyTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.app_ds = self.recording_downstream()
+        self.cron_ds = self.recording_downstream()
+        self.host_ds = self.recording_downstream()
+
+    def start(self, clients, listen=None):
+        config = {
+            "allow_insecure_auth": True,
+            "users": [user_entry(USER, PASSWORD, [plain_downstream(self.app_ds)]),
+                      user_entry("cron@example.com", "unused-pw", [plain_downstream(self.cron_ds)]),
+                      user_entry("host@example.com", "unused-pw", [plain_downstream(self.host_ds)])],
+            "clients": clients,
+        }
+        if listen is None:
+            return self.daemon(config)
+        # The harness waits for the greeting on the IPv4 port.
+        port = free_port()
+        config["listen"] = ["127.0.0.1:%d" % port, listen]
+        d = self.daemon(config, start=False)
+        d.port = port
+        return d.start()
+
+    def send_without_auth(self, port, host="127.0.0.1", sender="cron@box.example"):
+        client = smtplib.SMTP(host, port, timeout=60)
+        try:
+            client.ehlo("box.example")
+            code, text = client.mail(sender)
+            if code != 250:
+                return code, text
+            client.rcpt("root@example.org")
+            return client.data(make_message("cron job", sender=sender))
+        finally:
+            client.quit()
+
+    def test_network_sends_without_auth_as_its_user(self):
+        d = self.start([{"network": "127.0.0.0/8", "user": "cron@example.com"}])
+        code, _ = self.send_without_auth(d.port)
+        self.assertEqual(code, 250)
+        self.assertEqual(self.cron_ds.handler.count(), 1)
+        self.assertEqual(self.app_ds.handler.count(), 0)
+        data = self.cron_ds.messages[0]["data"]
+        self.assertEqual(received_prefix_stripped(data), make_message("cron job",
+                                                                      sender="cron@box.example"))
+        self.assertIn(b" with ESMTP id ", data)
+        self.assertIn("network=127.0.0.0/8 user=cron@example.com", d.log_text())
+        # Logging in still works, and then the login decides.
+        self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
+        self.assertEqual(self.app_ds.handler.count(), 1)
+
+    def test_most_specific_network_wins(self):
+        d = self.start([{"network": "127.0.0.0/8", "user": "cron@example.com"},
+                        {"network": "127.0.0.1", "user": "host@example.com"},
+                        {"network": "127.0.0.0/16", "user": "cron@example.com"}])
+        self.assertEqual(self.send_without_auth(d.port)[0], 250)
+        self.assertEqual(self.host_ds.handler.count(), 1)
+        self.assertEqual(self.cron_ds.handler.count(), 0)
+
+    def test_ipv6_network(self):
+        port6 = free_port()
+        self.start([{"network": "::1/128", "user": "host@example.com"},
+                    {"network": "127.0.0.0/8", "user": "cron@example.com"}],
+                   listen="[::1]:%d" % port6)
+        self.assertEqual(self.send_without_auth(port6, host="::1")[0], 250)
+        self.assertEqual(self.host_ds.handler.count(), 1)
+        self.assertEqual(self.cron_ds.handler.count(), 0)
+
+    def test_everyone_else_still_needs_auth(self):
+        d = self.start([{"network": "10.0.0.0/8", "user": "cron@example.com"}])
+        code, text = self.send_without_auth(d.port)
+        self.assertEqual(code, 530, text)
+        self.assertEqual(self.cron_ds.handler.count() + self.app_ds.handler.count(), 0)
+
+    def test_check_refuses_networks_that_cover_everything(self):
+        for i, network in enumerate(("0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96")):
+            path = self.write("every%d.yaml" % i,
+                              "users:\n  - email: cron@example.com\n    password: pw\n"
+                              "    downstreams: [{addr: \"127.0.0.1:25\", tls: none}]\n"
+                              "clients:\n  - user: cron@example.com\n"
+                              "    network: \"%s\"\n" % network)
+            res = check_config(path)
+            self.assertEqual(res.returncode, 1)
+            self.assertEqual(res.stderr, '%s:7: clients[0].network: "%s" covers every address: '
+                             "sending without AUTH is for the hosts of a local network\n"
+                             % (path, network))
 
 
 if __name__ == "__main__":
