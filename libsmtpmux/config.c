@@ -15,6 +15,7 @@
 #include "log.h"
 #include "netaddr.h"
 #include "selector_host.h"
+#include "sender_match.h"
 #include "smtp_parse.h"
 #include "tls.h"
 
@@ -110,6 +111,8 @@ struct raw_downstream {
 struct raw_user {
 	char *email;
 	char *password;
+	char **allowed_senders;
+	unsigned n_allowed_senders;
 	char *selector_algo_path;
 	struct raw_selector *selector;
 	struct raw_downstream *downstreams;
@@ -242,9 +245,15 @@ static const cyaml_schema_value_t downstream_schema = {
 	CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct raw_downstream, downstream_fields),
 };
 
+static const cyaml_schema_value_t string_entry_schema = {
+	CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 1, CYAML_UNLIMITED),
+};
+
 static const cyaml_schema_field_t user_fields[] = {
 	STR_REQ("email", struct raw_user, email),
 	STR_REQ("password", struct raw_user, password),
+	CYAML_FIELD_SEQUENCE_COUNT("allowed_senders", CYAML_FLAG_POINTER | OPT, struct raw_user,
+	    allowed_senders, n_allowed_senders, &string_entry_schema, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_STRING_PTR("selector_algo_path", OPT, struct raw_user, selector_algo_path,
 	    1, CYAML_UNLIMITED),
 	CYAML_FIELD_MAPPING_PTR("selector", OPT, struct raw_user, selector, selector_fields),
@@ -267,13 +276,9 @@ static const cyaml_schema_value_t client_schema = {
 	CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct raw_client, client_fields),
 };
 
-static const cyaml_schema_value_t listen_entry_schema = {
-	CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 1, CYAML_UNLIMITED),
-};
-
 static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_SEQUENCE_COUNT("listen", CYAML_FLAG_POINTER | OPT, struct raw_config,
-	    listen, n_listen, &listen_entry_schema, 1, CYAML_UNLIMITED),
+	    listen, n_listen, &string_entry_schema, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_UINT_PTR("workers", OPT, struct raw_config, workers),
 	CYAML_FIELD_STRING_PTR("hostname", OPT, struct raw_config, hostname, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_BOOL_PTR("allow_insecure_auth", OPT, struct raw_config, allow_insecure_auth),
@@ -1161,6 +1166,27 @@ check_downstream_names(struct loader *ld, const char *base, const struct raw_use
 }
 
 static int
+check_allowed_senders(struct loader *ld, const char *base, const struct raw_user *raw,
+    struct user_cfg *u)
+{
+	char path[96], why[256];
+
+	if (raw->n_allowed_senders == 0)
+		return 0;
+	if ((u->allowed_senders = calloc(raw->n_allowed_senders, sizeof(char *))) == NULL)
+		return fail_oom(ld);
+	for (size_t i = 0; i < raw->n_allowed_senders; i++) {
+		snprintf(path, sizeof(path), "%s.allowed_senders[%zu]", base, i);
+		if (sender_pattern_check(raw->allowed_senders[i], why, sizeof(why)) == -1)
+			return fail(ld, path, NULL, "%s", why);
+		if (copy_str(ld, &u->allowed_senders[i], raw->allowed_senders[i]) == -1)
+			return -1;
+		u->n_allowed_senders++;
+	}
+	return 0;
+}
+
+static int
 check_user(struct loader *ld, const struct config *cfg, size_t i, const struct raw_user *raw,
     struct user_cfg *u)
 {
@@ -1173,6 +1199,7 @@ check_user(struct loader *ld, const struct config *cfg, size_t i, const struct r
 			    raw->email, k);
 	if (copy_str(ld, &u->email, raw->email) == -1 ||
 	    copy_str(ld, &u->password, raw->password) == -1 ||
+	    check_allowed_senders(ld, base, raw, u) == -1 ||
 	    check_selector(ld, base, raw, u) == -1)
 		return -1;
 	if ((u->downstreams = calloc(raw->n_downstreams, sizeof(*u->downstreams))) == NULL)
@@ -1584,6 +1611,9 @@ user_free(struct user_cfg *u)
 	}
 	free(u->params);
 	free(u->downstreams);
+	for (size_t i = 0; i < u->n_allowed_senders; i++)
+		free(u->allowed_senders[i]);
+	free(u->allowed_senders);
 	free(u->email);
 	free(u->password);
 	free(u->selector_path);

@@ -137,6 +137,8 @@ struct selector_param_cfg {
 struct user_cfg {
 	char *email;
 	char *password;
+	char **allowed_senders;          /* MAIL FROM patterns (sender_match.h) */
+	size_t n_allowed_senders;        /* 0: any sender */
 	char *selector_path;             /* `selector.path` or legacy `selector_algo_path` */
 	char *selector_resolved;         /* the file actually loaded */
 	struct selector_param_cfg *params;

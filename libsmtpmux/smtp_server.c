@@ -15,6 +15,7 @@
 #include "msgbody.h"
 #include "self_pid.h"
 #include "client_table.h"
+#include "sender_match.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
@@ -633,6 +634,17 @@ early_connect(struct smtp_session *s)
 }
 
 static void
+sender_refused(struct smtp_session *s, const struct user_cfg *u, const char *path)
+{
+	char user[AUTH_FIELD_MAX + 1], from[SMTP_PATH_MAX + 1];
+
+	log_warn("%s: sender refused user=%s from=<%s> client=[%s]: not in allowed_senders",
+	    s->id, clean(user, sizeof(user), u->email), clean(from, sizeof(from), path),
+	    s->client);
+	reply_error(s, 553, "5.7.1", "Sender address not allowed for this user");
+}
+
+static void
 cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
 	uint64_t max = s->cfg->limits.max_message_size;
@@ -647,6 +659,8 @@ cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
 		reply_error(s, 503, "5.5.1", "Nested MAIL command");
 	else if (cmd->has_size && (cmd->size_overflow || (max != 0 && cmd->size > max)))
 		reply_error(s, 552, "5.3.4", "Message size exceeds fixed maximum message size");
+	else if (!sender_allowed(u->allowed_senders, u->n_allowed_senders, cmd->path))
+		sender_refused(s, u, cmd->path);
 	else if ((s->tx.mail_from = strdup(cmd->path)) == NULL)
 		reply(s, 451, "4.3.0", "Out of memory");
 	else {

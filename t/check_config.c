@@ -268,6 +268,9 @@ check_full_alice(const struct user_cfg *u)
 	ck_assert_uint_eq(ds[0].max_per_day, 1000);
 	ck_assert_uint_eq(ds[0].probe_interval, 60);
 	ck_assert_str_eq(ds[0].rewrite_from, "alerts@example.net");
+	ck_assert_uint_eq(u->n_allowed_senders, 4);
+	ck_assert_str_eq(u->allowed_senders[0], "*@example.org");
+	ck_assert_str_eq(u->allowed_senders[3], "<>");
 
 	ck_assert_str_eq(ds[1].name, "[2001:db8::1]:25");
 	ck_assert_ptr_null(ds[1].rewrite_from);
@@ -301,6 +304,7 @@ START_TEST(test_full)
 	ck_assert(cfg->users[1].downstreams[0].tls_explicit);
 	ck_assert_str_eq(cfg->users[1].downstreams[0].pass, "bob-provider-secret");
 	ck_assert_str_eq(cfg->users[1].downstreams[0].rewrite_from, "bob@provider.example");
+	ck_assert_uint_eq(cfg->users[1].n_allowed_senders, 0);
 	ck_assert_str_eq(cfg->users[2].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[2].n_params, 0);
 	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
@@ -476,6 +480,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(ds[0].max_per_day, 0);
 	ck_assert_uint_eq(ds[0].probe_interval, 0);
 	ck_assert_ptr_null(ds[0].rewrite_from);
+	ck_assert_uint_eq(cfg->users[0].n_allowed_senders, 0);
 	ck_assert_uint_eq(cfg->n_clients, 0);
 	ck_assert_ptr_null(config_find_client(cfg, "127.0.0.1"));
 	config_free(cfg);
@@ -738,6 +743,7 @@ START_TEST(test_installed_config)
 	ck_assert_uint_eq(cfg->users[0].downstreams[0].max_per_day, 500);
 	ck_assert_uint_eq(cfg->n_clients, 2);
 	ck_assert_ptr_eq(cfg->clients[1].user, &cfg->users[0]);
+	ck_assert_uint_eq(cfg->users[0].n_allowed_senders, 1);
 	config_free(cfg);
 }
 END_TEST
@@ -818,6 +824,9 @@ static const struct bad_case bad_cases[] = {
 	  "no user \"backup@example.com\" in users", false },
 	{ "bad_client_duplicate.yaml", false, 10, "clients[1].network",
 	  "same network as clients[0]", false },
+	{ "bad_allowed_sender.yaml", false, 6, "users[0].allowed_senders[1]",
+	  "\"*\" is only allowed as the whole local part (\"*@example.org\") or before "
+	  "the domain (\"*@*.example.org\")", false },
 	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
 	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",

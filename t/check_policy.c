@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The pure matcher behind `clients:` (netmask.c).
+ * The pure matchers behind `clients:` (netmask.c) and `allowed_senders:`
+ * (sender_match.c).
  */
 #include <check.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <sys/socket.h>
 
 #include "netmask.h"
+#include "sender_match.h"
 
 /* ---- networks ---- */
 
@@ -171,6 +173,95 @@ START_TEST(test_netmask_best)
 }
 END_TEST
 
+/* ---- sender patterns ---- */
+
+START_TEST(test_sender_pattern_check)
+{
+	static const char *const good[] = {
+		"alerts@example.org", "*@example.org", "*@*.example.org", "<>",
+		"\"odd local\"@example.org", "*@[192.0.2.1]",
+	};
+	static const struct { const char *pattern, *why; } bad[] = {
+		{ "alerts*@example.org", "\"*\" is only allowed as the whole local part "
+		  "(\"*@example.org\") or before the domain (\"*@*.example.org\")" },
+		{ "*@ex*.org", "\"*\" is only allowed as the whole local part "
+		  "(\"*@example.org\") or before the domain (\"*@*.example.org\")" },
+		{ "*", "\"*\" is only allowed as the whole local part "
+		  "(\"*@example.org\") or before the domain (\"*@*.example.org\")" },
+		{ "*@", "bad domain \"\"" },
+		{ "*@*.", "bad domain \"\"" },
+		{ "*@exa mple.org", "bad domain \"exa mple.org\"" },
+		{ "example.org", "\"example.org\" is not an address, \"*@domain\", "
+		  "\"*@*.domain\" or \"<>\"" },
+		{ "@example.org", "\"@example.org\" is not an address, \"*@domain\", "
+		  "\"*@*.domain\" or \"<>\"" },
+		{ "a@b@example.org", "\"a@b@example.org\" is not an address, \"*@domain\", "
+		  "\"*@*.domain\" or \"<>\"" },
+		{ "<a@example.org>", "\"<a@example.org>\" is not an address, \"*@domain\", "
+		  "\"*@*.domain\" or \"<>\"" },
+	};
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		char why[200] = "";
+
+		ck_assert_msg(sender_pattern_check(good[i], why, sizeof(why)) == 0, "%s: %s",
+		    good[i], why);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char why[200] = "";
+
+		ck_assert_msg(sender_pattern_check(bad[i].pattern, why, sizeof(why)) == -1, "%s",
+		    bad[i].pattern);
+		ck_assert_str_eq(why, bad[i].why);
+	}
+}
+END_TEST
+
+START_TEST(test_sender_pattern_match)
+{
+	static const struct { const char *pattern, *path; bool match; } cases[] = {
+		{ "alerts@example.org", "alerts@example.org", true },
+		{ "alerts@example.org", "ALERTS@Example.ORG", true },
+		{ "alerts@example.org", "alerts@example.org.evil.example", false },
+		{ "alerts@example.org", "xalerts@example.org", false },
+		{ "alerts@example.org", "", false },
+		{ "*@example.org", "anyone@example.org", true },
+		{ "*@example.org", "\"quoted @ local\"@example.org", true },
+		{ "*@example.org", "anyone@EXAMPLE.org", true },
+		{ "*@example.org", "anyone@sub.example.org", false },
+		{ "*@example.org", "anyone@badexample.org", false },
+		{ "*@example.org", "\"x@example.org\"@evil.example", false },
+		{ "*@example.org", "", false },
+		{ "*@*.example.org", "a@sub.example.org", true },
+		{ "*@*.example.org", "a@deep.sub.Example.org", true },
+		{ "*@*.example.org", "a@example.org", false },
+		{ "*@*.example.org", "a@badexample.org", false },
+		{ "*@*.example.org", "a@.example.org", false },
+		{ "<>", "", true },
+		{ "<>", "a@example.org", false },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ck_assert_msg(sender_pattern_match(cases[i].pattern, cases[i].path) == cases[i].match,
+		    "%s ~ <%s>", cases[i].pattern, cases[i].path);
+}
+END_TEST
+
+START_TEST(test_sender_allowed)
+{
+	char *list[] = { (char *)"*@example.com", (char *)"alerts@example.org" };
+
+	/* No list: any sender, the null sender too. */
+	ck_assert(sender_allowed(NULL, 0, "anyone@anywhere.example"));
+	ck_assert(sender_allowed(NULL, 0, ""));
+	ck_assert(sender_allowed(list, 2, "x@example.com"));
+	ck_assert(sender_allowed(list, 2, "alerts@example.org"));
+	ck_assert(!sender_allowed(list, 2, "ceo@example.org"));
+	/* A list means exactly what it says: <> only when listed. */
+	ck_assert(!sender_allowed(list, 2, ""));
+}
+END_TEST
+
 static Suite *
 policy_suite(void)
 {
@@ -181,6 +272,9 @@ policy_suite(void)
 	tcase_add_test(tc, test_netmask_bad);
 	tcase_add_test(tc, test_netmask_contains);
 	tcase_add_test(tc, test_netmask_best);
+	tcase_add_test(tc, test_sender_pattern_check);
+	tcase_add_test(tc, test_sender_pattern_match);
+	tcase_add_test(tc, test_sender_allowed);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -2061,6 +2061,44 @@ START_TEST(test_network_client_auth_wins)
 }
 END_TEST
 
+START_TEST(test_allowed_senders)
+{
+	char *list[] = { (char *)"*@example.com", (char *)"alerts@example.org" };
+
+	H.users[0].allowed_senders = list;
+	H.users[0].n_allowed_senders = 2;
+	h_start();
+	h_auth();
+	ck_exchange("MAIL FROM:<ceo@example.org>\r\n",
+	    "553 5.7.1 Sender address not allowed for this user\r\n");
+	ck_exchange("MAIL FROM:<>\r\n", "553 5.7.1 Sender address not allowed for this user\r\n");
+	ck_exchange("MAIL FROM:<x@sub.example.com>\r\n",
+	    "553 5.7.1 Sender address not allowed for this user\r\n");
+	ck_exchange("MAIL FROM:<Alerts@Example.org>\r\n", MAIL_OK);
+	h_message();
+	ck_assert_str_eq(H.msg.from, "Alerts@Example.org");
+	ck_assert_ptr_nonnull(strstr(log_text(), "sender refused user=" USER " from=<ceo@example.org> "
+	    "client=[" CLIENT "]: not in allowed_senders"));
+	ck_assert_ptr_nonnull(strstr(log_text(), "sender refused user=" USER " from=<> "));
+}
+END_TEST
+
+/* A network client is held to its user's list as well. */
+START_TEST(test_allowed_senders_network_client)
+{
+	char *list[] = { (char *)"*@printer.example" };
+
+	H.users[1].allowed_senders = list;
+	H.users[1].n_allowed_senders = 1;
+	h_clients("192.0.2.0/24");
+	h_start();
+	ck_exchange("EHLO printer.example\r\n", EHLO_AUTH);
+	ck_exchange("MAIL FROM:<ceo@example.com>\r\n",
+	    "553 5.7.1 Sender address not allowed for this user\r\n");
+	ck_exchange("MAIL FROM:<scan@printer.example>\r\n", MAIL_OK);
+}
+END_TEST
+
 static Suite *
 server_suite(void)
 {
@@ -2191,6 +2229,8 @@ server_suite(void)
 	tcase_add_test(tc, test_network_client_without_auth);
 	tcase_add_test(tc, test_network_client_elsewhere_needs_auth);
 	tcase_add_test(tc, test_network_client_auth_wins);
+	tcase_add_test(tc, test_allowed_senders);
+	tcase_add_test(tc, test_allowed_senders_network_client);
 	suite_add_tcase(s, tc);
 	return s;
 }

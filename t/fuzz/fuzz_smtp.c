@@ -12,7 +12,8 @@
  *  - the From rewriter gives the same output however the message is
  *    chunked, never changes what follows the first empty line, and passes
  *    a message without "From" through unchanged;
- *  - a parsed network contains its own address.
+ *  - a parsed network contains its own address; sender patterns that pass
+ *    the check can be matched.
  * See README in this folder.
  */
 #include <stdint.h>
@@ -26,6 +27,7 @@
 #include "auth.h"
 #include "from_rewrite.h"
 #include "netmask.h"
+#include "sender_match.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
@@ -299,6 +301,9 @@ fuzz_policy(const char *in, size_t len)
 	}
 	if (netmask_parse_addr(text, &host) == 0)
 		require(host.prefix == 32 || host.prefix == 128);
+	if (sender_pattern_check(text, why, sizeof(why)) == 0)
+		(void)sender_pattern_match(text, "a@example.org");
+	(void)sender_pattern_match("*@*.example.org", text);
 }
 
 int

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: MIT
 """Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting,
-clients by network."""
+clients by network, allowed senders."""
 
 import json
 import os
@@ -384,6 +384,36 @@ class ClientsTest(PolicyTestCase):
             self.assertEqual(res.stderr, '%s:7: clients[0].network: "%s" covers every address: '
                              "sending without AUTH is for the hosts of a local network\n"
                              % (path, network))
+
+
+# --- 4. allowed senders -------------------------------------------------------
+
+class AllowedSendersTest(PolicyTestCase):
+
+    def test_sender_outside_the_list_is_refused(self):
+        ds = self.recording_downstream()
+        entry = user_entry(USER, PASSWORD, [plain_downstream(ds)])
+        entry["allowed_senders"] = ["*@example.com", "alerts@example.org"]
+        d = self.daemon({"allow_insecure_auth": True, "users": [entry]})
+        for sender in ("ceo@example.org", "x@sub.example.com", "<>"):
+            with self.subTest(sender=sender):
+                client = smtplib.SMTP("127.0.0.1", d.port, timeout=60)
+                client.login(USER, PASSWORD)
+                code, text = client.mail(sender)
+                self.assertEqual((code, text), (553, b"5.7.1 Sender address not allowed for this user"))
+                client.quit()
+        for sender in ("anyone@example.com", "Alerts@Example.org"):
+            self.assertEqual(send(d.port, USER, PASSWORD, sender=sender)[0], 250)
+        self.assertEqual(ds.handler.mail_froms, ["anyone@example.com", "Alerts@Example.org"])
+        self.assertIn("sender refused user=app@example.com from=<ceo@example.org>", d.log_text())
+
+    def test_check_refuses_bad_patterns(self):
+        path = self.write("bad.yaml", "users:\n  - email: a@example.com\n    password: pw\n"
+                          "    allowed_senders:\n      - \"*@example.com\"\n      - \"*bob@example.com\"\n"
+                          "    downstreams: [{addr: \"127.0.0.1:25\", tls: none}]\n")
+        res = check_config(path)
+        self.assertEqual(res.returncode, 1)
+        self.assertTrue(res.stderr.startswith("%s:6: users[0].allowed_senders[1]: " % path), res.stderr)
 
 
 if __name__ == "__main__":
