@@ -10,10 +10,13 @@
 
 #include <cyaml/cyaml.h>
 
+#include "auth.h"
 #include "config.h"
 #include "config_lines.h"
 #include "log.h"
 #include "netaddr.h"
+#include "passwd.h"
+#include "secret_file.h"
 #include "selector_host.h"
 #include "sender_match.h"
 #include "smtp_parse.h"
@@ -25,8 +28,9 @@
  * into the raw_* structs below against the schema (unknown keys, types,
  * required keys), and config_check() turns the raw tree into a struct
  * config with defaults and cross-field rules, before config_build() loads
- * what the configuration names (certificates, selectors). Only the last
- * step touches other files, so a typo is reported before anything else.
+ * what the configuration names (certificates, selectors, secret files) and
+ * checks password hashes. Only the last step touches other files, so a
+ * typo is reported before anything else.
  */
 
 #define CONFIG_MAX_SIZE (4u * 1024 * 1024)
@@ -96,6 +100,7 @@ struct raw_downstream {
 	char *addr;
 	char *user;
 	char *pass;
+	char *pass_file;
 	char *rewrite_from;
 	char *name;
 	enum tls_mode *tls;
@@ -111,6 +116,7 @@ struct raw_downstream {
 struct raw_user {
 	char *email;
 	char *password;
+	char *password_file;
 	char **allowed_senders;
 	unsigned n_allowed_senders;
 	char *selector_algo_path;
@@ -226,6 +232,8 @@ static const cyaml_schema_field_t downstream_fields[] = {
 	STR_REQ("addr", struct raw_downstream, addr),
 	STR_OPT("user", struct raw_downstream, user),
 	STR_OPT("pass", struct raw_downstream, pass),
+	CYAML_FIELD_STRING_PTR("pass_file", OPT, struct raw_downstream, pass_file,
+	    1, CYAML_UNLIMITED),
 	CYAML_FIELD_STRING_PTR("rewrite_from", OPT, struct raw_downstream, rewrite_from,
 	    1, CYAML_UNLIMITED),
 	CYAML_FIELD_STRING_PTR("name", OPT, struct raw_downstream, name, 1, CYAML_UNLIMITED),
@@ -251,7 +259,9 @@ static const cyaml_schema_value_t string_entry_schema = {
 
 static const cyaml_schema_field_t user_fields[] = {
 	STR_REQ("email", struct raw_user, email),
-	STR_REQ("password", struct raw_user, password),
+	CYAML_FIELD_STRING_PTR("password", OPT, struct raw_user, password, 1, CYAML_UNLIMITED),
+	CYAML_FIELD_STRING_PTR("password_file", OPT, struct raw_user, password_file,
+	    1, CYAML_UNLIMITED),
 	CYAML_FIELD_SEQUENCE_COUNT("allowed_senders", CYAML_FLAG_POINTER | OPT, struct raw_user,
 	    allowed_senders, n_allowed_senders, &string_entry_schema, 1, CYAML_UNLIMITED),
 	CYAML_FIELD_STRING_PTR("selector_algo_path", OPT, struct raw_user, selector_algo_path,
@@ -316,6 +326,7 @@ static const cyaml_schema_value_t top_schema = {
 struct loader {
 	const char *file;                /* as the caller named it */
 	bool env_insecure_auth;          /* USE_INSECURE_AUTH=true: the prototype's meaning */
+	bool inline_secrets;             /* a password or pass was written in the file */
 	struct config_lines *lines;
 	char *err;
 	size_t errlen;
@@ -1013,19 +1024,48 @@ check_top(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 	return 0;
 }
 
+/* A secret written in the file: no longer than SASL can carry. */
+static int
+copy_secret(struct loader *ld, const char *base, const char *key, const char *src, char **dst)
+{
+	*dst = NULL;
+	if (src == NULL)
+		return 0;
+	ld->inline_secrets = true;
+	if (strlen(src) > SECRET_MAX)
+		return fail(ld, base, key, "longer than %d octets (the most AUTH can carry)",
+		    SECRET_MAX);
+	return copy_str(ld, dst, src);
+}
+
+static int
+read_secret(struct loader *ld, const struct config *cfg, const char *base, const char *key,
+    const char *name, char **dst)
+{
+	char why[PATH_MAX + 96];
+
+	if ((*dst = secret_file_read(name, cfg->dir, why, sizeof(why))) == NULL)
+		return fail(ld, base, key, "%s", why);
+	return 0;
+}
+
+/* `pass:` or `pass_file:`, not both; either one needs `user:`. */
 static int
 check_downstream_auth(struct loader *ld, const char *base, const struct raw_downstream *raw,
     struct downstream_cfg *ds)
 {
 	bool has_user = raw->user != NULL && raw->user[0] != '\0';
+	const char *pass_key = raw->pass_file != NULL ? "pass_file" : "pass";
 
-	if (has_user && raw->pass == NULL)
+	if (raw->pass != NULL && raw->pass_file != NULL)
+		return fail(ld, base, "pass_file", "use either pass or pass_file, not both");
+	if (has_user && raw->pass == NULL && raw->pass_file == NULL)
 		return fail(ld, base, "pass", "required with user");
-	if (!has_user && raw->pass != NULL)
-		return fail(ld, base, "user", "required with pass");
-	if (copy_str(ld, &ds->user, raw->user) == -1 || copy_str(ld, &ds->pass, raw->pass) == -1)
+	if (!has_user && (raw->pass != NULL || raw->pass_file != NULL))
+		return fail(ld, base, "user", "required with %s", pass_key);
+	if (copy_str(ld, &ds->user, raw->user) == -1)
 		return -1;
-	return 0;
+	return copy_secret(ld, base, "pass", raw->pass, &ds->pass);    /* pass_file: when built */
 }
 
 /* Without `tls:`: implicit on port 465; else STARTTLS, required unless
@@ -1165,6 +1205,18 @@ check_downstream_names(struct loader *ld, const char *base, const struct raw_use
 	return 0;
 }
 
+/* `password:` or `password_file:` (read, and hashes checked, when built). */
+static int
+check_password(struct loader *ld, const char *base, const struct raw_user *raw,
+    struct user_cfg *u)
+{
+	if (raw->password != NULL && raw->password_file != NULL)
+		return fail(ld, base, "password_file", "use either password or password_file, not both");
+	if (raw->password == NULL && raw->password_file == NULL)
+		return fail(ld, base, "password", "required key missing (or password_file)");
+	return copy_secret(ld, base, "password", raw->password, &u->password);
+}
+
 static int
 check_allowed_senders(struct loader *ld, const char *base, const struct raw_user *raw,
     struct user_cfg *u)
@@ -1198,7 +1250,7 @@ check_user(struct loader *ld, const struct config *cfg, size_t i, const struct r
 			return fail(ld, base, "email", "duplicate user \"%s\" (also users[%zu])",
 			    raw->email, k);
 	if (copy_str(ld, &u->email, raw->email) == -1 ||
-	    copy_str(ld, &u->password, raw->password) == -1 ||
+	    check_password(ld, base, raw, u) == -1 ||
 	    check_allowed_senders(ld, base, raw, u) == -1 ||
 	    check_selector(ld, base, raw, u) == -1)
 		return -1;
@@ -1280,6 +1332,7 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_users(ld, raw, cfg) == -1 ||
 	    check_clients(ld, raw, cfg) == -1)
 		return -1;
+	cfg->inline_secrets = ld->inline_secrets;
 	return 0;
 }
 
@@ -1341,25 +1394,64 @@ build_server_tls(struct loader *ld, struct config *cfg)
 	return 0;
 }
 
+/* `password_file:` is read; a hash, from the file or not, must be usable. */
+static int
+build_password(struct loader *ld, const struct config *cfg, const char *base,
+    const struct raw_user *raw, struct user_cfg *u)
+{
+	const char *key = raw->password_file != NULL ? "password_file" : "password";
+	char why[256];
+
+	if (raw->password_file != NULL &&
+	    read_secret(ld, cfg, base, key, raw->password_file, &u->password) == -1)
+		return -1;
+	if (passwd_is_hash(u->password) && passwd_hash_check(u->password, why, sizeof(why)) == -1)
+		return fail(ld, base, key, "%s", why);
+	return 0;
+}
+
+static int
+build_downstream(struct loader *ld, const struct config *cfg, const char *base,
+    const struct raw_downstream *raw, struct downstream_cfg *ds)
+{
+	if (raw->pass_file != NULL &&
+	    read_secret(ld, cfg, base, "pass_file", raw->pass_file, &ds->pass) == -1)
+		return -1;
+	return build_downstream_tls(ld, base, ds);
+}
+
+static int
+build_user(struct loader *ld, struct config *cfg, const char *base, const struct raw_user *raw,
+    struct user_cfg *u)
+{
+	if (build_selector(ld, cfg, base, raw, u) == -1 ||
+	    build_password(ld, cfg, base, raw, u) == -1)
+		return -1;
+	/* An unknown name is checked against a real hash, so that its AUTH
+	 * costs what a known user's costs. */
+	if (cfg->unknown_user_hash == NULL && passwd_is_hash(u->password))
+		cfg->unknown_user_hash = u->password;
+	for (size_t j = 0; j < u->n_downstreams; j++) {
+		char ds_base[96];
+
+		snprintf(ds_base, sizeof(ds_base), "%s.downstreams[%zu]", base, j);
+		if (build_downstream(ld, cfg, ds_base, &raw->downstreams[j], &u->downstreams[j]) == -1)
+			return -1;
+	}
+	return 0;
+}
+
 static int
 config_build(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 {
 	if (build_server_tls(ld, cfg) == -1)
 		return -1;
 	for (size_t i = 0; i < cfg->n_users; i++) {
-		struct user_cfg *u = &cfg->users[i];
 		char base[32];
 
 		snprintf(base, sizeof(base), "users[%zu]", i);
-		if (build_selector(ld, cfg, base, &raw->users[i], u) == -1)
+		if (build_user(ld, cfg, base, &raw->users[i], &cfg->users[i]) == -1)
 			return -1;
-		for (size_t j = 0; j < u->n_downstreams; j++) {
-			char ds_base[96];
-
-			snprintf(ds_base, sizeof(ds_base), "%s.downstreams[%zu]", base, j);
-			if (build_downstream_tls(ld, ds_base, &u->downstreams[j]) == -1)
-				return -1;
-		}
 	}
 	return 0;
 }
@@ -1583,6 +1675,15 @@ config_check_text(const char *path, const char *data, size_t len, char *err, siz
 	return config_from_text(path, data, len, false, err, errlen);
 }
 
+/* Secrets are wiped before their memory goes back to the allocator. */
+static void
+secret_free(char *s)
+{
+	if (s != NULL)
+		auth_wipe(s, strlen(s));
+	free(s);
+}
+
 static void
 downstream_free(struct downstream_cfg *ds)
 {
@@ -1593,7 +1694,7 @@ downstream_free(struct downstream_cfg *ds)
 	free(ds->host);
 	free(ds->port);
 	free(ds->user);
-	free(ds->pass);
+	secret_free(ds->pass);
 	free(ds->tls_ca);
 	free(ds->rewrite_from);
 }
@@ -1615,7 +1716,7 @@ user_free(struct user_cfg *u)
 		free(u->allowed_senders[i]);
 	free(u->allowed_senders);
 	free(u->email);
-	free(u->password);
+	secret_free(u->password);
 	free(u->selector_path);
 	free(u->selector_resolved);
 }

@@ -112,7 +112,7 @@ struct downstream_cfg {
 	char *host;
 	char *port;
 	char *user;                      /* NULL or "": no AUTH */
-	char *pass;
+	char *pass;                      /* `pass:`, or the contents of `pass_file:` */
 	enum tls_mode tls;               /* default: implicit on 465, else starttls;
 	                                    may with USE_INSECURE_AUTH=true */
 	bool tls_explicit;               /* `tls:` was written in the config */
@@ -136,7 +136,8 @@ struct selector_param_cfg {
 
 struct user_cfg {
 	char *email;
-	char *password;
+	char *password;                  /* plaintext or a crypt(3) hash (passwd.h); from
+	                                    `password:` or `password_file:` */
 	char **allowed_senders;          /* MAIL FROM patterns (sender_match.h) */
 	size_t n_allowed_senders;        /* 0: any sender */
 	char *selector_path;             /* `selector.path` or legacy `selector_algo_path` */
@@ -181,6 +182,8 @@ struct config {
 	struct client_cfg *clients;
 	struct netmask *client_nets;     /* client_nets[i] is clients[i].network */
 	size_t n_clients;
+	bool inline_secrets;             /* a password or pass is written in the file */
+	const char *unknown_user_hash;   /* a user's hash, checked for unknown names */
 	void *priv;                      /* config.c's own (libcyaml tree etc.) */
 };
 

@@ -12,6 +12,7 @@
 struct client_table;
 struct config;
 struct health;
+struct passwd_cache;
 struct upstream;
 struct upstream_cache;
 
@@ -32,6 +33,7 @@ struct runtime {
 	uint32_t id_seq;                 /* for runtime_new_id() */
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */
 	struct upstream_cache *cache;    /* idle downstream sessions; NULL: no reuse */
+	struct passwd_cache *pwcache;    /* verified password hashes; may be NULL */
 };
 
 /* Milliseconds on the monotonic clock: deadlines that a changed wall

@@ -15,6 +15,7 @@
 #include "msgbody.h"
 #include "self_pid.h"
 #include "client_table.h"
+#include "passwd.h"
 #include "sender_match.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
@@ -461,13 +462,15 @@ auth_locked_out(const struct smtp_session *s)
 }
 
 /* Checks a user name and password. An unknown user still costs one
- * password comparison, so timing does not reveal which users exist. */
+ * password check (a hash when the configuration has hashes), so timing
+ * does not reveal which users exist. */
 static void
 auth_check(struct smtp_session *s, const char *name, const char *pass, const char *mech)
 {
 	const struct user_cfg *u = config_find_user(s->cfg, name);
-	const char *expected = u != NULL && u->password != NULL ? u->password : "";
-	bool equal = auth_password_equal(pass, expected);
+	const char *unknown = s->cfg->unknown_user_hash != NULL ? s->cfg->unknown_user_hash : "";
+	const char *expected = u != NULL && u->password != NULL ? u->password : unknown;
+	bool equal = passwd_verify(s->rt->pwcache, pass, expected);
 
 	if (u != NULL && u->password != NULL && equal)
 		auth_succeeded(s, u, mech);

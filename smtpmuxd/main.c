@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "hashpw.h"
 #include "health.h"
 #include "log.h"
 #include "master.h"
@@ -23,6 +24,7 @@
 struct cmdline {
 	struct master_options master;
 	bool check_only;                 /* -t */
+	bool hash_password;              /* -H */
 	bool status;                     /* -s status */
 	bool debug;                      /* -d */
 	char config_abs[PATH_MAX];
@@ -34,9 +36,11 @@ usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: smtpmuxd [-dfhtV] [-c file] [-p pidfile] [-u user] [-s status]\n"
+	    "       smtpmuxd -H\n"
 	    "  -c file     configuration file (default %s)\n"
 	    "  -f          stay in the foreground and log to stderr\n"
 	    "  -t          check the configuration and exit\n"
+	    "  -H          read a password and print its hash for `password:`\n"
 	    "  -p pidfile  write the master's pid to pidfile\n"
 	    "  -u user     run the workers as user (overrides `user:`)\n"
 	    "  -s status   print the downstream status of the running daemon\n"
@@ -69,13 +73,14 @@ parse_args(struct cmdline *cl, int argc, char **argv)
 	const char *config = config_default_path();
 	int ch;
 
-	while ((ch = getopt(argc, argv, "c:dfhp:s:tu:V")) != -1) {
+	while ((ch = getopt(argc, argv, "c:dfHhp:s:tu:V")) != -1) {
 		switch (ch) {
 		case 'c': config = optarg; break;
 		case 'd': cl->debug = true; break;
 		case 'f': cl->master.foreground = true; break;
 		case 'p': cl->master.pidfile = optarg; break;
 		case 't': cl->check_only = true; break;
+		case 'H': cl->hash_password = true; break;
 		case 'u': cl->master.user = optarg; break;
 		case 'h':
 			usage(stdout);
@@ -130,7 +135,7 @@ check_config(const char *path, const char *user)
 		config_free(cfg);
 		return SMTPMUXD_EXIT_CONFIG;
 	}
-	privdrop_check_config_mode(cfg->path);
+	privdrop_check_config_mode(cfg);
 	config_free(cfg);
 	printf("smtpmuxd: configuration %s is ok\n", path);
 	return SMTPMUXD_EXIT_OK;
@@ -180,6 +185,8 @@ set_pidfile(struct cmdline *cl)
 static int
 run(struct cmdline *cl)
 {
+	if (cl->hash_password)
+		return hashpw_run();
 	if (cl->check_only)
 		return check_config(cl->master.config_path, cl->master.user);
 	if (cl->status)

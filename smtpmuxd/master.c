@@ -666,7 +666,7 @@ master_reload(struct master *m)
 	if (!same_string(old->state_file, cfg->state_file))
 		log_warn("state_file changed to %s: a restart is needed to use it",
 		    cfg->state_file);
-	privdrop_check_config_mode(cfg->path);
+	privdrop_check_config_mode(cfg);
 	listeners_close_unused(m->listen_fds, m->n_listen_fds, fds, cfg->n_listen);
 	free(m->listen_fds);
 	m->listen_fds = fds;
@@ -909,7 +909,7 @@ master_init(struct master *m, char *err, size_t errlen)
 		return SMTPMUXD_EXIT_NOTCONFIGURED;
 	if (privdrop_prepare(&m->priv, m->cfg, m->opt->user, err, errlen) < 0)
 		return SMTPMUXD_EXIT_CONFIG;
-	privdrop_check_config_mode(m->cfg->path);
+	privdrop_check_config_mode(m->cfg);
 	if (m->opt->pidfile != NULL && pidfile_check(m->opt->pidfile, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
 	/*

@@ -125,13 +125,13 @@ privdrop_apply(const struct privdrop *pd)
 }
 
 void
-privdrop_check_config_mode(const char *path)
+privdrop_check_config_mode(const struct config *cfg)
 {
 	struct stat st;
 
-	if (path == NULL || stat(path, &st) < 0)
+	if (!cfg->inline_secrets || cfg->path == NULL || stat(cfg->path, &st) < 0)
 		return;
 	if (st.st_mode & S_IROTH)
 		log_warn("%s is readable by other users but holds passwords: "
-		    "chmod o-r %s", path, path);
+		    "chmod o-r %s (or move them to password_file / pass_file)", cfg->path, cfg->path);
 }

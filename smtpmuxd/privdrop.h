@@ -38,8 +38,8 @@ int privdrop_prepare(struct privdrop *pd, const struct config *cfg,
  */
 int privdrop_apply(const struct privdrop *pd);
 
-/* Warns when the configuration file (it holds passwords) is readable by
- * other users. */
-void privdrop_check_config_mode(const char *path);
+/* Warns when the configuration file is readable by other users while it
+ * holds passwords (rather than naming password_file / pass_file). */
+void privdrop_check_config_mode(const struct config *cfg);
 
 #endif

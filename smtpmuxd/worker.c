@@ -19,6 +19,7 @@
 #include "conn.h"
 #include "idle_trim.h"
 #include "log.h"
+#include "passwd.h"
 #include "relay.h"
 #include "runtime.h"
 #include "smtp_server.h"
@@ -934,6 +935,9 @@ worker_setup(struct worker *w, const struct worker_params *p)
 		if (w->rt.dns == NULL || evdns_base_nameserver_ip_add(w->rt.dns, "127.0.0.1") < 0)
 			return -1;
 	}
+	/* Each worker its own: the cache's key never leaves the process. */
+	if ((w->rt.pwcache = passwd_cache_new()) == NULL)
+		return -1;
 	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_shut_down_cb, w);
 	w->ev_retire = evsignal_new(w->rt.base, WORKER_RETIRE_SIGNAL, worker_retire_cb, w);
 	w->ev_retire_end = evtimer_new(w->rt.base, worker_shut_down_cb, w);
@@ -961,6 +965,17 @@ event_free_if(struct event *ev)
 		event_free(ev);
 }
 
+/* How much hashing the cache saved, once per worker, when there was any. */
+static void
+log_password_cache(const struct passwd_cache *c)
+{
+	unsigned long hits, computed;
+
+	passwd_cache_stats(c, &hits, &computed);
+	if (computed > 0)
+		log_info("password hashes: computed=%lu cached=%lu", computed, hits);
+}
+
 static void
 worker_cleanup(struct worker *w)
 {
@@ -983,6 +998,8 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_retire_end);
 	upstream_free_lingering(&w->rt);
 	upstream_cache_free(w->rt.cache);
+	log_password_cache(w->rt.pwcache);
+	passwd_cache_free(w->rt.pwcache);
 	if (w->rt.dns != NULL)
 		evdns_base_free(w->rt.dns, 0);
 	if (w->rt.base != NULL)

@@ -16,6 +16,7 @@
 #include "config.h"
 #include "config_lines.h"
 #include "netaddr.h"
+#include "passwd.h"
 #include "tls.h"
 
 #define FIXTURES SRCDIR "/t/data/config"
@@ -71,6 +72,15 @@ certs_setup(void)
 	    "--outfile server.crt && "
 	    "certtool --generate-privkey --key-type=ecdsa --outfile other.key", d);
 	run(cmd);
+	/* The secrets full.yaml reads from files. */
+	{
+		char hash[256], line[300];
+
+		ck_assert_int_eq(passwd_hash_new("carol-pw", hash, sizeof(hash)), 0);
+		snprintf(line, sizeof(line), "%s\n", hash);
+		write_file(d, "carol.pass", line);
+		write_file(d, "bob-provider.pass", "bob-provider-secret\n");
+	}
 }
 
 static void
@@ -302,12 +312,17 @@ START_TEST(test_full)
 	ck_assert_str_eq(cfg->users[1].selector_path, "failover");
 	ck_assert_int_eq(cfg->users[1].downstreams[0].tls, TLS_MODE_STARTTLS);
 	ck_assert(cfg->users[1].downstreams[0].tls_explicit);
+	/* pass_file: the trailing newline is not part of the secret */
 	ck_assert_str_eq(cfg->users[1].downstreams[0].pass, "bob-provider-secret");
 	ck_assert_str_eq(cfg->users[1].downstreams[0].rewrite_from, "bob@provider.example");
 	ck_assert_uint_eq(cfg->users[1].n_allowed_senders, 0);
 	ck_assert_str_eq(cfg->users[2].selector_path, "weighted");
 	ck_assert_uint_eq(cfg->users[2].n_params, 0);
+	ck_assert(passwd_is_hash(cfg->users[2].password));
+	ck_assert(passwd_verify(NULL, "carol-pw", cfg->users[2].password));
+	ck_assert_ptr_eq(cfg->unknown_user_hash, cfg->users[2].password);
 	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
+	ck_assert(cfg->inline_secrets);
 
 	ck_assert_uint_eq(cfg->n_clients, 3);
 	ck_assert_str_eq(cfg->clients[0].network, "192.168.1.0/24");
@@ -483,6 +498,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->users[0].n_allowed_senders, 0);
 	ck_assert_uint_eq(cfg->n_clients, 0);
 	ck_assert_ptr_null(config_find_client(cfg, "127.0.0.1"));
+	ck_assert_ptr_null(cfg->unknown_user_hash);
 	config_free(cfg);
 	unsetenv("TMPDIR");
 }
@@ -667,6 +683,48 @@ START_TEST(test_plaintext_credentials_warn)
 }
 END_TEST
 
+/* password_file / pass_file: relative to $CREDENTIALS_DIRECTORY when set. */
+START_TEST(test_secret_files)
+{
+	char dir[600], cfgpath[700], cmd[1400], err[1024];
+	struct config *cfg;
+
+	snprintf(dir, sizeof(dir), "%s/creds-%d", tmpdir, (int)getpid());
+	snprintf(cmd, sizeof(cmd), "mkdir -p '%s' && cp -r '%s/secrets' '%s/'", dir, FIXTURES, dir);
+	run(cmd);
+	write_file(dir, "files.yaml",
+	    "users:\n"
+	    "  - email: app@example.com\n"
+	    "    password_file: secrets/app.pass\n"
+	    "    downstreams:\n"
+	    "      - addr: \"127.0.0.1:2526\"\n"
+	    "        user: someone@example.net\n"
+	    "        pass_file: secrets/provider.pass\n");
+	snprintf(cfgpath, sizeof(cfgpath), "%s/files.yaml", dir);
+	unsetenv("CREDENTIALS_DIRECTORY");
+	cfg = load_ok(cfgpath);
+	ck_assert_str_eq(cfg->users[0].password, "app-secret");
+	/* CR LF counts as one newline */
+	ck_assert_str_eq(cfg->users[0].downstreams[0].pass, "provider-secret");
+	ck_assert(!cfg->inline_secrets);
+	config_free(cfg);
+
+	/* systemd's LoadCredential=: the folder it names wins. */
+	setenv("CREDENTIALS_DIRECTORY", FIXTURES, 1);
+	snprintf(cmd, sizeof(cmd), "rm -r '%s/secrets'", dir);
+	run(cmd);
+	cfg = load_ok(cfgpath);
+	ck_assert_str_eq(cfg->users[0].password, "app-secret");
+	config_free(cfg);
+	unsetenv("CREDENTIALS_DIRECTORY");
+	ck_assert_ptr_null(config_load(cfgpath, err, sizeof(err)));
+	ck_assert_msg(strstr(err, ":3: users[0].password_file: cannot open ") != NULL &&
+	    strstr(err, "/secrets/app.pass: No such file or directory") != NULL, "%s", err);
+	snprintf(cmd, sizeof(cmd), "rm -r '%s'", dir);
+	run(cmd);
+}
+END_TEST
+
 /* The demo of `make run`; never installed. */
 START_TEST(test_demo_config)
 {
@@ -827,6 +885,16 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_allowed_sender.yaml", false, 6, "users[0].allowed_senders[1]",
 	  "\"*\" is only allowed as the whole local part (\"*@example.org\") or before "
 	  "the domain (\"*@*.example.org\")", false },
+	{ "bad_pass_file.yaml", false, 7, "users[0].downstreams[0].pass_file",
+	  "/no-such-secret: No such file or directory", true },
+	{ "bad_password_file.yaml", false, 3, "users[0].password_file",
+	  "/secrets/two-lines.pass holds more than one line", true },
+	{ "bad_password_both.yaml", false, 4, "users[0].password_file",
+	  "use either password or password_file, not both", false },
+	{ "bad_password_missing.yaml", false, 2, "users[0].password",
+	  "required key missing (or password_file)", false },
+	{ "bad_password_hash.yaml", false, 8, "users[1].password",
+	  "malformed $y$ password hash (make one with smtpmuxd -H)", false },
 	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
 	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",
@@ -1113,6 +1181,7 @@ config_suite(void)
 	tcase_add_test(tc, test_find_user);
 	tcase_add_test(tc, test_tls_verify_false_warns);
 	tcase_add_test(tc, test_plaintext_credentials_warn);
+	tcase_add_test(tc, test_secret_files);
 	tcase_add_test(tc, test_demo_config);
 	tcase_add_test(tc, test_installed_config);
 	tcase_add_test(tc, test_default_path);
@@ -1139,6 +1208,7 @@ main(void)
 	/* The selectors of this build, not installed ones. */
 	setenv("SMTPMUX_SELECTOR_PATH", BUILDDIR "/selectors", 1);
 	unsetenv("USE_INSECURE_AUTH");
+	unsetenv("CREDENTIALS_DIRECTORY");
 	if (tls_global_init() != 0)
 		return 99;
 	sr = srunner_create(config_suite());

@@ -20,6 +20,7 @@
 #include "freed_watch.h"
 #include "log.h"
 #include "msgbody.h"
+#include "passwd.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
 #include "smtp_server.h"
@@ -2099,6 +2100,49 @@ START_TEST(test_allowed_senders_network_client)
 }
 END_TEST
 
+static void
+h_login_as(const char *user, const char *pass, const char *reply)
+{
+	char line[512], enc[400];
+
+	smtp_session_free(H.s);
+	H.s = NULL;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	snprintf(line, sizeof(line), "AUTH PLAIN %s\r\n", plain_b64(enc, sizeof(enc), "", user, pass));
+	ck_exchange(line, reply);
+}
+
+/* A hashed password: verified once per worker, then from the cache. */
+START_TEST(test_auth_hashed_password)
+{
+	char hash[256];
+	unsigned long hits, computed;
+
+	ck_assert_int_eq(passwd_hash_new(PASS, hash, sizeof(hash)), 0);
+	H.users[0].password = hash;
+	H.cfg.unknown_user_hash = hash;
+	H.rt.pwcache = passwd_cache_new();
+	h_login_as(USER, PASS, AUTH_OK);
+	h_login_as(USER, PASS, AUTH_OK);
+	h_login_as(USER, "wrong", AUTH_BAD);
+	/* The hash itself is not a password. */
+	h_login_as(USER, hash, AUTH_BAD);
+	passwd_cache_stats(H.rt.pwcache, &hits, &computed);
+	ck_assert_uint_eq(hits, 1);
+	ck_assert_uint_eq(computed, 3);
+	/* An unknown name costs a hash too, so timing does not tell it apart;
+	 * even the right password of another user does not let it in. */
+	h_login_as("nobody@example.com", PASS, AUTH_BAD);
+	passwd_cache_stats(H.rt.pwcache, &hits, &computed);
+	ck_assert_uint_eq(hits + computed, 5);
+	/* Plaintext users beside hashed ones still work. */
+	h_login_as("other@example.com", "other-pass", AUTH_OK);
+	passwd_cache_free(H.rt.pwcache);
+	H.rt.pwcache = NULL;
+}
+END_TEST
+
 static Suite *
 server_suite(void)
 {
@@ -2231,6 +2275,7 @@ server_suite(void)
 	tcase_add_test(tc, test_network_client_auth_wins);
 	tcase_add_test(tc, test_allowed_senders);
 	tcase_add_test(tc, test_allowed_senders_network_client);
+	tcase_add_test(tc, test_auth_hashed_password);
 	suite_add_tcase(s, tc);
 	return s;
 }

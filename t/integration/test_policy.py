@@ -1,16 +1,23 @@
 # SPDX-License-Identifier: MIT
 """Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting,
-clients by network, allowed senders."""
+clients by network, allowed senders, hashed passwords and secret files."""
 
 import json
 import os
+import pty
+import select
 import smtplib
 import subprocess
 import unittest
+import warnings
 
 from certs import TestCA
 from harness import (SELECTORS, SMTPMUXD, DaemonTestCase, Downstream, RecordingHandler, free_port,
                      make_message, plain_downstream, send, user_entry)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import crypt  # Python 3.11: libxcrypt's crypt(3), to check what -H prints
 
 USER, PASSWORD = "app@example.com", "app-password"
 PLAINTEXT_WARNING = "config: credentials may be sent without TLS to: "
@@ -414,6 +421,135 @@ class AllowedSendersTest(PolicyTestCase):
         res = check_config(path)
         self.assertEqual(res.returncode, 1)
         self.assertTrue(res.stderr.startswith("%s:6: users[0].allowed_senders[1]: " % path), res.stderr)
+
+
+# --- 5. hashed passwords and secret files ----------------------------------------
+
+def hash_password(password, **kwargs):
+    res = subprocess.run([SMTPMUXD, "-H"], input=password + "\n", capture_output=True,
+                         text=True, **kwargs)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+class SecretsTest(PolicyTestCase):
+
+    def test_hash_from_a_pipe(self):
+        h = hash_password("correct horse battery")
+        self.assertRegex(h, r"^\$y\$[./0-9A-Za-z]+\$[./0-9A-Za-z]+\$[./0-9A-Za-z]{43}$")
+        self.assertEqual(crypt.crypt("correct horse battery", h), h)
+        self.assertNotEqual(hash_password("correct horse battery"), h)   # a new salt each time
+        for bad in ("", "x" * 256):
+            res = subprocess.run([SMTPMUXD, "-H"], input=bad + "\n", capture_output=True, text=True)
+            self.assertEqual(res.returncode, 2, res.stderr)
+            self.assertEqual(res.stdout, "")
+
+    def test_hash_from_a_terminal_without_echo(self):
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execv(SMTPMUXD, [SMTPMUXD, "-H"])
+        transcript = b""
+
+        def read_more():
+            nonlocal transcript
+            ready, _, _ = select.select([fd], [], [], 20)
+            self.assertTrue(ready, transcript)
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:              # EIO: the child is gone
+                chunk = b""
+            transcript += chunk
+            return chunk
+
+        try:
+            while b"Password: " not in transcript:
+                self.assertTrue(read_more(), transcript)
+            os.write(fd, b"tty secret\n")
+            while b"Again: " not in transcript:
+                self.assertTrue(read_more(), transcript)
+            os.write(fd, b"tty secret\n")
+            while read_more():
+                pass
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(fd)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0, transcript)
+        self.assertNotIn(b"tty secret", transcript)
+        h = transcript[transcript.index(b"$y$"):].split()[0].decode()
+        self.assertEqual(crypt.crypt("tty secret", h), h)
+
+    def test_files_hashes_and_the_cache(self):
+        # A world-readable config, secrets in files named relative to
+        # $CREDENTIALS_DIRECTORY (as systemd's LoadCredential= passes them).
+        creds = os.path.join(self.tmpdir, "credentials")
+        os.mkdir(creds, 0o700)
+        with open(os.path.join(creds, "app.hash"), "w") as f:
+            f.write(hash_password(PASSWORD) + "\n")
+        with open(os.path.join(creds, "provider.pass"), "w") as f:
+            f.write("provider-secret\n")
+        ds = self.recording_downstream(auth=("relay@provider.example", "provider-secret"))
+        d = self.daemon({
+            "allow_insecure_auth": True, "workers": 1,
+            "users": [{"email": USER, "password_file": "app.hash",
+                       "downstreams": [plain_downstream(ds, user="relay@provider.example",
+                                                        pass_file="provider.pass")]}],
+        }, env={"CREDENTIALS_DIRECTORY": creds}, start=False)
+        os.chmod(d.config_path, 0o644)
+        d.start()
+        for i in range(3):
+            self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("n%d" % i))[0], 250)
+        client = smtplib.SMTP("127.0.0.1", d.port, timeout=60)
+        client.ehlo()
+        client.user, client.password = USER, PASSWORD + "x"
+        with self.assertRaises(smtplib.SMTPAuthenticationError):
+            client.auth("PLAIN", client.auth_plain)
+        client.quit()
+        self.assertEqual(ds.handler.count(), 3)
+        # AUTH once per session (the connection cache carries the others).
+        self.assertTrue(ds.handler.auth_seen)
+        self.assertEqual(set(ds.handler.auth_seen), {("PLAIN", b"relay@provider.example", False)})
+        self.assertEqual(d.stop(), 0)
+        log = d.log_text()
+        # One yescrypt per worker for the right password, and one for the
+        # wrong one; the other logins came from the cache.
+        self.assertIn("password hashes: computed=2 cached=2", log)
+        self.assertNotIn("readable by other users", log)
+        self.assertNotIn("provider-secret", log)
+
+    def test_inline_password_in_readable_config_warns(self):
+        ds = self.recording_downstream()
+        d = self.daemon({"allow_insecure_auth": True,
+                         "users": [user_entry(USER, PASSWORD, [plain_downstream(ds)])]}, start=False)
+        os.chmod(d.config_path, 0o644)
+        d.start()
+        d.wait_log("is readable by other users but holds passwords")
+
+    def test_check_names_file_line_and_key(self):
+        good_hash = hash_password("pw")
+        cases = [
+            ("    password_file: no-such.pass\n", 3, "users[0].password_file",
+             "cannot open %s/no-such.pass: No such file or directory" % self.tmpdir),
+            ("    password: \"%s\"\n" % good_hash[:-3], 3, "users[0].password",
+             "malformed $y$ password hash (make one with smtpmuxd -H)"),
+            ("    password: \"%s\"\n    password_file: x\n" % good_hash, 4, "users[0].password_file",
+             "use either password or password_file, not both"),
+        ]
+        for i, (lines, line, key, what) in enumerate(cases):
+            with self.subTest(key=key):
+                path = self.write("bad%d.yaml" % i, "users:\n  - email: a@example.com\n" + lines +
+                                  "    downstreams: [{addr: \"127.0.0.1:25\", tls: none}]\n")
+                res = check_config(path)
+                self.assertEqual(res.returncode, 1)
+                self.assertEqual(res.stderr, "%s:%d: %s: %s\n" % (path, line, key, what))
+        # A downstream secret "file" that cannot be read.
+        os.mkdir(os.path.join(self.tmpdir, "folder.pass"))
+        path = self.write("bad-pass.yaml", "users:\n  - email: a@example.com\n    password: pw\n"
+                          "    downstreams:\n      - addr: \"127.0.0.1:25\"\n        user: u\n"
+                          "        pass_file: folder.pass\n")
+        res = check_config(path)
+        self.assertEqual(res.returncode, 1, res.stderr)
+        self.assertEqual(res.stderr, "%s:7: users[0].downstreams[0].pass_file: cannot read "
+                         "%s/folder.pass: Is a directory\n" % (path, self.tmpdir))
 
 
 if __name__ == "__main__":
