@@ -257,8 +257,9 @@ class RelayTest(DaemonTestCase):
 
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
-        workers = d.children()
-        self.assertGreaterEqual(len(workers), 2)
+        # The first worker may greet before the master has forked the second.
+        workers = wait_until(lambda: len(d.children()) >= 2 and d.children(),
+                             what="both workers to be forked")
         os.kill(workers[0], signal.SIGKILL)
         wait_until(lambda: workers[0] not in d.children() and len(d.children()) == len(workers),
                    what="worker respawn")
