@@ -976,9 +976,27 @@ log_password_cache(const struct passwd_cache *c)
 		log_info("password hashes: computed=%lu cached=%lu", computed, hits);
 }
 
+/*
+ * The loop is over. A stop or retire signal now (the master sends SIGTERM
+ * to every child when it stops, retiring ones included) would find the
+ * default action and kill the process halfway through freeing; there is
+ * nothing left for it to stop, so it waits, blocked, until the exit.
+ */
+static void
+worker_block_stop_signals(void)
+{
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, WORKER_STOP_SIGNAL);
+	sigaddset(&set, WORKER_RETIRE_SIGNAL);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+}
+
 static void
 worker_cleanup(struct worker *w)
 {
+	worker_block_stop_signals();
 	w->exiting = true;
 	while (w->clients != NULL) {
 		struct client *c = w->clients;
