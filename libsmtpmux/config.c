@@ -110,6 +110,7 @@ struct raw_downstream {
 	unsigned *max_per_minute;
 	unsigned *max_per_hour;
 	unsigned *max_per_day;
+	enum quota_window *quota_window;
 	unsigned *probe_interval;
 };
 
@@ -159,6 +160,11 @@ struct raw_config {
 	CYAML_FIELD_STRING_PTR(key, OPT, type, member, 0, CYAML_UNLIMITED)
 #define STR_REQ(key, type, member) \
 	CYAML_FIELD_STRING_PTR(key, CYAML_FLAG_DEFAULT, type, member, 1, CYAML_UNLIMITED)
+
+static const cyaml_strval_t quota_window_names[] = {
+	{ "rolling", QUOTA_ROLLING },
+	{ "calendar", QUOTA_CALENDAR },
+};
 
 static const cyaml_strval_t tls_mode_names[] = {
 	{ "none", TLS_MODE_NONE },
@@ -245,6 +251,8 @@ static const cyaml_schema_field_t downstream_fields[] = {
 	CYAML_FIELD_UINT_PTR("max_per_minute", OPT, struct raw_downstream, max_per_minute),
 	CYAML_FIELD_UINT_PTR("max_per_hour", OPT, struct raw_downstream, max_per_hour),
 	CYAML_FIELD_UINT_PTR("max_per_day", OPT, struct raw_downstream, max_per_day),
+	CYAML_FIELD_ENUM_PTR("quota_window", OPT | CYAML_FLAG_STRICT, struct raw_downstream,
+	    quota_window, quota_window_names, CYAML_ARRAY_LEN(quota_window_names)),
 	CYAML_FIELD_UINT_PTR("probe_interval", OPT, struct raw_downstream, probe_interval),
 	CYAML_FIELD_END
 };
@@ -1118,6 +1126,7 @@ check_downstream(struct loader *ld, const struct config *cfg, const char *base,
 		return -1;
 	if (netaddr_split(raw->addr, &ds->host, &ds->port, why, sizeof(why)) == -1)
 		return fail(ld, base, "addr", "%s", why);
+	ds->quota_window = raw->quota_window ? *raw->quota_window : QUOTA_ROLLING;
 	if (copy_str(ld, &ds->name, raw->name ? raw->name : raw->addr) == -1 ||
 	    check_downstream_auth(ld, base, raw, ds) == -1 ||
 	    check_downstream_tls(ld, cfg, raw, ds) == -1 ||

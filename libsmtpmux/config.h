@@ -98,6 +98,12 @@ struct tls_cfg {
 	struct tls_server_ctx *server;   /* built at load; NULL without cert */
 };
 
+/* How a downstream's max_per_* windows count (health_quota.c). */
+enum quota_window {
+	QUOTA_ROLLING,                   /* no more than the limit in any 60 s / 1 h / 24 h */
+	QUOTA_CALENDAR                   /* per UTC minute / hour / day */
+};
+
 /* `health:` (circuit breaker and throttling defaults) */
 struct health_cfg {
 	unsigned fail_threshold;         /* consecutive failures to open; default 3 */
@@ -123,6 +129,7 @@ struct downstream_cfg {
 	unsigned max_per_minute;         /* 0: unlimited */
 	unsigned max_per_hour;
 	unsigned max_per_day;
+	enum quota_window quota_window;  /* default rolling */
 	unsigned probe_interval;         /* s; 0: no active probe */
 	char *rewrite_from;              /* envelope and header From for this downstream;
 	                                    NULL: kept (`rewrite_from: user` is resolved) */

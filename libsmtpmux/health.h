@@ -14,26 +14,55 @@
 /*
  * Per-downstream health, counters and quotas shared by all processes.
  *
- * The master maps one shared segment (a file, state_file) before it forks
- * anything; workers and the prober inherit it, `smtpmuxd -s status` maps it
- * read-only. Records are fixed-size, cache-line
- * aligned, and updated only with C11 atomics, so a worker killed at any
- * instruction leaves no lock held. A record is keyed by the downstream's
- * identity (addr + user), so two users relaying through the same provider
- * account share one record, and a reload finds its records again by key.
- * In-flight counts are kept per worker slot so the master can drop the
- * counts of a worker that died (health_worker_gone).
+ * The master creates the shared segments (two memfds) before it forks
+ * anything; workers and the prober inherit them; `smtpmuxd -s status`
+ * receives read-only descriptors of them from the master (smtpmuxd/
+ * instance.c). Records are fixed-size, cache-line aligned, and updated only
+ * with C11 atomics, so a worker killed at any instruction leaves no lock
+ * held. A record is keyed by the downstream's identity (addr + user), so
+ * two users relaying through the same provider account share one record,
+ * and a reload finds its records again by key. In-flight counts and quota
+ * reservations are kept per worker slot so the master can drop those of a
+ * worker that died (health_worker_gone).
  *
- * The layout is documented in doc/design.md; HEALTH_LAYOUT_VERSION changes
- * whenever it does.
+ * What the master relies on (keys, quota windows, record counts) lives in a
+ * control segment the children can only read; what workers write is only
+ * ever read by the master as values. A compromised worker can falsify
+ * health and counts, not make the master misbehave.
+ *
+ * The state file (config `state_file`) is only a copy, saved by the master
+ * every second (health_save) and loaded at start, so that quotas and
+ * counters survive a restart. Nothing maps it: truncating or deleting it
+ * harms nobody.
+ *
+ * The layout is documented in doc/design.md and libsmtpmux/health_layout.h;
+ * HEALTH_LAYOUT_VERSION changes whenever it does.
  */
 
-#define HEALTH_LAYOUT_VERSION 1
+#define HEALTH_LAYOUT_VERSION 2
 #define HEALTH_MAX_DOWNSTREAMS 1024
 #define HEALTH_MAX_USERS 1024
 #define HEALTH_MAX_WORKER_SLOTS 128
 
-struct health;                       /* the mapped segment */
+/*
+ * In-flight slots: workers take 0 .. HEALTH_WORKER_SLOTS - 1 (two
+ * generations of them during a reload); each helper child that delivers or
+ * probes has a slot of its own, named here, above those. A new helper adds
+ * itself before HEALTH_HELPERS.
+ */
+enum health_helper {
+	HEALTH_HELPER_PROBER,
+	HEALTH_HELPERS
+};
+#define HEALTH_WORKER_SLOTS (HEALTH_MAX_WORKER_SLOTS - HEALTH_HELPERS)
+
+static inline unsigned
+health_helper_slot(enum health_helper helper)
+{
+	return HEALTH_WORKER_SLOTS + (unsigned)helper;
+}
+
+struct health;                       /* the mapped segments */
 struct health_rec;                   /* one downstream */
 struct health_user;                  /* one user: the shared message sequence */
 
@@ -46,27 +75,53 @@ enum health_outcome {
 };
 
 /*
- * Master, before forking: creates (or reuses, when its layout version and
- * size match) the segment as a file mapped MAP_SHARED at path, so that
- * `smtpmuxd -s status` can read it. NULL on failure (errno set; EBUSY when
- * another process holds the file).
- *
- * The file is flock()ed first, so that a second daemon given the same
- * state file cannot reset the counts of the one running. The lock belongs
- * to the open file, which the read-write mapping keeps open: it lasts until
- * health_destroy() here and in every child forked meanwhile (workers still
- * finishing after their master was killed keep it).
+ * Master, before forking: creates the segments and, when path names a state
+ * file saved by an earlier run of this build, takes its counters, quotas
+ * and sequences (in-flight counts and trials are forgotten; reservations in
+ * flight then count as sent). A file that does not match, cannot be read,
+ * is not a regular file owned by this user or is writable by others is
+ * ignored, with a warning. NULL on failure (errno set).
  */
 struct health *health_create(const char *path);
-/* For status readers: maps an existing segment read-only. */
-struct health *health_open_readonly(const char *path);
+
+/*
+ * Master: writes the segments to path (a temporary file renamed over it,
+ * mode 0600) when they changed since the last save, or when the file is
+ * not the one last written. *disturbed (when not NULL) tells what happened
+ * to the file meanwhile: "removed", "replaced" or "truncated", else NULL.
+ * Returns 0, or -1 with errno set.
+ */
+int health_save(struct health *, const char *path, const char **disturbed);
+
+/*
+ * In every child, right after fork and before it drops privileges: unmaps
+ * the master's writable view of the control segment and closes the
+ * descriptors meant for status readers.
+ */
+void health_after_fork(struct health *);
+
+/*
+ * Read-only descriptors of the two segments, for a status reader (the
+ * master's; do not close them). -1 when unavailable.
+ */
+void health_export(const struct health *, int *ctl_fd, int *live_fd);
+/*
+ * A status reader: maps what health_export() gave, read-only, after
+ * checking that it is this build's layout. Takes the descriptors (closes
+ * them). NULL with errno (EPROTO: not a matching segment).
+ */
+struct health *health_attach(int ctl_fd, int live_fd);
 void health_destroy(struct health *);
 
 /*
  * Master, for each configuration it loads: points every downstream_cfg
  * ->health and user_cfg->health at its record, creating records for new
- * keys and keeping the counters of known ones. Returns 0, or -1 with a
- * message in err when the segment is full.
+ * keys and keeping the counters of known ones. Downstreams that share a
+ * record (same addr and user) share its quota windows: the lowest limit of
+ * each window applies, and they are rolling unless all of them say
+ * calendar. A window whose limit or kind changed gets new cells that keep
+ * the messages counted so far. Returns 0, or -1 with a message in err when
+ * the segments are full.
  */
 int health_bind(struct health *, struct config *cfg, char *err, size_t errlen);
 
@@ -83,13 +138,16 @@ void health_view(const struct health_rec *, const struct downstream_cfg *,
 
 /*
  * Before a delivery attempt: reserves one message in every quota window of
- * the downstream and counts the attempt in flight for worker_slot. Returns
- * false (reserving nothing) when any window is full: the downstream is then
- * skipped for this message. Exact under concurrency: no window ever grants
- * more than its limit. Also false while the downstream is unavailable:
- * circuit open, throttled, or half-open with its one trial attempt already
- * claimed; when half-open, the attempt that gets true is the trial.
- * worker_slot < HEALTH_MAX_WORKER_SLOTS - 1 (the last slot is the prober's).
+ * the downstream (recorded as worker_slot's) and counts the attempt in
+ * flight for worker_slot. Returns false (reserving nothing) when any window
+ * is full: the downstream is then skipped for this message. Exact under
+ * concurrency: no window ever holds more than its limit. Windows are rolling
+ * (no more than the limit in any 60 s, 1 h, 24 h) unless the downstream's
+ * `quota_window` is calendar (UTC minutes, hours, days). Also false while
+ * the downstream is unavailable: circuit open, throttled, or half-open with
+ * its one trial attempt already claimed; when half-open, the attempt that
+ * gets true is the trial. worker_slot < HEALTH_MAX_WORKER_SLOTS (a worker's,
+ * or health_helper_slot()).
  */
 bool health_begin(struct health_rec *, const struct downstream_cfg *,
     unsigned worker_slot, time_t now);
@@ -114,10 +172,9 @@ void health_end(struct health_rec *, const struct downstream_cfg *,
     const struct health_cfg *, unsigned worker_slot, time_t now,
     enum health_outcome outcome, unsigned latency_ms, const char *error);
 /*
- * health_end for an attempt that health_begin() started at `begun`: a
- * failure gives its quota back only to windows that have not rolled over
- * since, which keeps the limits exact even for an attempt that straddles a
- * window boundary. health_end() is health_end_since() with begun == now.
+ * health_end for an attempt that health_begin() started at `begun` (the
+ * `now` it was given): its reservation is found by that time and slot.
+ * health_end() is health_end_since() with begun == now.
  */
 void health_end_since(struct health_rec *, const struct downstream_cfg *,
     const struct health_cfg *, unsigned worker_slot, time_t begun, time_t now,
@@ -136,7 +193,11 @@ void health_probe_result(struct health_rec *, const struct downstream_cfg *,
 /* "up", "down", "half-open", "throttled" for enum smtpmux_downstream_state. */
 const char *health_state_name(uint32_t state);
 
-/* Master: a worker died; forget its in-flight counts. */
+/*
+ * Master: a worker (or helper) died; forget its in-flight counts, give back
+ * the quota its unfinished attempts reserved and the half-open trial it
+ * held. Only its own slot is touched; an invalid slot is ignored.
+ */
 void health_worker_gone(struct health *, unsigned worker_slot);
 
 /* For status output: iterate over the records in use. */
@@ -148,6 +209,9 @@ struct health_snapshot {
 	struct smtpmux_downstream_view view;
 	char last_error[160];
 	time_t last_error_time;
+	/* a limited window: the messages it holds now (sent or under way; the
+	 * last 60 s / 1 h / 24 h when rolling); an unlimited one: messages sent
+	 * this UTC minute / hour / day */
 	uint32_t sent_minute, sent_hour, sent_day;
 	uint32_t limit_minute, limit_hour, limit_day;
 };

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <limits.h>
+#include <pwd.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 #include "config.h"
 #include "hashpw.h"
 #include "health.h"
+#include "instance.h"
 #include "log.h"
 #include "master.h"
 #include "privdrop.h"
@@ -141,22 +143,34 @@ check_config(const char *path, const char *user)
 	return SMTPMUXD_EXIT_OK;
 }
 
-/* -s status: reads the running daemon's state file. */
+/* The uid the daemon's socket may belong to besides root and ours. */
+static uid_t
+service_uid(const struct config *cfg)
+{
+	struct passwd *pw = cfg->run_user ? getpwnam(cfg->run_user) : NULL;
+
+	return pw != NULL ? pw->pw_uid : (uid_t)-1;
+}
+
+/* -s status: the running daemon hands over its shared state, read-only. */
 static int
 show_status(const char *path)
 {
 	char err[1024];
 	struct config *cfg = config_load(path, err, sizeof(err));
-	struct health *h;
+	struct health *h = NULL;
+	int ctl_fd, live_fd;
 
 	if (cfg == NULL) {
 		fprintf(stderr, "%s\n", err);
 		return SMTPMUXD_EXIT_CONFIG;
 	}
-	h = health_open_readonly(cfg->state_file);
-	if (h == NULL) {
-		fprintf(stderr, "smtpmuxd: cannot read state file %s: %s (is smtpmuxd running?)\n",
+	if (instance_fetch(cfg->state_file, service_uid(cfg), &ctl_fd, &live_fd, err,
+	    sizeof(err)) == 0 && (h = health_attach(ctl_fd, live_fd)) == NULL)
+		snprintf(err, sizeof(err), "the shared state of state file %s: %s",
 		    cfg->state_file, strerror(errno));
+	if (h == NULL) {
+		fprintf(stderr, "smtpmuxd: %s\n", err);
 		config_free(cfg);
 		return SMTPMUXD_EXIT_RUNTIME;
 	}

@@ -16,6 +16,7 @@
 
 #include "config.h"
 #include "health.h"
+#include "instance.h"
 #include "log.h"
 #include "master.h"
 #include "pidfile.h"
@@ -36,9 +37,8 @@
  */
 
 #define LISTEN_BACKLOG 511
-#define WORKER_SLOTS (HEALTH_MAX_WORKER_SLOTS - 1)  /* 0..126 for workers */
-#define PROBER_SLOT (HEALTH_MAX_WORKER_SLOTS - 1)   /* the prober's in-flight slot */
 #define MAX_CHILDREN (2 * HEALTH_MAX_WORKER_SLOTS)  /* two generations during a reload */
+#define STATE_SAVE_MS 1000              /* the state file is a copy this fresh */
 #define CRASH_DEATHS 6                  /* more than 5 deaths ... */
 #define CRASH_WINDOW_MS 10000           /* ... within 10 s is a crash loop */
 #define CRASH_RESPAWN_DELAY_MS 1000
@@ -46,6 +46,16 @@
 #define CLIENT_TABLE_ENTRIES 8192       /* client addresses tracked at once */
 
 enum child_kind { CHILD_WORKER, CHILD_PROBER };
+
+/* Every kind of child; a helper has its own named in-flight slot. */
+static const struct child_kind_info {
+	const char *name;
+	bool helper;
+	enum health_helper slot;         /* helpers only */
+} child_kinds[] = {
+	[CHILD_WORKER] = { "worker", false, 0 },
+	[CHILD_PROBER] = { "prober", true, HEALTH_HELPER_PROBER },
+};
 
 struct child {
 	pid_t pid;                       /* 0: free entry */
@@ -63,6 +73,10 @@ struct master {
 	struct health *health;
 	struct client_table *clients;    /* per client address, shared with the workers */
 	struct accept_room *room;        /* which workers have room, shared */
+	char *state_file;                /* as started: a reload cannot move it */
+	struct instance *instance;       /* the state file's lock and status socket */
+	int64_t save_at_ms;              /* next copy to the state file */
+	bool save_failing;               /* logged once until it works again */
 	struct privdrop priv;
 	int *listen_fds;                 /* parallel to cfg->listen; NULL once stopping */
 	size_t n_listen_fds;
@@ -104,7 +118,7 @@ now_ms(void)
 static const char *
 child_kind_name(const struct child *c)
 {
-	return c->kind == CHILD_PROBER ? "prober" : "worker";
+	return child_kinds[c->kind].name;
 }
 
 /* --- listeners ---------------------------------------------------------- */
@@ -258,12 +272,15 @@ slot_in_use(const struct master *m, unsigned slot)
 	return false;
 }
 
+/* A free worker slot, or the helper's own: -1 when none is free. */
 static int
-slot_alloc(const struct master *m)
+slot_alloc(const struct master *m, enum child_kind kind)
 {
 	unsigned slot;
 
-	for (slot = 0; slot < WORKER_SLOTS; slot++)
+	if (child_kinds[kind].helper)
+		return (int)health_helper_slot(child_kinds[kind].slot);
+	for (slot = 0; slot < HEALTH_WORKER_SLOTS; slot++)
 		if (!slot_in_use(m, slot))
 			return (int)slot;
 	return -1;
@@ -384,12 +401,11 @@ static void
 master_spawn(struct master *m, enum child_kind kind)
 {
 	struct child *c = child_entry_free(m);
-	int slot = kind == CHILD_PROBER ? PROBER_SLOT : slot_alloc(m);
+	int slot = slot_alloc(m, kind);
 	pid_t pid;
 
 	if (c == NULL || slot < 0) {
-		log_err("cannot start a %s: no free worker slot", kind == CHILD_PROBER ?
-		    "prober" : "worker");
+		log_err("cannot start a %s: no free worker slot", child_kinds[kind].name);
 		m->respawn_after_ms = now_ms() + CRASH_RESPAWN_DELAY_MS;
 		return;
 	}
@@ -401,6 +417,8 @@ master_spawn(struct master *m, enum child_kind kind)
 		return;
 	}
 	if (pid == 0) {
+		/* Before anything else: no child keeps the master's writable view. */
+		health_after_fork(m->health);
 		child_reset_signals();
 		exit(kind == CHILD_PROBER ? run_prober(m) : run_worker(m, (unsigned)slot));
 	}
@@ -740,14 +758,14 @@ master_handle_signals(struct master *m)
 	}
 }
 
-/* How long to sleep: until the next respawn or kill deadline, if any. */
-static bool
+/* How long to sleep: until the next state save, respawn or kill deadline. */
+static void
 master_next_wakeup(const struct master *m, struct timespec *ts)
 {
-	int64_t now = now_ms(), next = INT64_MAX;
+	int64_t now = now_ms(), next = m->save_at_ms;
 	size_t i;
 
-	if (!m->stopping && m->respawn_after_ms > now)
+	if (!m->stopping && m->respawn_after_ms > now && m->respawn_after_ms < next)
 		next = m->respawn_after_ms;
 	for (i = 0; i < MAX_CHILDREN; i++) {
 		const struct child *c = &m->children[i];
@@ -755,8 +773,6 @@ master_next_wakeup(const struct master *m, struct timespec *ts)
 		if (c->pid > 0 && c->stopping && c->kill_at_ms != 0 && c->kill_at_ms < next)
 			next = c->kill_at_ms;
 	}
-	if (next == INT64_MAX)
-		return false;
 	next = next > now ? next - now : 0;
 	ts->tv_sec = (time_t)(next / 1000);
 	ts->tv_nsec = (long)(next % 1000) * 1000000L + 1000000L;  /* round up */
@@ -764,12 +780,46 @@ master_next_wakeup(const struct master *m, struct timespec *ts)
 		ts->tv_sec++;
 		ts->tv_nsec -= 1000000000L;
 	}
-	return true;
+}
+
+/*
+ * The state file is only a copy (health_save): written again when the
+ * segments changed, and at once when someone truncated, replaced or
+ * removed it. Failures are logged once until it works again.
+ */
+static void
+master_save_state(struct master *m)
+{
+	const char *disturbed = NULL;
+	int rc = health_save(m->health, m->state_file, &disturbed);
+
+	m->save_at_ms = now_ms() + STATE_SAVE_MS;
+	if (disturbed != NULL && !m->save_failing)
+		log_warn("state file %s was %s: writing it again", m->state_file, disturbed);
+	if (rc < 0 && !m->save_failing)
+		log_err("cannot write state file %s: %s", m->state_file, strerror(errno));
+	else if (rc == 0 && m->save_failing)
+		log_info("state file %s written again", m->state_file);
+	m->save_failing = rc < 0;
+}
+
+/* Status readers: root, the master's user, the workers' user and group. */
+static void
+master_serve_readers(const struct master *m)
+{
+	struct instance_access access = {
+		.self_uid = geteuid(),
+		.service_uid = m->priv.enabled ? m->priv.uid : geteuid(),
+		.service_gid = m->priv.enabled ? m->priv.gid : getegid(),
+	};
+
+	instance_serve(m->instance, m->health, &access);
 }
 
 static void
 master_loop(struct master *m)
 {
+	struct pollfd readers = { instance_fd(m->instance), POLLIN, 0 };
 	struct timespec ts;
 
 	for (;;) {
@@ -778,8 +828,13 @@ master_loop(struct master *m)
 			return;
 		children_kill_overdue(m);
 		master_maintain(m);
+		if (now_ms() >= m->save_at_ms)
+			master_save_state(m);
+		master_next_wakeup(m, &ts);
 		/* Signals are let in only while sleeping here. */
-		ppoll(NULL, 0, master_next_wakeup(m, &ts) ? &ts : NULL, &m->child_mask);
+		readers.revents = 0;
+		if (ppoll(&readers, 1, &ts, &m->child_mask) > 0 && (readers.revents & POLLIN))
+			master_serve_readers(m);
 	}
 }
 
@@ -912,25 +967,20 @@ master_init(struct master *m, char *err, size_t errlen)
 	privdrop_check_config_mode(m->cfg);
 	if (m->opt->pidfile != NULL && pidfile_check(m->opt->pidfile, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
-	/*
-	 * Ports before the state file: a second instance started by mistake
-	 * fails here, before health_create() resets the in-flight counts and
-	 * trials of the running one and health_bind() rebinds its records.
-	 */
+	/* Ports first: a second instance started by mistake fails here. */
 	m->listen_fds = listeners_open(m->cfg, NULL, NULL, err, errlen);
 	if (m->listen_fds == NULL)
 		return SMTPMUXD_EXIT_RUNTIME;
 	m->n_listen_fds = m->cfg->n_listen;
-	state_dir_create(m->cfg->state_file);
-	m->health = health_create(m->cfg->state_file);
-	if (m->health == NULL && errno == EBUSY) {
-		snprintf(err, errlen, "state file %s is in use by another smtpmuxd "
-		    "(or by workers of one that was killed)", m->cfg->state_file);
+	if ((m->state_file = strdup(m->cfg->state_file)) == NULL) {
+		snprintf(err, errlen, "out of memory");
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
-	if (m->health == NULL) {
-		snprintf(err, errlen, "cannot create state file %s: %s", m->cfg->state_file,
-		    strerror(errno));
+	state_dir_create(m->state_file);
+	if ((m->instance = instance_claim(m->state_file, err, errlen)) == NULL)
+		return SMTPMUXD_EXIT_RUNTIME;
+	if ((m->health = health_create(m->state_file)) == NULL) {
+		snprintf(err, errlen, "cannot create the shared state: %s", strerror(errno));
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
 	if (health_bind(m->health, m->cfg, err, errlen) < 0)
@@ -942,6 +992,12 @@ master_init(struct master *m, char *err, size_t errlen)
 		snprintf(err, errlen, "cannot map the shared client table: %s", strerror(errno));
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
+	if (health_save(m->health, m->state_file, NULL) < 0) {
+		snprintf(err, errlen, "cannot write state file %s: %s", m->state_file,
+		    strerror(errno));
+		return SMTPMUXD_EXIT_RUNTIME;
+	}
+	m->save_at_ms = now_ms() + STATE_SAVE_MS;
 	return SMTPMUXD_EXIT_OK;
 }
 
@@ -991,6 +1047,8 @@ master_cleanup(struct master *m)
 		health_destroy(m->health);
 	client_table_destroy(m->clients);
 	accept_room_destroy(m->room);
+	instance_close(m->instance);
+	free(m->state_file);
 	if (m->cfg != NULL)
 		config_free(m->cfg);
 }
@@ -1020,6 +1078,7 @@ master_run(const struct master_options *opt)
 	if (status == SMTPMUXD_EXIT_OK) {
 		master_log_started(&m);
 		master_loop(&m);
+		master_save_state(&m);           /* the children's last words */
 		log_info("stopped");
 	}
 	if (opt->pidfile != NULL && m.pid != 0)

@@ -240,7 +240,7 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h)
 
 	pr->rt.cfg = cfg;
 	pr->rt.health = h;
-	pr->rt.worker_slot = HEALTH_MAX_WORKER_SLOTS - 1;
+	pr->rt.worker_slot = health_helper_slot(HEALTH_HELPER_PROBER);
 	if ((pr->rt.base = event_base_new()) == NULL || (pr->rt.dns = dns_create(pr->rt.base)) == NULL) {
 		log_err("cannot create the event loop");
 		return -1;

@@ -276,6 +276,7 @@ check_full_alice(const struct user_cfg *u)
 	ck_assert_uint_eq(ds[0].max_per_minute, 10);
 	ck_assert_uint_eq(ds[0].max_per_hour, 100);
 	ck_assert_uint_eq(ds[0].max_per_day, 1000);
+	ck_assert_int_eq(ds[0].quota_window, QUOTA_CALENDAR);
 	ck_assert_uint_eq(ds[0].probe_interval, 60);
 	ck_assert_str_eq(ds[0].rewrite_from, "alerts@example.net");
 	ck_assert_uint_eq(u->n_allowed_senders, 4);
@@ -493,6 +494,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(ds[0].max_per_minute, 0);
 	ck_assert_uint_eq(ds[0].max_per_hour, 0);
 	ck_assert_uint_eq(ds[0].max_per_day, 0);
+	ck_assert_int_eq(ds[0].quota_window, QUOTA_ROLLING);
 	ck_assert_uint_eq(ds[0].probe_interval, 0);
 	ck_assert_ptr_null(ds[0].rewrite_from);
 	ck_assert_uint_eq(cfg->users[0].n_allowed_senders, 0);
@@ -831,6 +833,8 @@ static const struct bad_case bad_cases[] = {
 	  "expected a whole number from 0 to 4294967295, got \"abc\"", false },
 	{ "bad_tls_mode.yaml", false, 6, "users[0].downstreams[0].tls",
 	  "expected one of none, starttls, implicit, may, got \"maybe\"", false },
+	{ "bad_quota_window.yaml", false, 6, "users[0].downstreams[0].quota_window",
+	  "expected one of rolling, calendar, got \"sliding\"", false },
 	{ "bad_list_type.yaml", false, 4, "users[0].downstreams",
 	  "expected a list, got a mapping", false },
 	{ "bad_params_type.yaml", false, 6, "users[0].selector.params",

@@ -1,0 +1,262 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Creating, sharing and mapping the two health segments (layout in
+ * health_layout.h).
+ *
+ * Each segment is a memfd: it has no path, so nobody can delete or replace
+ * it, and it is sealed against shrinking, so nobody - not even root - can
+ * truncate it under a process that maps it (which would kill that process
+ * with SIGBUS). The control segment is also sealed against any new writable
+ * mapping or write(): the master keeps the one writable mapping it made
+ * first, and unmaps it in every child (health_after_fork), whose read-only
+ * mapping was made from a descriptor opened O_RDONLY and so cannot be
+ * mprotect()ed writable. The descriptors kept for status readers are
+ * read-only too, and the segments' mode is 0400: a status reader that is
+ * not their owner cannot reopen them for writing either.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "health_layout.h"
+
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1 */
+#endif
+
+#define SEALS_FIXED_SIZE (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+#define SEALS_CONTROL (SEALS_FIXED_SIZE | F_SEAL_FUTURE_WRITE)
+
+static void
+close_keep_errno(int fd)
+{
+	int saved = errno;
+
+	if (fd >= 0)
+		close(fd);
+	errno = saved;
+}
+
+static void
+unmap_keep_errno(void *p, size_t size)
+{
+	int saved = errno;
+
+	if (p != NULL && p != MAP_FAILED)
+		munmap(p, size);
+	errno = saved;
+}
+
+/* A second open file description of fd, read-only: what can be handed out. */
+static int
+reopen_readonly(int fd)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+/*
+ * A sealed memfd of size bytes mapped writable at *rw and read-only (from
+ * the read-only descriptor) at *ro. Returns that read-only descriptor; the
+ * writable one is closed. -1 with errno.
+ */
+static int
+segment_make(const char *name, size_t size, unsigned seals, void **rw, void **ro)
+{
+	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING), rofd = -1;
+	void *w = MAP_FAILED, *r = MAP_FAILED;
+
+	if (fd < 0)
+		return -1;
+	if (ftruncate(fd, (off_t)size) < 0 ||
+	    (w = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED ||
+	    (rofd = reopen_readonly(fd)) < 0 ||
+	    (r = mmap(NULL, size, PROT_READ, MAP_SHARED, rofd, 0)) == MAP_FAILED ||
+	    fchmod(fd, 0400) < 0 || fcntl(fd, F_ADD_SEALS, seals) < 0) {
+		unmap_keep_errno(w, size);
+		unmap_keep_errno(r, size);
+		close_keep_errno(rofd);
+		close_keep_errno(fd);
+		return -1;
+	}
+	close(fd);
+	*rw = w;
+	*ro = r;
+	return rofd;
+}
+
+static struct health *
+health_alloc(void)
+{
+	struct health *h = calloc(1, sizeof(*h));
+
+	if (h == NULL)
+		return NULL;
+	h->ctl_fd = h->live_fd = -1;
+	h->ctl_size = sizeof(struct health_ctl);
+	h->live_size = sizeof(struct health_live);
+	for (uint32_t i = 0; i < HEALTH_MAX_DOWNSTREAMS; i++)
+		h->recs[i] = (struct health_rec){ h, i };
+	for (uint32_t i = 0; i < HEALTH_MAX_USERS; i++)
+		h->users[i] = (struct health_user){ h, i };
+	return h;
+}
+
+struct health *
+health_segment_new(void)
+{
+	struct health *h = health_alloc();
+	void *ro = NULL, *live_ro = NULL;
+
+	if (h == NULL)
+		return NULL;
+	h->ctl_fd = segment_make("smtpmux-control", h->ctl_size, SEALS_CONTROL,
+	    (void **)&h->ctl, &ro);
+	if (h->ctl_fd < 0) {
+		free(h);
+		return NULL;
+	}
+	h->ro = ro;
+	h->live_fd = segment_make("smtpmux-live", h->live_size, SEALS_FIXED_SIZE,
+	    (void **)&h->live, &live_ro);
+	if (h->live_fd < 0) {
+		health_destroy(h);
+		return NULL;
+	}
+	/* Only the master's writable view of the live segment is used: the
+	 * read-only one exists for the descriptor it was made from. */
+	munmap(live_ro, h->live_size);
+	return h;
+}
+
+bool
+health_hdr_matches(const struct health_hdr *hdr)
+{
+	return hdr->magic == HEALTH_MAGIC &&
+	    hdr->layout_version == HEALTH_LAYOUT_VERSION &&
+	    hdr->header_size == sizeof(struct health_hdr) &&
+	    hdr->meta_size == sizeof(struct rec_meta) &&
+	    hdr->user_meta_size == sizeof(struct user_meta) &&
+	    hdr->rec_size == sizeof(struct live_rec) &&
+	    hdr->user_size == sizeof(struct live_user) &&
+	    hdr->max_recs == HEALTH_MAX_DOWNSTREAMS &&
+	    hdr->max_users == HEALTH_MAX_USERS &&
+	    hdr->worker_slots == HEALTH_MAX_WORKER_SLOTS &&
+	    hdr->pool_cells == HEALTH_POOL_CELLS;
+}
+
+void
+health_segment_format(struct health *h)
+{
+	struct health_hdr *hdr = &h->ctl->hdr;
+
+	hdr->layout_version = HEALTH_LAYOUT_VERSION;
+	hdr->header_size = sizeof(struct health_hdr);
+	hdr->meta_size = sizeof(struct rec_meta);
+	hdr->user_meta_size = sizeof(struct user_meta);
+	hdr->rec_size = sizeof(struct live_rec);
+	hdr->user_size = sizeof(struct live_user);
+	hdr->max_recs = HEALTH_MAX_DOWNSTREAMS;
+	hdr->max_users = HEALTH_MAX_USERS;
+	hdr->worker_slots = HEALTH_MAX_WORKER_SLOTS;
+	hdr->pool_cells = HEALTH_POOL_CELLS;
+	atomic_thread_fence(memory_order_seq_cst);
+	hdr->magic = HEALTH_MAGIC;
+}
+
+void
+health_after_fork(struct health *h)
+{
+	if (h == NULL)
+		return;
+	if (h->ctl != NULL)
+		munmap(h->ctl, h->ctl_size);
+	h->ctl = NULL;
+	if (h->ctl_fd >= 0)
+		close(h->ctl_fd);
+	if (h->live_fd >= 0)
+		close(h->live_fd);
+	h->ctl_fd = h->live_fd = -1;
+}
+
+void
+health_export(const struct health *h, int *ctl_fd, int *live_fd)
+{
+	*ctl_fd = h->ctl_fd;
+	*live_fd = h->live_fd;
+}
+
+/*
+ * A descriptor handed over by whoever answered on the state socket: it must
+ * be a segment of exactly this build's size that can never shrink (or
+ * reading it could end in SIGBUS).
+ */
+static void *
+map_foreign(int fd, size_t size)
+{
+	struct stat st;
+	int seals = fcntl(fd, F_GET_SEALS);
+	void *p;
+
+	if (fstat(fd, &st) < 0)
+		return NULL;
+	if (!S_ISREG(st.st_mode) || st.st_size != (off_t)size || seals < 0 ||
+	    !(seals & F_SEAL_SHRINK)) {
+		errno = EPROTO;
+		return NULL;
+	}
+	p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+struct health *
+health_attach(int ctl_fd, int live_fd)
+{
+	struct health *h = health_alloc();
+	const struct health_ctl *ctl = NULL;
+
+	if (h != NULL && (ctl = map_foreign(ctl_fd, h->ctl_size)) != NULL &&
+	    (h->live = map_foreign(live_fd, h->live_size)) != NULL &&
+	    health_hdr_matches(&ctl->hdr)) {
+		h->ro = ctl;
+		close(ctl_fd);
+		close(live_fd);
+		return h;
+	}
+	if (h != NULL && h->live != NULL)
+		errno = EPROTO;
+	if (ctl != NULL)
+		unmap_keep_errno((void *)ctl, h->ctl_size);
+	if (h != NULL && h->live != NULL)
+		unmap_keep_errno(h->live, h->live_size);
+	free(h);
+	close_keep_errno(ctl_fd);
+	close_keep_errno(live_fd);
+	return NULL;
+}
+
+void
+health_destroy(struct health *h)
+{
+	if (h == NULL)
+		return;
+	if (h->ctl != NULL)
+		munmap(h->ctl, h->ctl_size);
+	if (h->ro != NULL)
+		munmap((void *)h->ro, h->ctl_size);
+	if (h->live != NULL)
+		munmap(h->live, h->live_size);
+	if (h->ctl_fd >= 0)
+		close(h->ctl_fd);
+	if (h->live_fd >= 0)
+		close(h->live_fd);
+	free(h->saved.image);
+	free(h);
+}

@@ -1,0 +1,326 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <gnutls/crypto.h>
+
+#include "instance.h"
+
+#define NAME_PREFIX "smtpmuxd:"
+#define HASHED_PREFIX "smtpmuxd#"      /* + SHA-256 of a path too long to spell out */
+#define BACKLOG 16
+#define SERVE_BATCH 16                 /* readers answered per wakeup */
+#define FETCH_TIMEOUT_MS 5000
+#define REPLY_SEGMENTS 'S'
+#define REPLY_REFUSED 'P'
+
+struct instance {
+	int fd;
+};
+
+/* --- the name */
+
+/* The folder resolved (symlinks, "..") so that two spellings of one state
+ * file name one lock; the file itself may not exist yet. */
+static void
+canonical_path(const char *path, char *out, size_t size)
+{
+	char dir[PATH_MAX], real[PATH_MAX];
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL || slash == path ||
+	    (size_t)(slash - path) >= sizeof(dir)) {
+		snprintf(out, size, "%s", path);
+		return;
+	}
+	memcpy(dir, path, (size_t)(slash - path));
+	dir[slash - path] = '\0';
+	if (realpath(dir, real) == NULL)
+		snprintf(out, size, "%s", path);
+	else
+		snprintf(out, size, "%s%s", strcmp(real, "/") == 0 ? "" : real, slash);
+}
+
+size_t
+instance_name(const char *state_file, char *name, size_t size)
+{
+	char path[PATH_MAX + 1];
+	unsigned char digest[32];
+	size_t len, i;
+
+	canonical_path(state_file, path, sizeof(path));
+	name[0] = '\0';
+	len = strlen(path);
+	if (1 + strlen(NAME_PREFIX) + len <= size) {
+		memcpy(name + 1, NAME_PREFIX, strlen(NAME_PREFIX));
+		memcpy(name + 1 + strlen(NAME_PREFIX), path, len);
+		return 1 + strlen(NAME_PREFIX) + len;
+	}
+	gnutls_hash_fast(GNUTLS_DIG_SHA256, path, len, digest);
+	len = 1 + (size_t)snprintf(name + 1, size - 1, "%s", HASHED_PREFIX);
+	for (i = 0; i < sizeof(digest) && len + 2 < size; i++, len += 2)
+		snprintf(name + len, 3, "%02x", digest[i]);
+	return len;
+}
+
+static socklen_t
+name_addr(const char *state_file, struct sockaddr_un *sun)
+{
+	size_t len;
+
+	memset(sun, 0, sizeof(*sun));
+	sun->sun_family = AF_UNIX;
+	len = instance_name(state_file, sun->sun_path, sizeof(sun->sun_path));
+	return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+}
+
+/* --- the master */
+
+/* Who holds the name we could not bind, for the message. */
+static void
+describe_holder(const struct sockaddr_un *sun, socklen_t len, char *out, size_t size)
+{
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	struct ucred cred;
+	socklen_t clen = sizeof(cred);
+
+	if (fd >= 0 && connect(fd, (const struct sockaddr *)sun, len) == 0 &&
+	    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0)
+		snprintf(out, size, "another smtpmuxd (pid %ld, uid %u) or workers it left running",
+		    (long)cred.pid, (unsigned)cred.uid);
+	else
+		snprintf(out, size, "another process (%s)", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
+struct instance *
+instance_claim(const char *state_file, char *err, size_t errlen)
+{
+	struct sockaddr_un sun;
+	socklen_t len = name_addr(state_file, &sun);
+	struct instance *in = calloc(1, sizeof(*in));
+	char holder[128];
+
+	if (in == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	in->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (in->fd >= 0 && bind(in->fd, (struct sockaddr *)&sun, len) == 0 &&
+	    listen(in->fd, BACKLOG) == 0)
+		return in;
+	if (errno == EADDRINUSE) {
+		describe_holder(&sun, len, holder, sizeof(holder));
+		snprintf(err, errlen, "state file %s is in use by %s", state_file, holder);
+	} else
+		snprintf(err, errlen, "cannot lock state file %s: %s", state_file, strerror(errno));
+	if (in->fd >= 0)
+		close(in->fd);
+	free(in);
+	return NULL;
+}
+
+int
+instance_fd(const struct instance *in)
+{
+	return in->fd;
+}
+
+static bool
+in_groups(int fd, gid_t gid)
+{
+	gid_t *groups = NULL;
+	socklen_t len = 0;
+	bool found = false;
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, NULL, &len) < 0 && errno != ERANGE)
+		return false;
+	if (len == 0 || (groups = malloc(len)) == NULL)
+		return false;
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == 0)
+		for (size_t i = 0; i < len / sizeof(gid_t); i++)
+			found = found || groups[i] == gid;
+	free(groups);
+	return found;
+}
+
+static bool
+reader_allowed(int fd, const struct instance_access *access)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return false;
+	return cred.uid == 0 || cred.uid == access->self_uid ||
+	    cred.uid == access->service_uid || cred.gid == access->service_gid ||
+	    in_groups(fd, access->service_gid);
+}
+
+/* One byte, and with REPLY_SEGMENTS the two descriptors. */
+static void
+reply(int fd, char what, const int fds[2])
+{
+	char cbuf[CMSG_SPACE(2 * sizeof(int))];
+	struct iovec iov = { &what, 1 };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *cm;
+
+	memset(cbuf, 0, sizeof(cbuf));
+	if (fds != NULL) {
+		msg.msg_control = cbuf;
+		msg.msg_controllen = sizeof(cbuf);
+		cm = CMSG_FIRSTHDR(&msg);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
+		memcpy(CMSG_DATA(cm), fds, 2 * sizeof(int));
+	}
+	/* A fresh socket's buffer always has room for this: never waits. */
+	(void)sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+void
+instance_serve(struct instance *in, const struct health *h,
+    const struct instance_access *access)
+{
+	int fds[2];
+
+	health_export(h, &fds[0], &fds[1]);
+	for (int i = 0; i < SERVE_BATCH; i++) {
+		int fd = accept4(in->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+		if (fd < 0)
+			return;
+		if (fds[0] >= 0 && fds[1] >= 0 && reader_allowed(fd, access))
+			reply(fd, REPLY_SEGMENTS, fds);
+		else
+			reply(fd, REPLY_REFUSED, NULL);
+		close(fd);
+	}
+}
+
+void
+instance_close(struct instance *in)
+{
+	if (in == NULL)
+		return;
+	close(in->fd);
+	free(in);
+}
+
+/* --- the status reader */
+
+static bool
+server_trusted(int fd, uid_t service_uid, struct ucred *cred)
+{
+	socklen_t len = sizeof(*cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, &len) < 0)
+		return false;
+	return cred->uid == 0 || cred->uid == geteuid() || cred->uid == service_uid;
+}
+
+/* Waits for the reply and takes the descriptors it carries. */
+static int
+fetch_reply(int fd, char *what, int fds[2])
+{
+	char cbuf[CMSG_SPACE(2 * sizeof(int))];
+	struct iovec iov = { what, 1 };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+		.msg_controllen = sizeof(cbuf) };
+	struct pollfd p = { fd, POLLIN, 0 };
+	struct cmsghdr *cm;
+
+	if (poll(&p, 1, FETCH_TIMEOUT_MS) <= 0) {
+		errno = ETIMEDOUT;
+		return -1;
+	}
+	if (recvmsg(fd, &msg, MSG_CMSG_CLOEXEC) != 1)
+		return -1;
+	for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
+		    cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
+			memcpy(fds, CMSG_DATA(cm), 2 * sizeof(int));
+		else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+			/* not what we asked for: close whatever came */
+			size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			int *got = (int *)CMSG_DATA(cm);
+
+			for (size_t i = 0; i < n; i++)
+				close(got[i]);
+		}
+	return 0;
+}
+
+/* The descriptors of a REPLY_SEGMENTS answer, after the server was checked. */
+static int
+fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[2],
+    char *err, size_t errlen)
+{
+	struct ucred cred;
+	char what = 0;
+
+	if (!server_trusted(fd, service_uid, &cred)) {
+		snprintf(err, errlen, "the socket of state file %s belongs to uid %u, which is "
+		    "not smtpmuxd's", state_file, (unsigned)cred.uid);
+		errno = EACCES;
+		return -1;
+	}
+	if (fetch_reply(fd, &what, fds) < 0) {
+		snprintf(err, errlen, "smtpmuxd pid %ld (state file %s) did not answer: %s",
+		    (long)cred.pid, state_file, strerror(errno));
+		return -1;
+	}
+	if (what == REPLY_SEGMENTS && fds[0] >= 0)
+		return 0;
+	snprintf(err, errlen, "smtpmuxd (state file %s) refused: run this as root or as a "
+	    "member of the workers' group", state_file);
+	errno = EACCES;
+	return -1;
+}
+
+int
+instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live_fd,
+    char *err, size_t errlen)
+{
+	struct sockaddr_un sun;
+	socklen_t len = name_addr(state_file, &sun);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), fds[2] = { -1, -1 }, rc, saved;
+
+	*ctl_fd = *live_fd = -1;
+	if (fd < 0) {
+		snprintf(err, errlen, "socket: %s", strerror(errno));
+		return -1;
+	}
+	if (connect(fd, (struct sockaddr *)&sun, len) < 0) {
+		saved = errno;
+		snprintf(err, errlen, "no smtpmuxd is running with state file %s", state_file);
+		close(fd);
+		errno = saved;
+		return -1;
+	}
+	rc = fetch_from(fd, state_file, service_uid, fds, err, errlen);
+	saved = errno;
+	close(fd);
+	if (rc < 0) {
+		if (fds[0] >= 0)
+			close(fds[0]);
+		if (fds[1] >= 0)
+			close(fds[1]);
+		errno = saved;
+		return -1;
+	}
+	*ctl_fd = fds[0];
+	*live_fd = fds[1];
+	return 0;
+}
