@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -74,15 +75,25 @@ log_open(const char *ident, enum log_target target, const char *file)
 int
 log_reopen(void)
 {
+	struct stat st;
 	FILE *fp;
 	int fd;
 
 	if (log_state.target != LOG_TO_FILE)
 		return 0;
-	/* Mail logs name people: never world-readable, whatever the umask. */
-	fd = open(log_state.file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	/* Mail logs name people: never world-readable, whatever the umask.
+	 * Never through a symlink, never a FIFO or a device: whoever can write
+	 * the folder (the workers' user, say) must not choose what root
+	 * appends to or hands over (log_chown). */
+	fd = open(log_state.file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW |
+	    O_NONBLOCK, 0640);
 	if (fd < 0)
 		return -1;
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		errno = EINVAL;
+		return -1;
+	}
 	fp = fdopen(fd, "a");
 	if (fp == NULL) {
 		close(fd);
@@ -93,6 +104,26 @@ log_reopen(void)
 		fclose(log_state.fp);
 	log_state.fp = fp;
 	return 0;
+}
+
+int
+log_chown(uid_t uid)
+{
+	struct stat st;
+	int fd;
+
+	if (log_state.target != LOG_TO_FILE || log_state.fp == NULL)
+		return 0;
+	fd = fileno(log_state.fp);
+	if (fstat(fd, &st) < 0)
+		return -1;
+	/* A second link may be another file's name (/etc/shadow, hard-linked
+	 * into the log folder): only a file that is nothing else is given. */
+	if (!S_ISREG(st.st_mode) || st.st_nlink != 1) {
+		errno = EPERM;
+		return -1;
+	}
+	return st.st_uid == uid ? 0 : fchown(fd, uid, (gid_t)-1);
 }
 
 void

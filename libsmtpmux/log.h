@@ -2,6 +2,8 @@
 #ifndef SMTPMUX_LOG_H
 #define SMTPMUX_LOG_H
 
+#include <sys/types.h>
+
 /*
  * One line per event. In the foreground lines go to stderr with a
  * timestamp; detached, to syslog with the mail facility; with a log file
@@ -15,8 +17,13 @@ enum log_target { LOG_TO_STDERR, LOG_TO_SYSLOG, LOG_TO_FILE };
 
 /* ident is the syslog identity and the stderr prefix ("smtpmuxd"). */
 int log_open(const char *ident, enum log_target target, const char *file);
-/* Reopens the log file after rotation; a no-op for stderr and syslog. */
+/* Reopens the log file after rotation; a no-op for stderr and syslog. The
+ * file is never opened through a symlink, and must be a regular file. */
 int log_reopen(void);
+/* Hands the open log file to uid (workers reopen it once they dropped
+ * root), through its descriptor; refused (EPERM) for a file with more than
+ * one link. A no-op without a log file. */
+int log_chown(uid_t uid);
 void log_set_level(enum log_level level);
 enum log_level log_get_level(void);
 /* Tags the following lines with the process role, e.g. "worker[3]". */

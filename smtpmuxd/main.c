@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "harden.h"
 #include "hashpw.h"
 #include "health.h"
 #include "instance.h"
@@ -37,9 +38,10 @@ static void
 usage(FILE *out)
 {
 	fprintf(out,
-	    "usage: smtpmuxd [-dfhtV] [-c file] [-p pidfile] [-u user] [-s status]\n"
+	    "usage: smtpmuxd [-DdfhtV] [-c file] [-p pidfile] [-u user] [-s status]\n"
 	    "       smtpmuxd -H\n"
 	    "  -c file     configuration file (default %s)\n"
+	    "  -D          let the workers dump core (the cores hold passwords)\n"
 	    "  -f          stay in the foreground and log to stderr\n"
 	    "  -t          check the configuration and exit\n"
 	    "  -H          read a password and print its hash for `password:`\n"
@@ -75,9 +77,10 @@ parse_args(struct cmdline *cl, int argc, char **argv)
 	const char *config = config_default_path();
 	int ch;
 
-	while ((ch = getopt(argc, argv, "c:dfHhp:s:tu:V")) != -1) {
+	while ((ch = getopt(argc, argv, "c:DdfHhp:s:tu:V")) != -1) {
 		switch (ch) {
 		case 'c': config = optarg; break;
+		case 'D': cl->master.allow_core = true; break;
 		case 'd': cl->debug = true; break;
 		case 'f': cl->master.foreground = true; break;
 		case 'p': cl->master.pidfile = optarg; break;
@@ -220,6 +223,8 @@ main(int argc, char **argv)
 	status = parse_args(&cl, argc, argv);
 	if (status >= 0)
 		return status;
+	if (!cl.check_only && !cl.status)
+		harden_close_inherited();
 	log_open("smtpmuxd", LOG_TO_STDERR, NULL);
 	log_set_level(cl.debug ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO);
 	log_hook_libevent();

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "harden.h"
 #include "health.h"
 #include "instance.h"
 #include "log.h"
@@ -616,9 +617,9 @@ same_string(const char *a, const char *b)
 static void
 log_file_chown(const struct privdrop *priv, const struct config *cfg)
 {
-	if (priv->enabled && cfg->log_file != NULL && *cfg->log_file != '\0' &&
-	    chown(cfg->log_file, priv->uid, (gid_t)-1) < 0)
-		log_warn("chown %s: %s", cfg->log_file, strerror(errno));
+	if (priv->enabled && log_chown(priv->uid) < 0)
+		log_warn("cannot hand log file %s to user %s: %s", cfg->log_file, priv->user,
+		    strerror(errno));
 }
 
 /* A log file wins; else stderr in the foreground, syslog (mail) detached. */
@@ -638,6 +639,17 @@ master_open_log(const struct master *m, const struct config *cfg, const struct p
 
 /* --- reload ------------------------------------------------------------- */
 
+/* What the children of cfg will run as. */
+static int
+master_privdrop_prepare(const struct master *m, struct privdrop *priv,
+    const struct config *cfg, char *err, size_t errlen)
+{
+	if (privdrop_prepare(priv, cfg, m->opt->user, err, errlen) < 0)
+		return -1;
+	priv->core_dumps = m->opt->allow_core;
+	return 0;
+}
+
 /*
  * Everything that can fail happens before anything changes: a reload
  * either switches completely to the new configuration or leaves the
@@ -652,7 +664,7 @@ reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, si
 	if (cfg == NULL)
 		return NULL;
 	if (config_has_users(cfg, err, errlen) < 0 ||
-	    privdrop_prepare(priv, cfg, m->opt->user, err, errlen) < 0 ||
+	    master_privdrop_prepare(m, priv, cfg, err, errlen) < 0 ||
 	    health_bind(m->health, cfg, err, errlen) < 0 ||
 	    (*fds = listeners_open(cfg, m->cfg, m->listen_fds, err, errlen)) == NULL) {
 		/* The segment may now name the rejected configuration's records
@@ -962,7 +974,7 @@ master_init(struct master *m, char *err, size_t errlen)
 		return SMTPMUXD_EXIT_CONFIG;
 	if (config_has_users(m->cfg, err, errlen) < 0)
 		return SMTPMUXD_EXIT_NOTCONFIGURED;
-	if (privdrop_prepare(&m->priv, m->cfg, m->opt->user, err, errlen) < 0)
+	if (master_privdrop_prepare(m, &m->priv, m->cfg, err, errlen) < 0)
 		return SMTPMUXD_EXIT_CONFIG;
 	privdrop_check_config_mode(m->cfg);
 	if (m->opt->pidfile != NULL && pidfile_check(m->opt->pidfile, err, errlen) < 0)
@@ -1064,6 +1076,10 @@ master_run(const struct master_options *opt)
 	memset(&m, 0, sizeof(m));
 	m.opt = opt;
 	m.generation = 1;
+	/* Before the first secret is read. */
+	if (harden_master(opt->allow_core) < 0)
+		log_warn("cannot protect the master from core dumps and ptrace: %s",
+		    strerror(errno));
 	status = master_init(&m, err, sizeof(err));
 	if (status == SMTPMUXD_EXIT_CONFIG || status == SMTPMUXD_EXIT_NOTCONFIGURED)
 		fprintf(stderr, "%s\n", err);

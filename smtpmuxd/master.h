@@ -20,6 +20,7 @@ struct master_options {
 	const char *pidfile;             /* absolute, or NULL for none */
 	const char *user;                /* -u, overrides `user:` */
 	bool foreground;                 /* -f: no fork, log to stderr */
+	bool allow_core;                 /* -D: workers may dump core */
 };
 
 /*

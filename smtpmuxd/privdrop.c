@@ -103,11 +103,9 @@ cannot_regain_root(const struct privdrop *pd)
 	return 1;
 }
 
-int
-privdrop_apply(const struct privdrop *pd)
+static int
+switch_user(const struct privdrop *pd)
 {
-	if (!pd->enabled)
-		return 0;
 	/* Supplementary groups are root's until replaced: keep only ours. */
 	if (setgroups(1, &pd->gid) < 0 || setgid(pd->gid) < 0 || setuid(pd->uid) < 0) {
 		log_err("cannot drop privileges to user %s: %s", pd->user, strerror(errno));
@@ -120,6 +118,19 @@ privdrop_apply(const struct privdrop *pd)
 #ifdef PR_SET_NO_NEW_PRIVS
 	/* Workers never exec; make sure nothing they might run gains privileges. */
 	(void)prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+#endif
+	return 0;
+}
+
+int
+privdrop_apply(const struct privdrop *pd)
+{
+	if (pd->enabled && switch_user(pd) < 0)
+		return -1;
+#ifdef PR_SET_DUMPABLE
+	/* After setuid() the kernel makes the process undumpable anyway. */
+	if (pd->core_dumps)
+		(void)prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
 #endif
 	return 0;
 }

@@ -20,6 +20,7 @@ struct privdrop {
 	gid_t gid;
 	char user[64];                   /* for logs */
 	char group[64];
+	bool core_dumps;                 /* -D: children may dump core (the master never) */
 };
 
 /*
@@ -33,8 +34,10 @@ int privdrop_prepare(struct privdrop *pd, const struct config *cfg,
 
 /*
  * In a child after fork: drops supplementary groups, sets gid and uid,
- * and checks that root cannot be regained. Returns 0, or -1 (logged):
- * the child must then exit.
+ * and checks that root cannot be regained. A child is as undumpable as the
+ * master (harden_master) unless core_dumps, when it becomes dumpable again
+ * so that a crash can be debugged. Returns 0, or -1 (logged): the child
+ * must then exit.
  */
 int privdrop_apply(const struct privdrop *pd);
 
