@@ -200,6 +200,8 @@ class Daemon:
         if env:
             self.env.update(env)
         self.proc = None
+        self.args = []              # more command-line options
+        self.popen = {}             # more subprocess.Popen arguments
         self.write_config(self.config)
 
     def write_config(self, config=None, text=None):
@@ -207,7 +209,7 @@ class Daemon:
             f.write(text if text is not None else json.dumps(config, indent=2) + "\n")
 
     def command(self):
-        cmd = [SMTPMUXD, "-f", "-c", self.config_path]
+        cmd = [SMTPMUXD, "-f", "-c", self.config_path] + self.args
         if os.environ.get("SMTPMUX_VALGRIND"):
             cmd = ["valgrind", "--quiet", "--trace-children=yes", "--leak-check=full",
                    "--suppressions=%s" % os.path.join(SRCDIR, "t", "valgrind.supp"),
@@ -218,7 +220,8 @@ class Daemon:
     def start(self):
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     **self.popen)
         wait_until(lambda: self.proc.poll() is not None or
                    (read_banner(self.port) or "").startswith("220"),
                    what="smtpmuxd to greet on port %d" % self.port)
@@ -238,6 +241,24 @@ class Daemon:
         path = "/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)
         with open(path) as f:
             return [int(p) for p in f.read().split()]
+
+    def status(self, **kwargs):
+        """`smtpmuxd -s status` for this daemon: the CompletedProcess."""
+        return subprocess.run([SMTPMUXD, "-s", "status", "-c", self.config_path], env=self.env,
+                              capture_output=True, text=True, timeout=60, **kwargs)
+
+    def status_rows(self):
+        """The status table as {name: {heading: cell}}."""
+        res = self.status()
+        if res.returncode != 0:
+            raise AssertionError("smtpmuxd -s status: %s" % res.stderr)
+        lines = res.stdout.splitlines()
+        headings = lines[0].replace("LAST ERROR", "LAST_ERROR").split()
+        rows = {}
+        for line in lines[1:]:
+            cells = line.split(None, len(headings) - 1)
+            rows[cells[0]] = dict(zip(headings, cells))
+        return rows
 
     def reload(self, config=None, text=None):
         """SIGHUP with a new config; returns once the master has acted on it."""
@@ -355,6 +376,28 @@ class DaemonTestCase(unittest.TestCase):
         f = FakeDownstream(free_port(), **kwargs).start()
         self.addCleanup(f.stop)
         return f
+
+    def assertArrived(self, ds, *msgs):
+        """ds (a Downstream, or a list of them) stored exactly msgs, in any
+        order, each byte for byte after the one Received: trace header the
+        relay adds."""
+        got = []
+        for m in [m for one in (ds if isinstance(ds, list) else [ds]) for m in one.messages]:
+            data = m["data"]
+            self.assertTrue(data.startswith(b"Received: "), data[:200])
+            got.append(data[data.index(b"\r\nFrom: ") + 2:])
+        self.assertEqual(sorted(got), sorted(msgs))
+
+    def forget_aborted_reports(self):
+        """Under valgrind, a deliberate abort() leaves a report of that process."""
+        for name in os.listdir(self.tmpdir):
+            path = os.path.join(self.tmpdir, name)
+            if ".vg." not in name:
+                continue
+            with open(path, errors="replace") as f:
+                aborted = "SIGABRT" in f.read()
+            if aborted:
+                os.unlink(path)
 
     def daemon(self, config, env=None, start=True):
         d = Daemon(self.tmpdir, config, env)
