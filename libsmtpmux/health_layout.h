@@ -42,6 +42,7 @@
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -125,6 +126,19 @@ struct health_live {
 	_Atomic uint64_t cells[HEALTH_POOL_CELLS];
 };
 
+/* doc/design.md gives these offsets: keep them true. */
+_Static_assert(offsetof(struct health_hdr, n_recs) == 48 &&
+    offsetof(struct health_hdr, cells_used) == 60, "header fields as documented");
+_Static_assert(offsetof(struct rec_meta, name) == 160 && offsetof(struct rec_meta, weight) == 228 &&
+    offsetof(struct rec_meta, quota) == 232, "record meta fields as documented");
+_Static_assert(offsetof(struct live_rec, sent) == 48 && offsetof(struct live_rec, hint) == 72 &&
+    offsetof(struct live_rec, error_seq) == 88 && offsetof(struct live_rec, error) == 104 &&
+    offsetof(struct live_rec, in_flight) == 264, "live record fields as documented");
+_Static_assert(offsetof(struct health_ctl, meta) == 64 && offsetof(struct health_ctl, user) == 262208,
+    "control segment as documented");
+_Static_assert(offsetof(struct health_live, user) == 589824 &&
+    offsetof(struct health_live, cells) == 655360 && sizeof(struct health_live) == 34209792,
+    "live segment as documented");
 _Static_assert(sizeof(struct health_hdr) == 64, "header is one cache line");
 _Static_assert(sizeof(struct rec_meta) == 256, "record meta: 4 cache lines");
 _Static_assert(sizeof(struct user_meta) == 256, "user meta: 4 cache lines");
