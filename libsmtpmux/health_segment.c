@@ -222,16 +222,18 @@ health_attach(int ctl_fd, int live_fd)
 	struct health *h = health_alloc();
 	const struct health_ctl *ctl = NULL;
 
-	if (h != NULL && (ctl = map_foreign(ctl_fd, h->ctl_size)) != NULL &&
-	    (h->live = map_foreign(live_fd, h->live_size)) != NULL &&
-	    health_hdr_matches(&ctl->hdr)) {
-		h->ro = ctl;
-		close(ctl_fd);
-		close(live_fd);
-		return h;
-	}
-	if (h != NULL && h->live != NULL)
+	if (h == NULL || (ctl = map_foreign(ctl_fd, h->ctl_size)) == NULL ||
+	    (h->live = map_foreign(live_fd, h->live_size)) == NULL)
+		goto fail;
+	if (!health_hdr_matches(&ctl->hdr)) {
 		errno = EPROTO;
+		goto fail;
+	}
+	h->ro = ctl;
+	close(ctl_fd);
+	close(live_fd);
+	return h;
+fail:
 	if (ctl != NULL)
 		unmap_keep_errno((void *)ctl, h->ctl_size);
 	if (h != NULL && h->live != NULL)

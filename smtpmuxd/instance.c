@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -297,11 +298,16 @@ instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live
 	socklen_t len = name_addr(state_file, &sun);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), fds[2] = { -1, -1 }, rc, saved;
 
+	struct timeval tv = { FETCH_TIMEOUT_MS / 1000, 0 };
+
 	*ctl_fd = *live_fd = -1;
 	if (fd < 0) {
 		snprintf(err, errlen, "socket: %s", strerror(errno));
 		return -1;
 	}
+	/* A full backlog (workers of a killed master hold the socket, and
+	 * nobody answers) would make connect() wait for ever. */
+	(void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	if (connect(fd, (struct sockaddr *)&sun, len) < 0) {
 		saved = errno;
 		snprintf(err, errlen, "no smtpmuxd is running with state file %s", state_file);
