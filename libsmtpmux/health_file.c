@@ -90,9 +90,8 @@ image_meta(const struct health *h, uint32_t i, unsigned char *img,
 	}
 }
 
-/* The file's content now; NULL when out of memory. */
-static unsigned char *
-image_build(const struct health *h, size_t *len)
+unsigned char *
+health_image(const struct health *h, size_t *len)
 {
 	uint32_t n = health_n_recs(h), nu = health_n_users(h), next = 0;
 	struct image_layout l;
@@ -196,7 +195,7 @@ health_save(struct health *h, const char *path, const char **disturbed)
 
 	if (disturbed != NULL)
 		*disturbed = what;
-	if ((img = image_build(h, &len)) == NULL)
+	if ((img = health_image(h, &len)) == NULL)
 		return -1;
 	if (what == NULL && sv->written && len == sv->len && memcmp(img, sv->image, len) == 0) {
 		free(img);
@@ -332,12 +331,22 @@ file_trusted(int fd, struct stat *st, char *why, size_t whylen)
 	return false;
 }
 
+int
+health_load_image(struct health *h, const unsigned char *img, size_t len, const char **why)
+{
+	struct image_layout l;
+
+	if (image_check(img, len, &l, why) < 0)
+		return -1;
+	image_adopt(h, img, &l);
+	return 0;
+}
+
 /* 0: loaded or nothing to load; -1: ignored, *why says why. */
 static int
 file_load(struct health *h, const char *path, char *why, size_t whylen)
 {
 	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-	struct image_layout l;
 	const char *bad = "short read";
 	unsigned char *img;
 	struct stat st;
@@ -349,10 +358,9 @@ file_load(struct health *h, const char *path, char *why, size_t whylen)
 	}
 	if (file_trusted(fd, &st, why, whylen)) {
 		img = read_file(fd, (size_t)st.st_size);
-		if (img != NULL && image_check(img, (size_t)st.st_size, &l, &bad) == 0) {
-			image_adopt(h, img, &l);
+		if (img != NULL && health_load_image(h, img, (size_t)st.st_size, &bad) == 0)
 			rc = 0;
-		} else
+		else
 			snprintf(why, whylen, "%s", bad);
 		free(img);
 	}

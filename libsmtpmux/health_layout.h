@@ -265,6 +265,19 @@ void health_segment_format(struct health *h);
 /* The header describes this build's layout (sizes, versions). */
 bool health_hdr_matches(const struct health_hdr *hdr);
 
+/* --- health_file.c */
+
+/* What the state file holds for h now (malloc'ed); NULL when out of memory. */
+unsigned char *health_image(const struct health *h, size_t *len);
+/*
+ * Takes a state file's content into the master's fresh segments, after
+ * checking it against this build and itself (windows outside its cells are
+ * dropped, texts terminated). -1 with *why when it does not fit. Anything
+ * may be fed to it (t/fuzz/fuzz_state.c).
+ */
+int health_load_image(struct health *h, const unsigned char *img, size_t len,
+    const char **why);
+
 /* --- health_quota.c: quota windows (cells) */
 
 struct window_desc {
