@@ -134,7 +134,8 @@ write_all(int fd, const unsigned char *p, size_t len)
 /*
  * A new file next to path, renamed over it: never a half-written state
  * file, and never a write through a symlink or into a file someone else
- * prepared (O_EXCL, O_NOFOLLOW; rename replaces a symlink, not its target).
+ * prepared (mkostemp: O_EXCL, mode 0600, a name nobody can guess; rename
+ * replaces a symlink, not its target).
  */
 static int
 file_replace(const char *path, const unsigned char *img, size_t len, struct stat *st)
@@ -142,14 +143,11 @@ file_replace(const char *path, const unsigned char *img, size_t len, struct stat
 	char tmp[4096];
 	int fd, saved;
 
-	if (snprintf(tmp, sizeof(tmp), "%s.new", path) >= (int)sizeof(tmp)) {
+	if (snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path) >= (int)sizeof(tmp)) {
 		errno = ENAMETOOLONG;
 		return -1;
 	}
-	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd < 0 && errno == EEXIST && unlink(tmp) == 0)
-		fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd < 0)
+	if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0)
 		return -1;
 	if (write_all(fd, img, len) < 0 || fstat(fd, st) < 0 || close(fd) < 0) {
 		saved = errno;
