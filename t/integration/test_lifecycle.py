@@ -340,6 +340,7 @@ class LifecycleTest(DaemonTestCase):
         self.assertEqual(results, [250])
         self.assertArrived(a, msg)
         self.assertEqual(d.proc.wait(60), 0)
+        d.log.close()
 
     def test_connection_beyond_max_sessions_gets_421(self):
         a = self.downstream()
