@@ -573,7 +573,7 @@ int
 health_snapshot_of(const struct health *h, const struct health_rec *rec,
     const struct health_cfg *hc, time_t now, struct health_snapshot *out)
 {
-	if (rec < h->rec || rec >= h->rec + HEALTH_MAX_DOWNSTREAMS)
+	if (rec == NULL || rec->h != h)
 		return -1;
-	return health_snapshot(h, (size_t)(rec - h->rec), hc, now, out);
+	return health_snapshot(h, rec->i, hc, now, out);
 }
