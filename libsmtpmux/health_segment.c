@@ -249,16 +249,11 @@ health_destroy(struct health *h)
 {
 	if (h == NULL)
 		return;
-	if (h->ctl != NULL)
-		munmap(h->ctl, h->ctl_size);
+	health_after_fork(h);            /* the master's view and descriptors */
 	if (h->ro != NULL)
 		munmap((void *)h->ro, h->ctl_size);
 	if (h->live != NULL)
 		munmap(h->live, h->live_size);
-	if (h->ctl_fd >= 0)
-		close(h->ctl_fd);
-	if (h->live_fd >= 0)
-		close(h->live_fd);
 	free(h->saved.image);
 	free(h);
 }

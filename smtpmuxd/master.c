@@ -965,6 +965,36 @@ state_dir_create(const char *path)
 	}
 }
 
+/*
+ * The state file claimed for this daemon alone, the shared state created
+ * (with the counters the file kept) and bound to the configuration, and
+ * the file written at once: whatever can fail fails at start-up.
+ */
+static int
+master_state_open(struct master *m, char *err, size_t errlen)
+{
+	if ((m->state_file = strdup(m->cfg->state_file)) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	state_dir_create(m->state_file);
+	if ((m->instance = instance_claim(m->state_file, err, errlen)) == NULL)
+		return -1;
+	if ((m->health = health_create(m->state_file)) == NULL) {
+		snprintf(err, errlen, "cannot create the shared state: %s", strerror(errno));
+		return -1;
+	}
+	if (health_bind(m->health, m->cfg, err, errlen) < 0)
+		return -1;
+	if (health_save(m->health, m->state_file, NULL) < 0) {
+		snprintf(err, errlen, "cannot write state file %s: %s", m->state_file,
+		    strerror(errno));
+		return -1;
+	}
+	m->save_at_ms = now_ms() + STATE_SAVE_MS;
+	return 0;
+}
+
 /* Loads the configuration and takes every resource that can fail. */
 static int
 master_init(struct master *m, char *err, size_t errlen)
@@ -984,18 +1014,7 @@ master_init(struct master *m, char *err, size_t errlen)
 	if (m->listen_fds == NULL)
 		return SMTPMUXD_EXIT_RUNTIME;
 	m->n_listen_fds = m->cfg->n_listen;
-	if ((m->state_file = strdup(m->cfg->state_file)) == NULL) {
-		snprintf(err, errlen, "out of memory");
-		return SMTPMUXD_EXIT_RUNTIME;
-	}
-	state_dir_create(m->state_file);
-	if ((m->instance = instance_claim(m->state_file, err, errlen)) == NULL)
-		return SMTPMUXD_EXIT_RUNTIME;
-	if ((m->health = health_create(m->state_file)) == NULL) {
-		snprintf(err, errlen, "cannot create the shared state: %s", strerror(errno));
-		return SMTPMUXD_EXIT_RUNTIME;
-	}
-	if (health_bind(m->health, m->cfg, err, errlen) < 0)
+	if (master_state_open(m, err, errlen) < 0)
 		return SMTPMUXD_EXIT_RUNTIME;
 	/* Anonymous shared memory: inherited by every worker, of every generation. */
 	m->clients = client_table_create(CLIENT_TABLE_ENTRIES, HEALTH_MAX_WORKER_SLOTS);
@@ -1004,12 +1023,6 @@ master_init(struct master *m, char *err, size_t errlen)
 		snprintf(err, errlen, "cannot map the shared client table: %s", strerror(errno));
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
-	if (health_save(m->health, m->state_file, NULL) < 0) {
-		snprintf(err, errlen, "cannot write state file %s: %s", m->state_file,
-		    strerror(errno));
-		return SMTPMUXD_EXIT_RUNTIME;
-	}
-	m->save_at_ms = now_ms() + STATE_SAVE_MS;
 	return SMTPMUXD_EXIT_OK;
 }
 
