@@ -1,34 +1,46 @@
 /* SPDX-License-Identifier: MIT */
+#include <errno.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "accept_room.h"
 #include "shared_anon.h"
 
+/* The handle is each process's own (inherited by fork); only the flags are
+ * shared, so a worker that writes anything there cannot change the size
+ * the master unmaps or the slots it walks. */
 struct accept_room {
 	unsigned slots;
-	size_t size;
-	atomic_bool has_room[];
+	atomic_bool *has_room;           /* shared: one flag per worker slot */
 };
 
 struct accept_room *
 accept_room_create(unsigned worker_slots)
 {
-	size_t size = sizeof(struct accept_room) + worker_slots * sizeof(atomic_bool);
-	struct accept_room *r = worker_slots > 0 ? shared_anon_map(size) : NULL;
+	struct accept_room *r;
 
-	if (r == NULL)
+	if (worker_slots == 0) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if ((r = calloc(1, sizeof(*r))) == NULL)
 		return NULL;
 	r->slots = worker_slots;
-	r->size = size;
+	if ((r->has_room = shared_anon_map(worker_slots * sizeof(atomic_bool))) == NULL) {
+		free(r);
+		return NULL;
+	}
 	return r;
 }
 
 void
 accept_room_destroy(struct accept_room *r)
 {
-	if (r != NULL)
-		shared_anon_unmap(r, r->size);
+	if (r == NULL)
+		return;
+	shared_anon_unmap(r->has_room, r->slots * sizeof(atomic_bool));
+	free(r);
 }
 
 void

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -12,9 +13,13 @@
 #include "shared_anon.h"
 
 /*
- * Layout of the mapping: the header, then `entries` entries of `stride`
- * octets (a multiple of a cache line), each a struct client_entry whose
- * per-worker session counts run to its end.
+ * Layout of the mapping: `entries` entries of `stride` octets (a multiple
+ * of a cache line), each a struct client_entry whose per-worker session
+ * counts run to its end. The geometry and the hashing seed are not in it
+ * but in the handle, which each process has in its own memory (inherited
+ * by fork): a worker that writes anything into the mapping cannot change
+ * where the master reads and writes (client_table_worker_gone) or what it
+ * unmaps, nor aim at a probe sequence.
  *
  * An entry belongs to the address whose key it holds. Keys are set once by
  * compare-and-swap and never go back to 0, so the probe sequence of an
@@ -46,9 +51,9 @@ struct client_table {
 	unsigned entries;
 	unsigned slots;
 	size_t stride;
-	size_t header;
-	size_t size;                     /* of the whole mapping */
+	size_t size;                     /* of the shared mapping */
 	unsigned char seed[CT_SEED_LEN]; /* so that nobody can aim at a probe sequence */
+	unsigned char *map;              /* the entries, shared */
 };
 
 static size_t
@@ -60,28 +65,33 @@ round_line(size_t n)
 static struct client_entry *
 entry_at(const struct client_table *t, size_t i)
 {
-	return (struct client_entry *)((char *)t + t->header + i * t->stride);
+	return (struct client_entry *)(t->map + i * t->stride);
 }
 
 struct client_table *
 client_table_create(unsigned entries, unsigned worker_slots)
 {
-	size_t header = round_line(sizeof(struct client_table));
 	size_t stride = round_line(offsetof(struct client_entry, sessions) +
 	    (size_t)worker_slots * sizeof(_Atomic uint32_t));
-	size_t size = header + (size_t)entries * stride;
-	struct client_table *t = entries > 0 && worker_slots > 0 ? shared_anon_map(size) : NULL;
+	struct client_table *t;
 
-	if (t == NULL)
+	if (entries == 0 || worker_slots == 0) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if ((t = calloc(1, sizeof(*t))) == NULL)
 		return NULL;
 	t->entries = entries;
 	t->slots = worker_slots;
 	t->stride = stride;
-	t->header = header;
-	t->size = size;
+	t->size = (size_t)entries * stride;
 	if (gnutls_rnd(GNUTLS_RND_NONCE, t->seed, sizeof(t->seed)) < 0) {
-		shared_anon_unmap(t, size);
+		free(t);
 		errno = EIO;
+		return NULL;
+	}
+	if ((t->map = shared_anon_map(t->size)) == NULL) {
+		free(t);
 		return NULL;
 	}
 	return t;
@@ -90,8 +100,10 @@ client_table_create(unsigned entries, unsigned worker_slots)
 void
 client_table_destroy(struct client_table *t)
 {
-	if (t != NULL)
-		shared_anon_unmap(t, t->size);
+	if (t == NULL)
+		return;
+	shared_anon_unmap(t->map, t->size);
+	free(t);
 }
 
 int64_t

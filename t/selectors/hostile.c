@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A compromised worker, as a selector (selectors run in the workers): on
- * its first select() it writes 0xff over every shared mapping of smtpmux
- * it can write, tries to make the read-only ones writable (mprotect, then
+ * its first select() it writes 0xff over every shared mapping it can
+ * write, tries to make the read-only ones writable (mprotect, then
  * /proc/self/mem) and to write them too, and calls abort(): the master then
  * cleans up after a worker that scribbled on everything it could reach.
  * For the integration tests only; takes no parameters.
@@ -29,11 +29,13 @@ hostile_init(void **state, const struct smtpmux_selector_param *params,
 	return 0;
 }
 
-/* Shared mappings of smtpmux: the state file once, the memfds now. */
+/* Shared mappings of smtpmux: the state file once, the memfds now, and
+ * anonymous shared memory (the per-client table, the accept room). */
 static int
 is_target(const char *line)
 {
-	return strstr(line, "smtpmux") != NULL || strstr(line, ".state") != NULL;
+	return strstr(line, "smtpmux") != NULL || strstr(line, ".state") != NULL ||
+	    strstr(line, "/dev/zero") != NULL || strstr(line, "[anon_shmem") != NULL;
 }
 
 static void
