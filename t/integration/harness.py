@@ -242,24 +242,6 @@ class Daemon:
         with open(path) as f:
             return [int(p) for p in f.read().split()]
 
-    def status(self, **kwargs):
-        """`smtpmuxd -s status` for this daemon: the CompletedProcess."""
-        return subprocess.run([SMTPMUXD, "-s", "status", "-c", self.config_path], env=self.env,
-                              capture_output=True, text=True, timeout=60, **kwargs)
-
-    def status_rows(self):
-        """The status table as {name: {heading: cell}}."""
-        res = self.status()
-        if res.returncode != 0:
-            raise AssertionError("smtpmuxd -s status: %s" % res.stderr)
-        lines = res.stdout.splitlines()
-        headings = lines[0].replace("LAST ERROR", "LAST_ERROR").split()
-        rows = {}
-        for line in lines[1:]:
-            cells = line.split(None, len(headings) - 1)
-            rows[cells[0]] = dict(zip(headings, cells))
-        return rows
-
     def reload(self, config=None, text=None):
         """SIGHUP with a new config; returns once the master has acted on it."""
         before_ok = self.log_text().count("reload: generation=")

@@ -100,7 +100,7 @@ class SharedStateTest(DaemonTestCase):
                    (len(d.children()) == 1 and worker not in d.children()),
                    what="the worker to be respawned")
         self.assertIsNone(d.proc.poll(), d.log_text())
-        self.assertIn("A", d.status_rows())
+        self.assertIsNotNone(d.status_cell("A", "STATE"))
         self.assertTrue(d.reload(d.config))
         msg = make_message("after the attack")
         self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
@@ -120,7 +120,7 @@ class SharedStateTest(DaemonTestCase):
         wait_until(lambda: os.path.getsize(state) > 0, what="the state file written again")
         self.assertIsNone(d.proc.poll())
         self.assertNotIn("killed by signal", d.log_text())
-        self.assertEqual(d.status_rows()["A"]["SENT"], "1")
+        self.assertEqual(d.status_cell("A", "SENT"), "1")
 
     def test_a_deleted_state_file_still_locks_out_a_second_daemon(self):
         a = self.downstream()
@@ -150,19 +150,19 @@ class SharedStateTest(DaemonTestCase):
         t = threading.Thread(target=send_ignoring_errors, args=(d.port, results))
         t.start()
         self.assertTrue(a.handler.rcpt_started.wait(30))
-        self.assertEqual(d.status_rows()["A"]["MINUTE"], "1/100")
+        self.assertEqual(d.status_cell("A", "MINUTE"), "1/100")
         [worker] = d.children()
         os.kill(worker, signal.SIGKILL)
         t.join(60)
         wait_until(lambda: worker not in d.children() and len(d.children()) == 1,
                    what="the worker to be respawned")
-        row = d.status_rows()["A"]
-        self.assertEqual((row["MINUTE"], row["FLIGHT"]), ("0/100", "0"))
+        self.assertEqual((d.status_cell("A", "MINUTE"), d.status_cell("A", "FLIGHT")),
+                         ("0/100", "0"))
         a.handler.hold_rcpt.set()
         msg = make_message("after the kill")
         self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
         self.assertArrived(a, msg)
-        self.assertEqual(d.status_rows()["A"]["MINUTE"], "1/100")
+        self.assertEqual(d.status_cell("A", "MINUTE"), "1/100")
 
     def test_status_for_root_and_the_workers_group_only(self):
         a = self.downstream()
@@ -198,7 +198,7 @@ class SharedStateTest(DaemonTestCase):
         d = self.daemon(one_user(a))
         for i in range(2):
             self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("m %d" % i))[0], 250)
-        wait_until(lambda: d.status_rows()["A"]["SENT"] == "2", what="two deliveries counted")
+        wait_until(lambda: d.status_cell("A", "SENT") == "2", what="two deliveries counted")
         self.assertEqual(d.stop(), 0)
         state = d.config["state_file"]
         # Someone else's file with counts in it, where the state file goes.
@@ -207,7 +207,7 @@ class SharedStateTest(DaemonTestCase):
         del config["listen"]
         d2 = self.daemon(config)
         d2.wait_log("state file %s ignored (owned by uid %d" % (state, NOBODY))
-        self.assertEqual(d2.status_rows()["A"]["SENT"], "0")
+        self.assertEqual(d2.status_cell("A", "SENT"), "0")
         st = os.stat(state)
         self.assertEqual((st.st_uid, st.st_mode & 0o777), (os.geteuid(), 0o600))
 
