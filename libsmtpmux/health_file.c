@@ -35,9 +35,19 @@
 #include "log.h"
 
 struct image_layout {
-	uint32_t n_recs, n_users, n_cells;
+	uint32_t n_recs, n_users, n_cells, generation;
 	size_t meta, user_meta, recs, users, cells, len;   /* offsets and total */
 };
+
+/* The records in an image sit at multiples of 64 from its start (their
+ * sizes are): one that starts at such an address may be used in place. */
+#define IMAGE_ALIGN 64
+
+static unsigned char *
+image_alloc(size_t len)
+{
+	return aligned_alloc(IMAGE_ALIGN, (len + IMAGE_ALIGN - 1) / IMAGE_ALIGN * IMAGE_ALIGN);
+}
 
 static void
 image_layout(struct image_layout *l, uint32_t n_recs, uint32_t n_users, uint32_t n_cells)
@@ -99,7 +109,7 @@ health_image(const struct health *h, size_t *len)
 	unsigned char *img;
 
 	image_layout(&l, n, nu, cells_in_use(h, n));
-	if ((img = malloc(l.len)) == NULL)
+	if ((img = image_alloc(l.len)) == NULL)
 		return NULL;
 	hdr = (struct health_hdr *)img;
 	memcpy(hdr, &h->ro->hdr, sizeof(*hdr));
@@ -245,6 +255,7 @@ image_check(const unsigned char *img, size_t len, struct image_layout *l,
 		return -1;
 	}
 	image_layout(l, n, nu, nc);
+	l->generation = atomic_load(&hdr.generation);
 	if (len != l->len) {
 		*why = "truncated or padded";
 		return -1;
@@ -278,7 +289,7 @@ image_adopt(struct health *h, const unsigned char *img, const struct image_layou
 	for (uint32_t i = 0; i < l->n_users; i++)
 		c->user[i].email[sizeof(c->user[i].email) - 1] = '\0';
 	atomic_store(&c->hdr.cells_used, l->n_cells);
-	atomic_store(&c->hdr.generation, atomic_load(&((const struct health_hdr *)img)->generation));
+	atomic_store(&c->hdr.generation, l->generation);
 	atomic_store(&c->hdr.n_users, l->n_users);
 	atomic_store_explicit(&c->hdr.n_recs, l->n_recs, memory_order_release);
 }
@@ -286,7 +297,7 @@ image_adopt(struct health *h, const unsigned char *img, const struct image_layou
 static unsigned char *
 read_file(int fd, size_t len)
 {
-	unsigned char *buf = malloc(len ? len : 1);
+	unsigned char *buf = image_alloc(len ? len : 1);
 	size_t got = 0;
 
 	while (buf != NULL && got < len) {
