@@ -72,6 +72,8 @@ log_open(const char *ident, enum log_target target, const char *file)
 	return 0;
 }
 
+#define LOG_OPEN_FLAGS (O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+
 int
 log_reopen(void)
 {
@@ -81,12 +83,18 @@ log_reopen(void)
 
 	if (log_state.target != LOG_TO_FILE)
 		return 0;
-	/* Mail logs name people: never world-readable, whatever the umask.
-	 * Never through a symlink, never a FIFO or a device: whoever can write
-	 * the folder (the workers' user, say) must not choose what root
-	 * appends to or hands over (log_chown). */
-	fd = open(log_state.file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW |
-	    O_NONBLOCK, 0640);
+	/* Mail logs name people: never world-readable. A file created here is
+	 * 0660 whatever the umask: it is handed to the workers' user
+	 * (log_chown), and a master restarted without CAP_DAC_OVERRIDE (the
+	 * systemd unit) must still open it, through its group. Never through
+	 * a symlink, never a FIFO or a device: whoever can write the folder
+	 * (the workers' user, say) must not choose what root appends to or
+	 * hands over (log_chown). */
+	fd = open(log_state.file, LOG_OPEN_FLAGS | O_CREAT | O_EXCL, 0660);
+	if (fd >= 0)
+		(void)fchmod(fd, 0660);
+	else if (errno == EEXIST)
+		fd = open(log_state.file, LOG_OPEN_FLAGS);
 	if (fd < 0)
 		return -1;
 	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {

@@ -227,13 +227,13 @@ class RelayTest(DaemonTestCase):
         d = self.start_pair(extra={"log_file": log})
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         wait_until(lambda: "status=sent" in read_text(log), what="delivery in the log file")
-        self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o660)
         os.rename(log, log + ".1")            # what logrotate does
         d.proc.send_signal(signal.SIGUSR1)
         wait_until(lambda: os.path.exists(log), what="log file reopened by the master")
         self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("after rotation"))[0], 250)
         wait_until(lambda: "status=sent" in read_text(log), what="worker lines in the new file")
-        self.assertEqual(os.stat(log).st_mode & 0o777, 0o640)
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o660)
         with open(log + ".1") as f:
             self.assertEqual(f.read().count("attempts=1 status=sent"), 1)
 

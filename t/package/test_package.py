@@ -595,6 +595,17 @@ class DebianPackageTest(unittest.TestCase):
         old = self.check_workers(master)
         self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
 
+        # A restart before any rotation: the master, without
+        # CAP_DAC_OVERRIDE, opens the log file it created and handed to the
+        # workers' user.
+        stop(master)
+        start()
+        self.wait_banner(port, "first.test", "daemon restarted before any log rotation")
+        with open(PIDFILE) as f:
+            master = int(f.read())
+        old = self.check_workers(master)
+        self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
+
         # ExecReload: the check, then SIGHUP. The master must be able to
         # retire workers that run as another user (CAP_KILL).
         config["hostname"] = "second.test"
@@ -618,7 +629,7 @@ class DebianPackageTest(unittest.TestCase):
             master = int(f.read())
         self.assertEqual(send(port, "app@example.com", "pkg-secret")[0], 250)
         stop(master)
-        self.assertEqual(ds.handler.count(), 3)
+        self.assertEqual(ds.handler.count(), 4)
         self.assertNotRegex(read(LOG), r"warning:|error:", self.diagnostics())
 
 
