@@ -12,6 +12,7 @@
 
 #include "auth.h"
 #include "config.h"
+#include "config_cluster.h"
 #include "config_lines.h"
 #include "health.h"
 #include "log.h"
@@ -152,6 +153,7 @@ struct raw_config {
 	struct raw_health *health;
 	struct raw_auth *auth;
 	struct raw_cache *connection_cache;
+	struct raw_cluster *cluster;
 	struct raw_user *users;
 	unsigned n_users;
 	struct raw_client *clients;
@@ -318,6 +320,7 @@ static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_MAPPING_PTR("auth", OPT, struct raw_config, auth, auth_fields),
 	CYAML_FIELD_MAPPING_PTR("connection_cache", OPT, struct raw_config, connection_cache,
 	    cache_fields),
+	CYAML_FIELD_MAPPING_PTR("cluster", OPT, struct raw_config, cluster, config_cluster_fields),
 	/* May be empty or absent: the file as installed defines no users, and
 	 * the daemon refuses to run it (config_has_users) rather than call it
 	 * broken. */
@@ -806,6 +809,19 @@ check_health(struct loader *ld, const struct raw_health *raw, struct health_cfg 
 	        &h->throttle_backoff) == -1)
 		return -1;
 	return 0;
+}
+
+static int
+check_cluster(struct loader *ld, const struct raw_cluster *raw, struct config *cfg)
+{
+	const char *key = "";
+	char why[512];
+	bool inline_secret = false;
+	int rc = config_cluster_check(raw, &cfg->cluster, &key, why, sizeof(why), &inline_secret);
+
+	if (inline_secret)
+		ld->inline_secrets = true;
+	return rc == 0 ? 0 : fail(ld, "cluster", *key ? key : NULL, "%s", why);
 }
 
 static int
@@ -1341,6 +1357,7 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_health(ld, raw->health, &cfg->health) == -1 ||
 	    check_auth(ld, raw->auth, &cfg->auth) == -1 ||
 	    check_cache(ld, raw->connection_cache, &cfg->connection_cache) == -1 ||
+	    check_cluster(ld, raw->cluster, cfg) == -1 ||
 	    check_users(ld, raw, cfg) == -1 ||
 	    check_clients(ld, raw, cfg) == -1)
 		return -1;
@@ -1454,9 +1471,20 @@ build_user(struct loader *ld, struct config *cfg, const char *base, const struct
 }
 
 static int
+build_cluster(struct loader *ld, const struct raw_config *raw, struct config *cfg)
+{
+	const char *key = "";
+	char why[PATH_MAX + 96];
+
+	if (config_cluster_build(raw->cluster, cfg->dir, &cfg->cluster, &key, why, sizeof(why)) == 0)
+		return 0;
+	return fail(ld, "cluster", *key ? key : NULL, "%s", why);
+}
+
+static int
 config_build(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 {
-	if (build_server_tls(ld, cfg) == -1)
+	if (build_server_tls(ld, cfg) == -1 || build_cluster(ld, raw, cfg) == -1)
 		return -1;
 	for (size_t i = 0; i < cfg->n_users; i++) {
 		char base[32];
@@ -1765,6 +1793,7 @@ config_free(struct config *cfg)
 	free(cfg->log_file);
 	free(cfg->status_listen);
 	free(cfg->state_file);
+	config_cluster_free(&cfg->cluster);
 	free(cfg);
 }
 

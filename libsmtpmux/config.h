@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "cluster_url.h"
 #include "netmask.h"
 
 /*
@@ -112,6 +113,18 @@ struct health_cfg {
 	unsigned throttle_backoff;       /* s, after a rate-limit reply; default 60 */
 };
 
+/* `cluster:` (instances sharing quotas, health and rotation through Redis;
+ * config_cluster.c, cluster*.c) */
+struct cluster_cfg {
+	bool enabled;                    /* the section is present */
+	struct cluster_url url;          /* `redis:`, with `username:`, `password:` or
+	                                    `password_file:` folded in */
+	char *key_prefix;                /* default "smtpmux:" */
+	unsigned timeout_ms;             /* per call; default 250 */
+	unsigned connect_timeout_ms;     /* default 1000 */
+	unsigned retry_interval;         /* s between reconnections; default 1 */
+};
+
 struct downstream_cfg {
 	char *name;                      /* `name:`, default: addr */
 	char *addr;                      /* "host:port" as written */
@@ -184,6 +197,7 @@ struct config {
 	struct health_cfg health;
 	struct auth_cfg auth;
 	struct cache_cfg connection_cache;
+	struct cluster_cfg cluster;
 	struct user_cfg *users;
 	size_t n_users;
 	struct client_cfg *clients;

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: MIT */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config_cluster.h"
+#include "secret_file.h"
+
+#define DEFAULT_KEY_PREFIX "smtpmux:"
+#define DEFAULT_TIMEOUT_MS 250
+#define DEFAULT_CONNECT_TIMEOUT_MS 1000
+#define DEFAULT_RETRY_INTERVAL 1
+#define MAX_TIMEOUT_MS 10000         /* a delivery waits at most this for Redis */
+#define MAX_KEY_PREFIX 64
+
+#define OPT CYAML_FLAG_OPTIONAL
+#define STR_OPT(key, member) \
+	CYAML_FIELD_STRING_PTR(key, OPT, struct raw_cluster, member, 1, CYAML_UNLIMITED)
+
+const cyaml_schema_field_t config_cluster_fields[] = {
+	CYAML_FIELD_STRING_PTR("redis", CYAML_FLAG_DEFAULT, struct raw_cluster, redis,
+	    1, CYAML_UNLIMITED),
+	STR_OPT("username", username),
+	STR_OPT("password", password),
+	STR_OPT("password_file", password_file),
+	CYAML_FIELD_STRING_PTR("key_prefix", OPT, struct raw_cluster, key_prefix,
+	    0, CYAML_UNLIMITED),
+	CYAML_FIELD_UINT_PTR("timeout_ms", OPT, struct raw_cluster, timeout_ms),
+	CYAML_FIELD_UINT_PTR("connect_timeout_ms", OPT, struct raw_cluster, connect_timeout_ms),
+	CYAML_FIELD_UINT_PTR("retry_interval", OPT, struct raw_cluster, retry_interval),
+	CYAML_FIELD_END
+};
+
+static int
+fail(const char **key, const char *which, char *why, size_t whylen, const char *what)
+{
+	*key = which;
+	snprintf(why, whylen, "%s", what);
+	return -1;
+}
+
+static int
+check_range(const unsigned *raw, unsigned def, unsigned min, unsigned max, unsigned *out,
+    const char **key, const char *which, char *why, size_t whylen)
+{
+	*out = raw != NULL ? *raw : def;
+	if (*out < min || *out > max) {
+		*key = which;
+		snprintf(why, whylen, "must be from %u to %u", min, max);
+		return -1;
+	}
+	return 0;
+}
+
+/* Redis keys may hold anything, but a prefix that one cannot type into
+ * redis-cli helps nobody. */
+static int
+check_prefix(const char *p, const char **key, char *why, size_t whylen)
+{
+	if (strlen(p) > MAX_KEY_PREFIX)
+		return fail(key, "key_prefix", why, whylen, "longer than 64 characters");
+	for (; *p != '\0'; p++)
+		if ((unsigned char)*p <= 0x20 || (unsigned char)*p >= 0x7f || *p == '{' || *p == '}')
+			return fail(key, "key_prefix", why, whylen, "only printable characters "
+			    "other than blanks, { and } (Redis Cluster hash tags)");
+	return 0;
+}
+
+static int
+take_url(const struct raw_cluster *raw, struct cluster_cfg *c, const char **key, char *why,
+    size_t whylen, bool *inline_secret)
+{
+	struct cluster_url url;
+	char reason[256];
+
+	if (cluster_url_parse(raw->redis, &url, reason, sizeof(reason)) < 0) {
+		*key = "redis";
+		snprintf(why, whylen, "%s", reason);
+		return -1;
+	}
+	c->url = url;
+	if (url.password != NULL)
+		*inline_secret = true;
+	if (url.password != NULL && (raw->password != NULL || raw->password_file != NULL))
+		return fail(key, raw->password ? "password" : "password_file", why, whylen,
+		    "the redis: address has a password already");
+	if (url.username != NULL && raw->username != NULL)
+		return fail(key, "username", why, whylen, "the redis: address has a user already");
+	return 0;
+}
+
+int
+config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
+    const char **key, char *why, size_t whylen, bool *inline_secret)
+{
+	memset(c, 0, sizeof(*c));
+	if (raw == NULL)
+		return 0;
+	c->enabled = true;
+	if (take_url(raw, c, key, why, whylen, inline_secret) < 0)
+		return -1;
+	if (raw->password != NULL && raw->password_file != NULL)
+		return fail(key, "password_file", why, whylen,
+		    "use either password or password_file, not both");
+	if (raw->password != NULL && strlen(raw->password) > SECRET_MAX)
+		return fail(key, "password", why, whylen, "longer than 255 octets");
+	if (raw->password != NULL) {
+		*inline_secret = true;
+		free(c->url.password);
+		if ((c->url.password = strdup(raw->password)) == NULL)
+			return fail(key, "password", why, whylen, "out of memory");
+	}
+	if (raw->username != NULL && (c->url.username = strdup(raw->username)) == NULL)
+		return fail(key, "username", why, whylen, "out of memory");
+	if (c->url.username != NULL && c->url.password == NULL && raw->password_file == NULL)
+		return fail(key, "username", why, whylen, "needs a password (ACL users log in "
+		    "with one)");
+	if (check_prefix(raw->key_prefix ? raw->key_prefix : DEFAULT_KEY_PREFIX, key, why,
+	    whylen) < 0)
+		return -1;
+	if ((c->key_prefix = strdup(raw->key_prefix ? raw->key_prefix : DEFAULT_KEY_PREFIX)) == NULL)
+		return fail(key, "key_prefix", why, whylen, "out of memory");
+	return check_range(raw->timeout_ms, DEFAULT_TIMEOUT_MS, 1, MAX_TIMEOUT_MS,
+	        &c->timeout_ms, key, "timeout_ms", why, whylen) ||
+	    check_range(raw->connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS, 1, 60000,
+	        &c->connect_timeout_ms, key, "connect_timeout_ms", why, whylen) ||
+	    check_range(raw->retry_interval, DEFAULT_RETRY_INTERVAL, 1, 3600,
+	        &c->retry_interval, key, "retry_interval", why, whylen) ? -1 : 0;
+}
+
+int
+config_cluster_build(const struct raw_cluster *raw, const char *config_dir,
+    struct cluster_cfg *c, const char **key, char *why, size_t whylen)
+{
+	if (raw == NULL || raw->password_file == NULL)
+		return 0;
+	free(c->url.password);
+	if ((c->url.password = secret_file_read(raw->password_file, config_dir, why, whylen)) == NULL) {
+		*key = "password_file";
+		return -1;
+	}
+	return 0;
+}
+
+void
+config_cluster_free(struct cluster_cfg *c)
+{
+	cluster_url_free(&c->url);
+	free(c->key_prefix);
+	memset(c, 0, sizeof(*c));
+}
