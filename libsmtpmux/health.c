@@ -378,13 +378,15 @@ health_begin_last_resort(struct health_rec *r, const struct downstream_cfg *ds,
 	return begin(r, worker_slot, now, false);
 }
 
-static void
-end_ok(struct live_rec *r, unsigned latency_ms)
+bool
+health_begin_shared(struct health_rec *hr, unsigned worker_slot, time_t now)
 {
-	atomic_fetch_add(&r->successes, 1);
-	latency_update(r, latency_ms);
-	/* any delivery that went through proves the downstream works */
-	circuit_close(r);
+	unsigned slot = slot_clamp(worker_slot);
+
+	if (!quota_reserve(hr->h, hr, slot, now))
+		return false;
+	atomic_fetch_add(&rec_live(hr)->in_flight[slot], 1);
+	return true;
 }
 
 static void
@@ -424,35 +426,61 @@ end_cancelled(struct live_rec *r, unsigned slot)
 		circuit_unclaim(r, c);
 }
 
-void
-health_end_since(struct health_rec *hr, const struct downstream_cfg *ds,
-    const struct health_cfg *hc, unsigned worker_slot, time_t begun, time_t now,
-    enum health_outcome outcome, unsigned latency_ms, const char *error)
+/* circuit: false when the cluster decides the circuit and the throttle. */
+static void
+end_attempt(struct health_rec *hr, const struct health_cfg *hc, unsigned worker_slot,
+    time_t begun, time_t now, enum health_outcome outcome, unsigned latency_ms,
+    const char *error, bool circuit)
 {
 	struct live_rec *r = rec_live(hr);
 	unsigned slot = slot_clamp(worker_slot);
 
-	(void)ds;
 	if (outcome != HEALTH_CANCELLED)
 		atomic_fetch_add(&r->attempts, 1);
 	quota_end(hr->h, hr, slot, begun, now, outcome == HEALTH_OK);
 	switch (outcome) {
 	case HEALTH_OK:
-		end_ok(r, latency_ms);
+		atomic_fetch_add(&r->successes, 1);
+		latency_update(r, latency_ms);
+		if (circuit)
+			circuit_close(r);
 		break;
 	case HEALTH_FAIL:
 		error_record(r, now, error ? error : "failed");
-		end_fail(r, hc, slot, now);
+		if (circuit)
+			end_fail(r, hc, slot, now);
+		else
+			atomic_fetch_add(&r->failures, 1);
 		break;
 	case HEALTH_THROTTLED:
 		error_record(r, now, error ? error : "throttled");
-		end_throttled(r, hc, slot, now);
+		if (circuit)
+			end_throttled(r, hc, slot, now);
+		else
+			atomic_fetch_add(&r->failures, 1);
 		break;
 	case HEALTH_CANCELLED:
 		end_cancelled(r, slot);
 		break;
 	}
 	in_flight_end(r, slot);
+}
+
+void
+health_end_since(struct health_rec *hr, const struct downstream_cfg *ds,
+    const struct health_cfg *hc, unsigned worker_slot, time_t begun, time_t now,
+    enum health_outcome outcome, unsigned latency_ms, const char *error)
+{
+	(void)ds;
+	end_attempt(hr, hc, worker_slot, begun, now, outcome, latency_ms, error, true);
+}
+
+void
+health_end_shared(struct health_rec *hr, const struct health_cfg *hc, unsigned worker_slot,
+    time_t begun, time_t now, enum health_outcome outcome, unsigned latency_ms,
+    const char *error)
+{
+	end_attempt(hr, hc, worker_slot, begun, now, outcome, latency_ms, error, false);
 }
 
 void
@@ -508,6 +536,7 @@ health_worker_gone(struct health *h, unsigned worker_slot)
 			circuit_unclaim(r, c);
 		quota_release_slot(h, i, worker_slot);
 	}
+	health_cluster_gone(h, worker_slot);
 }
 
 void
@@ -525,6 +554,49 @@ health_settle(struct health *h)
 			atomic_store(&r->circuit, circuit_pack(CIRCUIT_OPEN, circuit_cooldown(c), 0));
 		quota_adopt(h, i);
 	}
+}
+
+/* --- the cluster's mirror */
+
+void
+health_mirror(struct health_rec *hr, const struct health_shared *sh, time_t now)
+{
+	struct live_rec *r = rec_live(hr);
+	uint64_t c = atomic_load(&r->circuit), want;
+
+	want = sh->open ? circuit_pack(CIRCUIT_OPEN, sh->cooldown, secs32(sh->open_until)) : 0;
+	/* A trial of our own, claimed while deciding locally, ends on its own. */
+	while (c != want && !(circuit_mode(c) == CIRCUIT_TRIAL && secs32(now) < circuit_until(c) &&
+	    sh->open) && !atomic_compare_exchange_weak(&r->circuit, &c, want))
+		;
+	atomic_store(&r->throttled_until, sh->throttled_until > now ? (int64_t)sh->throttled_until : 0);
+	if (atomic_load(&r->consecutive_failures) != sh->fails)
+		atomic_store(&r->consecutive_failures, sh->fails);
+}
+
+void
+health_shared_of(const struct health_rec *hr, time_t now, struct health_shared *out)
+{
+	const struct live_rec *r = rec_live(hr);
+	uint64_t c = atomic_load(&r->circuit);
+	int64_t thr = atomic_load(&r->throttled_until);
+
+	*out = (struct health_shared){ 0 };
+	out->open = circuit_mode(c) != CIRCUIT_CLOSED;
+	out->open_until = out->open ? (time_t)circuit_until(c) : 0;
+	out->cooldown = circuit_cooldown(c);
+	out->trial_taken = circuit_mode(c) == CIRCUIT_TRIAL && secs32(now) < circuit_until(c);
+	out->throttled_until = thr > (int64_t)now ? (time_t)thr : 0;
+	out->fails = atomic_load(&r->consecutive_failures);
+}
+
+const char *
+health_rec_key(const struct health_rec *hr, char *buf, size_t len)
+{
+	const struct rec_meta *m = rec_meta(hr);
+
+	snprintf(buf, len, "%.*s", (int)strnlen(m->key, sizeof(m->key)), m->key);
+	return buf;
 }
 
 /* --- status readers */

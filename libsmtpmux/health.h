@@ -39,7 +39,7 @@
  * HEALTH_LAYOUT_VERSION changes whenever it does.
  */
 
-#define HEALTH_LAYOUT_VERSION 2
+#define HEALTH_LAYOUT_VERSION 3
 #define HEALTH_MAX_DOWNSTREAMS 1024
 #define HEALTH_MAX_USERS 1024
 #define HEALTH_MAX_WORKER_SLOTS 128
@@ -199,6 +199,70 @@ const char *health_state_name(uint32_t state);
  * held. Only its own slot is touched; an invalid slot is ignored.
  */
 void health_worker_gone(struct health *, unsigned worker_slot);
+
+/* --- the cluster's share (cluster.c; `cluster:`) ----------------------------
+ *
+ * With a link to Redis up, the cluster decides a downstream's circuit and
+ * throttle and keeps its quota windows for all instances; the segment keeps
+ * this instance's own counters, quota cells (its own messages: the fast
+ * path and what remains when the link is down), in-flight counts, and a
+ * mirror of the cluster's circuit and throttle that views and selectors
+ * read.
+ */
+
+/* A downstream's circuit and throttle as the cluster has them, on this
+ * host's clock. */
+struct health_shared {
+	bool open;                       /* circuit open or half-open */
+	time_t open_until;               /* half-open from then on */
+	uint32_t cooldown;               /* s */
+	bool trial_taken;                /* someone holds the half-open trial */
+	time_t throttled_until;          /* 0: not throttled */
+	uint32_t fails;                  /* consecutive failures, all instances */
+};
+
+/*
+ * health_begin() for an attempt the cluster admits: reserves its place in
+ * this instance's quota windows and counts it in flight, and that is all
+ * (the cluster's BEGIN checks the circuit and throttle). false: this
+ * instance's own windows are full already.
+ */
+bool health_begin_shared(struct health_rec *, unsigned worker_slot, time_t now);
+/* health_end_since() for an attempt whose circuit and throttle effects the
+ * cluster decides (its END was sent): counters, latency, last error, quota
+ * cells and in-flight count only. */
+void health_end_shared(struct health_rec *, const struct health_cfg *, unsigned worker_slot,
+    time_t begun, time_t now, enum health_outcome outcome, unsigned latency_ms,
+    const char *error);
+/* Copies the cluster's circuit and throttle into the record (a trial this
+ * instance claimed while deciding locally stays claimed). */
+void health_mirror(struct health_rec *, const struct health_shared *, time_t now);
+/* What this instance knows of the record's circuit and throttle. */
+void health_shared_of(const struct health_rec *, time_t now, struct health_shared *out);
+
+/* The record's key ("addr user"), as Redis names it too. */
+const char *health_rec_key(const struct health_rec *, char *buf, size_t len);
+/* Its windows: limit[w] (0: none) for minute, hour, day; calendar or rolling. */
+void health_rec_windows(const struct health_rec *, uint32_t limit[3], bool *calendar);
+/* Calls fn for every message of this instance that counts in window w
+ * (0..2) at now and is no longer under way: its cell's index and when it
+ * stops counting. */
+typedef void (*health_cell_fn)(void *arg, unsigned window, uint32_t index, time_t until);
+void health_rec_counted(const struct health_rec *, time_t now, health_cell_fn fn, void *arg);
+
+/* The link to Redis of the process in slot. */
+enum health_link { HEALTH_LINK_NONE, HEALTH_LINK_DOWN, HEALTH_LINK_UP };
+void health_link_set(struct health *, unsigned slot, enum health_link, time_t now);
+struct health_link_summary {
+	unsigned up, down;               /* worker slots with a link up, down */
+	time_t since;                    /* the latest change among them */
+	uint64_t local_decisions;        /* attempts decided locally for want of a link */
+};
+void health_link_summary(const struct health *, struct health_link_summary *out);
+/* One attempt was decided locally although a cluster is configured. */
+void health_count_local_decision(struct health *);
+/* This start's id, naming its entries in Redis. */
+uint64_t health_instance(const struct health *);
 
 /* For status output: iterate over the records in use. */
 size_t health_count(const struct health *);

@@ -36,7 +36,8 @@
  *     live_rec[1024]           0          1024 x 576
  *     live_user[1024]          589824     1024 x 64
  *     cells[4194304]           655360     4194304 x 8
- *     end                      34209792
+ *     cluster                  34209792   1600
+ *     end                      34211392
  */
 
 #include <stdalign.h>
@@ -120,10 +121,26 @@ struct live_user {
 	alignas(64) _Atomic uint64_t seq;
 };
 
+/*
+ * The instance's share of a cluster (`cluster:`, health_cluster.c): which
+ * processes have their link to Redis up, for -s status and /metrics. The
+ * master only clears a dead worker's link word (as values, like the rest).
+ */
+struct live_cluster {
+	alignas(64) _Atomic uint64_t instance;       /* random, per start: names this
+	                                                instance's entries in Redis */
+	_Atomic uint64_t local_decisions;            /* attempts decided locally for want
+	                                                of a link */
+	_Atomic uint64_t spare[6];
+	_Atomic uint32_t link[HEALTH_MAX_WORKER_SLOTS];      /* enum health_link */
+	_Atomic int64_t link_since[HEALTH_MAX_WORKER_SLOTS]; /* when it last changed */
+};
+
 struct health_live {
 	struct live_rec rec[HEALTH_MAX_DOWNSTREAMS];
 	struct live_user user[HEALTH_MAX_USERS];
 	_Atomic uint64_t cells[HEALTH_POOL_CELLS];
+	struct live_cluster cluster;
 };
 
 /* doc/design.md gives these offsets: keep them true. */
@@ -137,8 +154,12 @@ _Static_assert(offsetof(struct live_rec, sent) == 48 && offsetof(struct live_rec
 _Static_assert(offsetof(struct health_ctl, meta) == 64 && offsetof(struct health_ctl, user) == 262208,
     "control segment as documented");
 _Static_assert(offsetof(struct health_live, user) == 589824 &&
-    offsetof(struct health_live, cells) == 655360 && sizeof(struct health_live) == 34209792,
+    offsetof(struct health_live, cells) == 655360 &&
+    offsetof(struct health_live, cluster) == 34209792 && sizeof(struct health_live) == 34211392,
     "live segment as documented");
+_Static_assert(offsetof(struct live_cluster, link) == 64 &&
+    offsetof(struct live_cluster, link_since) == 576 && sizeof(struct live_cluster) == 1600,
+    "cluster block as documented");
 _Static_assert(sizeof(struct health_hdr) == 64, "header is one cache line");
 _Static_assert(sizeof(struct rec_meta) == 256, "record meta: 4 cache lines");
 _Static_assert(sizeof(struct user_meta) == 256, "user meta: 4 cache lines");
@@ -147,7 +168,7 @@ _Static_assert(sizeof(struct health_ctl) == 64 + HEALTH_MAX_DOWNSTREAMS * 256 +
 _Static_assert(sizeof(struct live_rec) == 576, "live record: 9 cache lines");
 _Static_assert(sizeof(struct live_user) == 64, "live user: 1 cache line");
 _Static_assert(sizeof(struct health_live) == HEALTH_MAX_DOWNSTREAMS * 576 +
-    HEALTH_MAX_USERS * 64 + (size_t)HEALTH_POOL_CELLS * 8, "live layout as documented");
+    HEALTH_MAX_USERS * 64 + (size_t)HEALTH_POOL_CELLS * 8 + 1600, "live layout as documented");
 
 /* What downstream_cfg->health and user_cfg->health point to: a handle in
  * the process's own memory, so that no pointer is ever read from shared
@@ -255,6 +276,13 @@ atext_load(char *dst, size_t dstlen, const _Atomic unsigned char *src, size_t si
 /* After loading a state file: a run that is over has nothing in flight, no
  * trial under way, and its unfinished reservations count as sent. */
 void health_settle(struct health *h);
+
+/* --- health_cluster.c */
+
+/* A fresh segment: this start's instance id. */
+void health_cluster_init(struct health *h);
+/* The master: a dead process's link is no longer anyone's. */
+void health_cluster_gone(struct health *h, unsigned slot);
 
 /* --- health_segment.c */
 

@@ -442,3 +442,41 @@ quota_adopt(struct health *h, uint32_t i)
 		}
 	}
 }
+
+/* --- for the cluster (cluster.c) */
+
+void
+health_rec_windows(const struct health_rec *r, uint32_t limit[WIN_COUNT], bool *calendar)
+{
+	*calendar = false;
+	for (int w = 0; w < WIN_COUNT; w++) {
+		struct window_desc q = window_of(r->h, r->i, w, NULL);
+
+		limit[w] = q.capacity;
+		if (q.capacity > 0 && q.calendar)
+			*calendar = true;
+	}
+}
+
+void
+health_rec_counted(const struct health_rec *r, time_t now, health_cell_fn fn, void *arg)
+{
+	uint32_t t = secs32(now);
+
+	for (int w = 0; w < WIN_COUNT; w++) {
+		struct window_desc q = window_of(r->h, r->i, w, NULL);
+		uint32_t span = health_window_seconds[w];
+
+		for (uint32_t j = 0; j < q.capacity; j++) {
+			uint64_t v = atomic_load_explicit(&cells_of(r->h, q)[j], memory_order_relaxed);
+			uint32_t at = (uint32_t)(v & CELL_TIME);
+			time_t until;
+
+			if ((v & CELL_PENDING) || at == 0 || cell_free(v & ~CELL_FROZEN, t, span,
+			    q.calendar))
+				continue;
+			until = q.calendar ? (time_t)(at / span + 1) * span : (time_t)at + span;
+			fn(arg, (unsigned)w, j, until);
+		}
+	}
+}

@@ -133,6 +133,7 @@ health_segment_new(void)
 	/* Only the master's writable view of the live segment is used: the
 	 * read-only one exists for the descriptor it was made from. */
 	munmap(live_ro, h->live_size);
+	health_cluster_init(h);
 	return h;
 }
 
