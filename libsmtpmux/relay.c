@@ -8,6 +8,7 @@
 
 #include <event2/event.h>
 
+#include "cluster.h"
 #include "health.h"
 #include "log.h"
 #include "relay.h"
@@ -32,6 +33,11 @@
  * With early connect, a relay is prepared at the first RCPT: the order is
  * chosen then, and a session to its first downstream logs in while the
  * client sends the message. Health is only touched per attempt, at the dot.
+ *
+ * With a cluster (cluster.h) two steps wait for Redis, each bounded by
+ * cluster.timeout_ms and decided locally when no answer comes: the user's
+ * message number before the selector runs, and each attempt's admission
+ * (circuit, throttle, trial and quotas of all instances) before it starts.
  */
 
 struct relay {
@@ -56,6 +62,22 @@ struct relay {
 
 	struct upstream *early;              /* early session to order[early_idx] */
 	size_t early_idx;
+
+	/* With a cluster: the call the relay waits for, and what waits on it. */
+	struct cluster_call *pending;
+	bool ordered;                        /* the selector has run */
+	bool begun;                          /* relay_begin() was called */
+	bool prepared;                       /* relay_prepare(): connect early once ordered */
+	struct envelope_copy {               /* prepare's envelope, for a late selector */
+		char *mail_from;
+		char **rcpts;
+		size_t n_rcpts;
+		enum smtp_body body;
+	} env;
+	size_t cand;                         /* the downstream being admitted */
+	bool cand_last_resort;
+	time_t cand_now;
+	struct cluster_attempt att;          /* the attempt under way, as the cluster knows it */
 
 	unsigned attempts;
 	bool retry_later;                    /* some failure was not the message's fault */
@@ -260,9 +282,46 @@ perm_text(const struct relay *r, char *out, size_t len)
 }
 
 static void
+envelope_free(struct envelope_copy *e)
+{
+	for (size_t i = 0; i < e->n_rcpts; i++)
+		free(e->rcpts[i]);
+	free(e->rcpts);
+	free(e->mail_from);
+	memset(e, 0, sizeof(*e));
+}
+
+/* relay_prepare()'s envelope is the caller's for that call only: the
+ * selector may run later, when the cluster's sequence number comes. */
+static int
+envelope_keep(struct envelope_copy *e, const struct upstream_msg *env)
+{
+	e->body = env->body;
+	if ((e->mail_from = strdup(env->mail_from != NULL ? env->mail_from : "")) == NULL ||
+	    (e->rcpts = calloc(env->n_rcpts + 1, sizeof(*e->rcpts))) == NULL)
+		return -1;
+	for (; e->n_rcpts < env->n_rcpts; e->n_rcpts++)
+		if ((e->rcpts[e->n_rcpts] = strdup(env->rcpts[e->n_rcpts])) == NULL)
+			return -1;
+	return 0;
+}
+
+static void end_health(struct relay *r, const struct downstream_cfg *ds, time_t begun,
+    enum health_outcome outcome, unsigned latency_ms, const char *error);
+
+static void
 relay_free(struct relay *r)
 {
+	if (r->pending != NULL) {
+		cluster_call_cancel(r->pending);
+		/* An admission under way holds this instance's quota cells (the
+		 * cluster gives back its own if it admits the attempt now). */
+		if (r->ordered && has_health(r, &r->user->downstreams[r->cand]))
+			health_end_shared(r->user->downstreams[r->cand].health, health_cfg_of(r),
+			    r->rt->worker_slot, r->cand_now, r->cand_now, HEALTH_CANCELLED, 0, NULL);
+	}
 	upstream_release(r->early);
+	envelope_free(&r->env);
 	free(r->order);
 	free(r->later);
 	event_free(r->kick);
@@ -311,6 +370,28 @@ finish(struct relay *r, bool ok)
 }
 
 /*
+ * Ends an attempt begun at `begun` in the health segment and, with a
+ * cluster, in Redis: when the cluster took its END, its circuit and
+ * throttle effects are the cluster's (mirrored back with the reply).
+ */
+static void
+end_health(struct relay *r, const struct downstream_cfg *ds, time_t begun,
+    enum health_outcome outcome, unsigned latency_ms, const char *error)
+{
+	time_t now = time(NULL);
+
+	if (!has_health(r, ds))
+		return;
+	if (cluster_end(r->rt->cluster, ds, &r->att, outcome))
+		health_end_shared(ds->health, health_cfg_of(r), r->rt->worker_slot, begun, now,
+		    outcome, latency_ms, error);
+	else
+		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot, begun, now,
+		    outcome, latency_ms, error);
+	memset(&r->att, 0, sizeof(r->att));
+}
+
+/*
  * Ends the health bookkeeping of an attempt that produced no verdict
  * (cancelled because the client left or the worker stops, or never
  * started): the in-flight count, quota reservation and half-open trial are
@@ -320,9 +401,7 @@ finish(struct relay *r, bool ok)
 static void
 release_attempt(struct relay *r, const struct downstream_cfg *ds, const char *why)
 {
-	if (has_health(r, ds))
-		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
-		    r->cur_started, time(NULL), HEALTH_CANCELLED, 0, why);
+	end_health(r, ds, r->cur_started, HEALTH_CANCELLED, 0, why);
 }
 
 /* --- attempts ---------------------------------------------------------------------- */
@@ -352,10 +431,8 @@ attempt_done(void *arg, const struct upstream_result *res)
 	}
 	outcome = res->status == UPSTREAM_OK ? HEALTH_OK :
 	    res->throttle ? HEALTH_THROTTLED : HEALTH_FAIL;
-	if (has_health(r, ds))
-		health_end_since(ds->health, ds, health_cfg_of(r), r->rt->worker_slot,
-		    r->cur_started, time(NULL), outcome, res->latency_ms,
-		    res->status == UPSTREAM_OK ? NULL : masked.text);
+	end_health(r, ds, r->cur_started, outcome, res->latency_ms,
+	    res->status == UPSTREAM_OK ? NULL : masked.text);
 	log_attempt(r, ds, &masked);
 	if (res->status == UPSTREAM_OK) {
 		finish(r, true);
@@ -409,6 +486,126 @@ attempt_start(struct relay *r, const struct downstream_cfg *ds, size_t idx)
 	return upstream_start(r->rt, ds, r->msg, r->deadline_ms, attempt_done, r);
 }
 
+/* What becomes of the downstream a relay turns to next. */
+enum admit {
+	ADMIT_GO,                            /* try it now */
+	ADMIT_LATER,                         /* down, throttled or trial taken: last resort */
+	ADMIT_SKIP,                          /* not for this message (quota, even as last resort) */
+	ADMIT_WAIT                           /* the cluster is asked; admitted() goes on */
+};
+
+/* The decision a single instance makes, from the health segment alone. */
+static enum admit
+admit_local(struct relay *r, const struct downstream_cfg *ds, bool last_resort, time_t now)
+{
+	bool begun = last_resort ?
+	    health_begin_last_resort(ds->health, ds, r->rt->worker_slot, now) :
+	    health_begin(ds->health, ds, r->rt->worker_slot, now);
+
+	if (begun)
+		return ADMIT_GO;
+	return last_resort ? ADMIT_SKIP : ADMIT_LATER;
+}
+
+static void admitted(void *arg, enum cluster_admit verdict, const char *why);
+
+/*
+ * With a link to the cluster, this instance's own quota cells first (a
+ * window it filled alone is full for all), then the cluster's BEGIN. The
+ * link down, the decision is local, and the attempt keeps a name under
+ * which a delivery is counted in the cluster once the link is back.
+ */
+static enum admit
+admit(struct relay *r, const struct downstream_cfg *ds, size_t idx, bool last_resort, time_t now)
+{
+	struct cluster *cl = r->rt->cluster;
+
+	if (!has_health(r, ds))
+		return ADMIT_GO;
+	if (cluster_active(cl)) {
+		if (!health_begin_shared(ds->health, r->rt->worker_slot, now))
+			return last_resort ? ADMIT_SKIP : ADMIT_LATER;
+		r->cand = idx;
+		r->cand_last_resort = last_resort;
+		r->cand_now = now;
+		r->pending = cluster_admit(cl, ds, !last_resort, &r->att, admitted, r);
+		if (r->pending != NULL)
+			return ADMIT_WAIT;
+		health_end_shared(ds->health, health_cfg_of(r), r->rt->worker_slot, now, now,
+		    HEALTH_CANCELLED, 0, NULL);
+	} else if (cl != NULL) {
+		(void)cluster_admit(cl, ds, !last_resort, &r->att, NULL, NULL);
+	}
+	return admit_local(r, ds, last_resort, now);
+}
+
+static bool
+attempt_go(struct relay *r, const struct downstream_cfg *ds, size_t idx, time_t now)
+{
+	r->attempts++;
+	r->cur = ds;
+	r->cur_started = now;
+	r->up = attempt_start(r, ds, idx);
+	if (r->up != NULL)
+		return true;
+	log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
+	    r->msg->id, ds->name, ds->addr);
+	release_attempt(r, ds, "cannot start a delivery attempt");
+	r->retry_later = true;
+	return false;
+}
+
+/* Acts on an admission; true when an attempt is under way. */
+static bool
+admit_apply(struct relay *r, const struct downstream_cfg *ds, size_t idx, enum admit a,
+    const char *why, time_t now)
+{
+	switch (a) {
+	case ADMIT_GO:
+		return attempt_go(r, ds, idx, now);
+	case ADMIT_LATER:
+		r->later[r->n_later++] = idx;
+		return false;
+	case ADMIT_SKIP:
+		log_skipped(r, ds, why != NULL ? why : refusal_reason(r, ds, now));
+		r->retry_later = true;   /* the quota comes back; so may the message */
+		return false;
+	default:
+		return true;
+	}
+}
+
+/* The cluster's verdict on r->cand. */
+static void
+admitted(void *arg, enum cluster_admit verdict, const char *why)
+{
+	struct relay *r = arg;
+	const struct downstream_cfg *ds = &r->user->downstreams[r->cand];
+	struct timeval zero = { 0, 0 };
+	enum admit a = ADMIT_GO;
+
+	r->pending = NULL;
+	if (verdict != CLUSTER_ADMIT_OK)
+		health_end_shared(ds->health, health_cfg_of(r), r->rt->worker_slot, r->cand_now,
+		    r->cand_now, HEALTH_CANCELLED, 0, NULL);
+	switch (verdict) {
+	case CLUSTER_ADMIT_OK:
+		break;
+	case CLUSTER_ADMIT_LATER:
+		a = r->cand_last_resort ? ADMIT_SKIP : ADMIT_LATER;
+		break;
+	case CLUSTER_ADMIT_OVER_QUOTA:
+		a = ADMIT_SKIP;
+		break;
+	case CLUSTER_ADMIT_LOCAL:
+		a = admit_local(r, ds, r->cand_last_resort, r->cand_now);
+		why = NULL;
+		break;
+	}
+	if (!admit_apply(r, ds, r->cand, a, why, r->cand_now))
+		evtimer_add(r->kick, &zero);
+}
+
 /*
  * Starts the next attempt the quotas allow, or ends the relay. A
  * downstream whose circuit is open or that is throttled waits until every
@@ -421,7 +618,7 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 	struct relay *r = arg;
 	const struct downstream_cfg *ds;
 	size_t idx;
-	bool last_resort, begun;
+	bool last_resort;
 	time_t now;
 	int64_t left;
 	char why[64];
@@ -448,36 +645,15 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 			r->retry_later = true;
 			continue;
 		}
-		if (has_health(r, ds)) {
-			begun = last_resort ?
-			    health_begin_last_resort(ds->health, ds, r->rt->worker_slot, now) :
-			    health_begin(ds->health, ds, r->rt->worker_slot, now);
-			if (!begun && !last_resort) {
-				r->later[r->n_later++] = idx;
-				continue;
-			}
-			if (!begun) {
-				log_skipped(r, ds, refusal_reason(r, ds, now));
-				r->retry_later = true;   /* the quota comes back; so may the message */
-				continue;
-			}
-		}
-		r->attempts++;
-		r->cur = ds;
-		r->cur_started = now;
-		r->up = attempt_start(r, ds, idx);
-		if (r->up != NULL)
+		if (admit_apply(r, ds, idx, admit(r, ds, idx, last_resort, now), NULL, now))
 			return;
-		log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
-		    r->msg->id, ds->name, ds->addr);
-		release_attempt(r, ds, "cannot start a delivery attempt");
-		r->retry_later = true;
 	}
 	finish(r, false);
 }
 
+/* seq: the cluster's message number when shared, else the local one. */
 static size_t
-order_downstreams(struct relay *r, const char *client_addr)
+order_downstreams(struct relay *r, const struct upstream_msg *msg, bool shared, uint64_t seq)
 {
 	const struct user_cfg *u = r->user;
 	struct smtpmux_downstream_view *views;
@@ -491,12 +667,12 @@ order_downstreams(struct relay *r, const char *client_addr)
 		fill_view(r, &u->downstreams[i], now, &views[i]);
 	memset(&env, 0, sizeof(env));
 	env.user = u->email;
-	env.mail_from = r->msg->mail_from;
-	env.rcpts = r->msg->rcpts;
-	env.n_rcpts = r->msg->n_rcpts;
+	env.mail_from = msg->mail_from;
+	env.rcpts = msg->rcpts;
+	env.n_rcpts = msg->n_rcpts;
 	env.size = r->size;
-	env.client_addr = client_addr != NULL ? client_addr : "";
-	env.sequence = r->rt->health != NULL && u->health != NULL ?
+	env.client_addr = r->client != NULL ? r->client : "";
+	env.sequence = shared ? seq : r->rt->health != NULL && u->health != NULL ?
 	    health_user_next(u->health) : 0;
 	if (u->selector != NULL)
 		n = selector_order(u->selector, &env, views, u->n_downstreams, r->order);
@@ -511,10 +687,42 @@ order_downstreams(struct relay *r, const char *client_addr)
 	return n;
 }
 
-/* A relay with its order chosen (the selector runs here, once). */
+static void early_start(struct relay *r);
+
+/* The envelope the selector sees: the message once it is there. */
+static void
+order_now(struct relay *r, bool shared, uint64_t seq)
+{
+	struct upstream_msg kept = {
+		.mail_from = r->env.mail_from, .rcpts = (const char *const *)r->env.rcpts,
+		.n_rcpts = r->env.n_rcpts, .body = r->env.body,
+	};
+
+	r->n_order = order_downstreams(r, r->msg != NULL ? r->msg : &kept, shared, seq);
+	r->ordered = true;
+}
+
+/* The cluster's message number came (or none will: shared is false). */
+static void
+sequenced(void *arg, bool shared, uint64_t seq)
+{
+	struct relay *r = arg;
+	struct timeval zero = { 0, 0 };
+
+	r->pending = NULL;
+	order_now(r, shared, seq);
+	envelope_free(&r->env);
+	if (r->begun)
+		evtimer_add(r->kick, &zero);
+	else if (r->prepared)
+		early_start(r);
+}
+
+/* A relay with its order chosen (the selector runs here, once), or being
+ * chosen when the cluster's sequence number comes. */
 static struct relay *
 relay_new(struct runtime *rt, const struct user_cfg *user, const struct upstream_msg *env,
-    uint64_t size, const char *client_addr)
+    uint64_t size, const char *client_addr, bool prepared)
 {
 	struct relay *r;
 
@@ -525,15 +733,23 @@ relay_new(struct runtime *rt, const struct user_cfg *user, const struct upstream
 	r->msg = env;
 	r->client = client_addr;
 	r->size = size;
+	r->prepared = prepared;
 	if ((r->order = calloc(user->n_downstreams + 1, sizeof(*r->order))) == NULL ||
 	    (r->later = calloc(user->n_downstreams + 1, sizeof(*r->later))) == NULL ||
-	    (r->kick = evtimer_new(rt->base, relay_step, r)) == NULL) {
+	    (r->kick = evtimer_new(rt->base, relay_step, r)) == NULL ||
+	    (prepared && cluster_active(rt->cluster) && envelope_keep(&r->env, env) < 0)) {
+		envelope_free(&r->env);
 		free(r->order);
 		free(r->later);
+		if (r->kick != NULL)
+			event_free(r->kick);
 		free(r);
 		return NULL;
 	}
-	r->n_order = order_downstreams(r, client_addr);
+	if ((r->pending = cluster_sequence(rt->cluster, user, sequenced, r)) == NULL) {
+		envelope_free(&r->env);
+		order_now(r, false, 0);
+	}
 	return r;
 }
 
@@ -555,10 +771,13 @@ relay_begin(struct relay *r, const struct upstream_msg *msg, uint64_t size,
 	r->size = size;
 	r->done = done;
 	r->arg = arg;
+	r->begun = true;
 	gettimeofday(&r->t0, NULL);
 	r->deadline_ms = runtime_now_ms() + (int64_t)relay_deadline_s(r) * 1000;
-	/* Even "nothing to try" is answered from the loop, never inside relay_start(). */
-	evtimer_add(r->kick, &now);
+	/* Even "nothing to try" is answered from the loop, never inside
+	 * relay_start(); an order still being chosen kicks it when it is. */
+	if (r->ordered)
+		evtimer_add(r->kick, &now);
 	return r;
 }
 
@@ -567,7 +786,7 @@ relay_start(struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *msg, uint64_t size, const char *client_addr,
     relay_done_fn done, void *arg)
 {
-	struct relay *r = relay_new(rt, user, msg, size, client_addr);
+	struct relay *r = relay_new(rt, user, msg, size, client_addr, false);
 
 	return r != NULL ? relay_begin(r, msg, size, done, arg) : NULL;
 }
@@ -578,25 +797,33 @@ early_connect_on(const struct runtime *rt)
 	return rt->cache != NULL && rt->cfg != NULL && rt->cfg->connection_cache.early_connect;
 }
 
+/* Only where the message will go first: a downstream that is down or over
+ * quota gets no session it would not use. */
+static void
+early_start(struct relay *r)
+{
+	struct smtpmux_downstream_view v;
+
+	if (r->n_order == 0)
+		return;
+	fill_view(r, &r->user->downstreams[r->order[0]], time(NULL), &v);
+	if (v.available) {
+		r->early_idx = r->order[0];
+		r->early = upstream_prepare(r->rt, &r->user->downstreams[r->early_idx]);
+	}
+}
+
 struct relay *
 relay_prepare(struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *env, uint64_t size, const char *client_addr)
 {
-	struct smtpmux_downstream_view v;
 	struct relay *r;
 
-	if (!early_connect_on(rt) || (r = relay_new(rt, user, env, size, client_addr)) == NULL)
+	if (!early_connect_on(rt) || (r = relay_new(rt, user, env, size, client_addr, true)) == NULL)
 		return NULL;
 	r->msg = NULL;                       /* env is the caller's, for the selector only */
-	if (r->n_order > 0) {
-		/* Only where the message will go first: a downstream that is
-		 * down or over quota gets no session it would not use. */
-		fill_view(r, &user->downstreams[r->order[0]], time(NULL), &v);
-		if (v.available) {
-			r->early_idx = r->order[0];
-			r->early = upstream_prepare(rt, &user->downstreams[r->early_idx]);
-		}
-	}
+	if (r->ordered)
+		early_start(r);
 	return r;
 }
 

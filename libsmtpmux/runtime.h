@@ -10,6 +10,7 @@
 #include <event2/event.h>
 
 struct client_table;
+struct cluster;
 struct config;
 struct health;
 struct passwd_cache;
@@ -34,6 +35,7 @@ struct runtime {
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */
 	struct upstream_cache *cache;    /* idle downstream sessions; NULL: no reuse */
 	struct passwd_cache *pwcache;    /* verified password hashes; may be NULL */
+	struct cluster *cluster;         /* `cluster:` (cluster.h); NULL without one */
 };
 
 /* Milliseconds on the monotonic clock: deadlines that a changed wall

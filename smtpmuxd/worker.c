@@ -16,6 +16,7 @@
 
 #include "client_table.h"
 #include "accept_room.h"
+#include "cluster.h"
 #include "conn.h"
 #include "idle_trim.h"
 #include "log.h"
@@ -948,6 +949,9 @@ worker_setup(struct worker *w, const struct worker_params *p)
 	if (w->cfg->connection_cache.enabled &&
 	    (w->rt.cache = upstream_cache_new(&w->cfg->connection_cache)) == NULL)
 		return -1;
+	/* Its own link to Redis, on this loop (after the privilege drop). */
+	if (w->cfg->cluster.enabled && (w->rt.cluster = cluster_new(&w->rt)) == NULL)
+		return -1;
 	if (w->ev_stop == NULL || w->ev_retire == NULL || w->ev_retire_end == NULL ||
 	    w->ev_reopen == NULL || w->ev_deadline == NULL ||
 	    w->ev_accept_resume == NULL || w->trim == NULL)
@@ -1016,6 +1020,9 @@ worker_cleanup(struct worker *w)
 	event_free_if(w->ev_retire_end);
 	upstream_free_lingering(&w->rt);
 	upstream_cache_free(w->rt.cache);
+	/* The last ENDs go out before the link does. */
+	cluster_flush(w->rt.cluster);
+	cluster_free(w->rt.cluster);
 	log_password_cache(w->rt.pwcache);
 	passwd_cache_free(w->rt.pwcache);
 	if (w->rt.dns != NULL)
