@@ -178,6 +178,7 @@ show_status(const char *path)
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
 	status_print(stdout, h, &cfg->health, time(NULL));
+	status_print_cluster(stdout, cfg, h);
 	health_destroy(h);
 	config_free(cfg);
 	return SMTPMUXD_EXIT_OK;

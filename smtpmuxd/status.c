@@ -16,6 +16,7 @@
 #include "netaddr.h"
 #include "status.h"
 #include "status_page.h"
+#include "status_snapshot.h"
 
 /* --- reading the segment */
 
@@ -127,6 +128,21 @@ status_print(FILE *out, const struct health *h, const struct health_cfg *hc, tim
 	if (ss.n == 0)
 		fprintf(out, "(no downstreams)\n");
 	free(ss.s);
+}
+
+void
+status_print_cluster(FILE *out, const struct config *cfg, const struct health *h)
+{
+	struct status_cluster_summary c;
+
+	status_cluster_take(&c, cfg, h);
+	if (!c.present)
+		return;
+	fprintf(out, "cluster: %s: link %s in %u of %u workers; STATE and FAILS are the "
+	    "cluster's, the other columns this instance's; %" PRIu64 " attempts decided "
+	    "locally for want of a link\n", c.address,
+	    c.workers > 0 && c.linked == c.workers ? "up" : "down", c.linked, c.workers,
+	    c.local_decisions);
 }
 
 /* --- Prometheus text exposition */
@@ -250,6 +266,34 @@ add_windows(struct evbuffer *out, const struct snapshots *ss)
 }
 
 int
+status_metrics_cluster(struct evbuffer *out, const struct config *cfg, const struct health *h)
+{
+	struct status_cluster_summary c;
+	int rc = 0;
+
+	status_cluster_take(&c, cfg, h);
+	if (!c.present)
+		return 0;
+	rc |= add_family(out, "smtpmux_cluster_workers_linked", "gauge",
+	    "Workers whose link to the cluster's Redis is up (the downstreams' state is then "
+	    "the cluster's).");
+	rc |= evbuffer_add_printf(out, "smtpmux_cluster_workers_linked %u\n", c.linked) < 0;
+	rc |= add_family(out, "smtpmux_cluster_workers", "gauge",
+	    "Workers that keep a link to the cluster's Redis.");
+	rc |= evbuffer_add_printf(out, "smtpmux_cluster_workers %u\n", c.workers) < 0;
+	rc |= add_family(out, "smtpmux_cluster_link_up", "gauge",
+	    "1 while every worker's link to the cluster is up.");
+	rc |= evbuffer_add_printf(out, "smtpmux_cluster_link_up %d\n",
+	    c.workers > 0 && c.linked == c.workers) < 0;
+	rc |= add_family(out, "smtpmux_cluster_local_decisions_total", "counter",
+	    "Delivery attempts decided by this instance alone for want of a link (quotas "
+	    "per instance then).");
+	rc |= evbuffer_add_printf(out, "smtpmux_cluster_local_decisions_total %" PRIu64 "\n",
+	    c.local_decisions) < 0;
+	return rc ? -1 : 0;
+}
+
+int
 status_metrics(struct evbuffer *out, const struct health *h,
     const struct health_cfg *hc, time_t now)
 {
@@ -298,7 +342,8 @@ metrics_cb(struct evhttp_request *req, void *arg)
 	struct status_http *sh = arg;
 	struct evbuffer *buf;
 
-	if ((buf = evbuffer_new()) == NULL || status_metrics(buf, sh->health, sh->hc, time(NULL)) < 0) {
+	if ((buf = evbuffer_new()) == NULL || status_metrics(buf, sh->health, sh->hc, time(NULL)) < 0 ||
+	    status_metrics_cluster(buf, sh->cfg, sh->health) < 0) {
 		log_warn("status: out of memory building /metrics");
 		if (buf != NULL)
 			evbuffer_free(buf);

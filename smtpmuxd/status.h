@@ -21,6 +21,9 @@
  * quota window against its limit, totals, last error).
  */
 void status_print(FILE *out, const struct health *h, const struct health_cfg *hc, time_t now);
+/* With a `cluster:` section, one line after the table: the link of each
+ * worker, and which columns are the cluster's. */
+void status_print_cluster(FILE *out, const struct config *cfg, const struct health *h);
 
 /*
  * The Prometheus text exposition of every downstream, appended to out (an
@@ -29,6 +32,9 @@ void status_print(FILE *out, const struct health *h, const struct health_cfg *hc
 struct evbuffer;
 int status_metrics(struct evbuffer *out, const struct health *h,
     const struct health_cfg *hc, time_t now);
+/* smtpmux_cluster_* (with a `cluster:` section only). 0, or -1 out of memory. */
+int status_metrics_cluster(struct evbuffer *out, const struct config *cfg,
+    const struct health *h);
 
 /*
  * `status_listen:`: serves, in base's loop, GET / (the status page of

@@ -170,6 +170,26 @@ put_queue(struct page *p, const struct status_queue_summary *q)
 	put(p, "</dd>\n</dl>\n</section>\n");
 }
 
+/* Shown only with a `cluster:` section (struct status_cluster_summary). */
+static void
+put_cluster(struct page *p, const struct status_cluster_summary *c)
+{
+	bool up;
+
+	if (!c->present)
+		return;
+	put(p, "<section id=\"cluster\">\n<h2>Cluster</h2>\n<dl>\n<dt>Redis</dt><dd>");
+	put_text(p, c->address);
+	up = c->workers > 0 && c->linked == c->workers;
+	putf(p, "</dd>\n<dt>Link</dt><dd data-field=\"link\"><span class=\"state st-%s\">%s"
+	    "</span> in %u of %u workers</dd>\n", up ? "up" : "down", up ? "up" : "down",
+	    c->linked, c->workers);
+	putf(p, "<dt>Decided locally</dt><dd class=\"num\" data-field=\"local\">%" PRIu64
+	    " attempts</dd>\n</dl>\n<p>State and failures are the cluster's; quota use, "
+	    "messages in flight, latency and totals are this instance's.</p>\n</section>\n",
+	    c->local_decisions);
+}
+
 static void
 put_window(struct page *p, const char *window, uint32_t sent, uint32_t limit)
 {
@@ -254,6 +274,7 @@ status_page_render(struct evbuffer *out, const struct status_snapshot *s)
 
 	put_head(&p, s);
 	put_queue(&p, &s->queue);
+	put_cluster(&p, &s->cluster);
 	put(&p, "<main>\n");
 	for (size_t i = 0; i < s->n_users; i++)
 		put_user(&p, &s->users[i], i);

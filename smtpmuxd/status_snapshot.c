@@ -44,7 +44,26 @@ status_snapshot_take(struct status_snapshot *out, const struct config *cfg,
 		}
 	}
 	/* queue summary: the queue fills out->queue here once it exists. */
+	status_cluster_take(&out->cluster, cfg, h);
 	return 0;
+}
+
+void
+status_cluster_take(struct status_cluster_summary *out, const struct config *cfg,
+    const struct health *h)
+{
+	struct health_link_summary ls;
+
+	memset(out, 0, sizeof(*out));
+	if (!cfg->cluster.enabled)
+		return;
+	health_link_summary(h, &ls);
+	out->present = true;
+	snprintf(out->address, sizeof(out->address), "%s", cfg->cluster.url.display);
+	out->linked = ls.up;
+	out->workers = ls.up + ls.down;
+	out->since = ls.since;
+	out->local_decisions = ls.local_decisions;
 }
 
 void

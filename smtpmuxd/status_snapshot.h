@@ -40,13 +40,32 @@ struct status_queue_summary {
 	uint64_t oldest_age;             /* seconds since the oldest was accepted */
 };
 
+/*
+ * Several instances sharing state through Redis (`cluster:`): shown only
+ * when present. A downstream's state and consecutive failures are then the
+ * cluster's (each worker mirrors what Redis says); the rest is this
+ * instance's.
+ */
+struct status_cluster_summary {
+	bool present;
+	char address[192];               /* the Redis address, without a password */
+	unsigned linked, workers;        /* workers with their link up, workers */
+	time_t since;                    /* the latest change of a worker's link */
+	uint64_t local_decisions;        /* attempts decided locally for want of a link */
+};
+
 struct status_snapshot {
 	time_t now;
 	char hostname[256];
 	struct status_user *users;
 	size_t n_users;
 	struct status_queue_summary queue;
+	struct status_cluster_summary cluster;
 };
+
+/* The cluster summary of cfg's daemon from h. */
+void status_cluster_take(struct status_cluster_summary *out, const struct config *cfg,
+    const struct health *h);
 
 /* Takes a snapshot of cfg's users from h at now. 0, or -1 out of memory. */
 int status_snapshot_take(struct status_snapshot *out, const struct config *cfg,
