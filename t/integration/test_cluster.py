@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: MIT
+"""Several instances sharing quotas, health and rotation through Redis.
+
+A real redis-server (redis_server.py) and two smtpmuxd instances with
+their own ports, state files and logs, the downstreams real aiosmtpd
+servers; what arrives there is what is checked.
+"""
+
+import os
+import re
+import signal
+import unittest
+
+from harness import (Daemon, DaemonTestCase, free_port, make_message, plain_downstream,
+                     send, user_entry, wait_until)
+from redis_server import RedisServer
+
+USER, PASSWORD = "app@example.com", "app-password"
+
+
+class ClusterTestCase(DaemonTestCase):
+    def redis(self, **kwargs):
+        r = RedisServer(self.tmpdir, **kwargs).start()
+        self.addCleanup(r.stop)
+        return r
+
+    def cluster(self, redis, **extra):
+        c = {"redis": redis.url, "retry_interval": 1, "timeout_ms": 1000}
+        c.update(extra)
+        return c
+
+    def instance(self, name, config):
+        """One smtpmuxd of the cluster, in a folder of its own."""
+        folder = os.path.join(self.tmpdir, name)
+        os.makedirs(folder, exist_ok=True)
+        d = Daemon(folder, config)
+        self.addCleanup(self._stop_instance, d, folder)
+        return d.start()
+
+    def _stop_instance(self, d, folder):
+        saved = self.tmpdir
+        self.tmpdir = folder              # where its valgrind reports are
+        try:
+            self._stop_daemon(d)
+        finally:
+            self.tmpdir = saved
+
+    def wait_linked(self, *daemons):
+        """Every worker of every daemon has its link to Redis up."""
+        for d in daemons:
+            wait_until(lambda: "link up in %d of %d workers" % (d.config["workers"], d.config["workers"])
+                       in d.status(), what="the cluster link of %s" % d.config_path)
+
+    def pair(self, redis, users, **cfg):
+        base = {"allow_insecure_auth": True, "workers": 2, "users": users,
+                "cluster": self.cluster(redis)}
+        base.update(cfg)
+        a = self.instance("a", dict(base))
+        b = self.instance("b", dict(base))
+        self.wait_linked(a, b)
+        return a, b
+
+    def send_to(self, daemon, i):
+        return send(daemon.port, USER, PASSWORD, msg=make_message(subject="message %d" % i))
+
+
+class TestSharedQuota(ClusterTestCase):
+    def test_max_per_hour_is_exact_across_instances(self):
+        """30 messages sent alternately to two instances: a `max_per_hour: 10`
+        downstream receives exactly 10 (each instance alone would let 10 through)."""
+        redis = self.redis()
+        ds = self.downstream()
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])])
+        codes = [self.send_to(a if i % 2 == 0 else b, i)[0] for i in range(30)]
+        self.assertEqual(codes.count(250), 10, codes)
+        self.assertEqual(codes.count(451), 20, codes)
+        self.assertEqual(ds.handler.count(), 10)
+        # The cluster's window holds them; each instance's own holds its share.
+        key = "smtpmux:ds:{%s}:hour" % ds.addr
+        self.assertEqual(redis.command("ZCARD", key), 10)
+
+
+class TestSharedHealth(ClusterTestCase):
+    def test_dead_downstream_found_by_one_is_skipped_by_the_other(self):
+        redis = self.redis()
+        ok = self.downstream()
+        dead = "127.0.0.1:%d" % free_port()       # nothing listens there
+        users = [user_entry(USER, PASSWORD, [plain_downstream(dead, name="dead"),
+                                             plain_downstream(ok, name="ok")],
+                            selector="failover")]
+        a, b = self.pair(redis, users, health={"fail_threshold": 2, "cooldown": 600})
+        for i in range(2):
+            self.assertEqual(self.send_to(a, i)[0], 250)
+        self.assertEqual(a.log_text().count("relay=dead["), 2)
+        for i in range(2, 5):
+            self.assertEqual(self.send_to(b, i)[0], 250)
+        self.assertEqual(ok.handler.count(), 5)
+        # b never tried it: another instance had found it dead.
+        self.assertNotIn("relay=dead[", b.log_text())
+        self.assertIn("attempts=1 status=sent", b.log_text())
+
+
+class TestSharedRotation(ClusterTestCase):
+    def test_round_robin_alternates_across_instances(self):
+        redis = self.redis()
+        d1, d2 = self.downstream(), self.downstream()
+        users = [user_entry(USER, PASSWORD, [plain_downstream(d1), plain_downstream(d2)])]
+        a, b = self.pair(redis, users)
+        for i in range(10):
+            self.assertEqual(self.send_to(a if i % 2 == 0 else b, i)[0], 250)
+
+        def numbers(ds):
+            return sorted(int(re.search(rb"Subject: message (\d+)", m["data"]).group(1))
+                          for m in ds.messages)
+        got = [numbers(d1), numbers(d2)]
+        # One counter for both instances: strictly every other message.
+        self.assertIn(got, ([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], [[1, 3, 5, 7, 9], [0, 2, 4, 6, 8]]))
+
+
+class TestRedisDown(ClusterTestCase):
+    def test_killing_redis_loses_nothing_and_restarting_restores_sharing(self):
+        redis = self.redis()
+        ds = self.downstream()
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])])
+        n = 0
+        for _ in range(4):
+            self.assertEqual(self.send_to(a if n % 2 == 0 else b, n)[0], 250)
+            n += 1
+        redis.kill()
+        for d in (a, b):
+            d.wait_log("cluster: link to %s lost" % redis.url)
+        # Redis is gone: every message is still relayed, each instance
+        # deciding alone.
+        for _ in range(4):
+            self.assertEqual(self.send_to(a if n % 2 == 0 else b, n)[0], 250)
+            n += 1
+        self.assertEqual(ds.handler.count(), 8)
+        # Back, empty (no persistence): each instance counts its own 4 again.
+        redis.start()
+        self.wait_linked(a, b)
+        for d in (a, b):
+            d.wait_log("is back")
+        codes = []
+        for _ in range(6):
+            codes.append(self.send_to(a if n % 2 == 0 else b, n)[0])
+            n += 1
+        self.assertEqual(codes.count(250), 2, codes)
+        self.assertEqual(ds.handler.count(), 10)
+
+
+if __name__ == "__main__":
+    unittest.main()
