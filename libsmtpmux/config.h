@@ -117,8 +117,8 @@ struct health_cfg {
  * config_cluster.c, cluster*.c) */
 struct cluster_cfg {
 	bool enabled;                    /* the section is present */
-	struct cluster_url url;          /* `redis:`, with `username:`, `password:` or
-	                                    `password_file:` folded in */
+	struct cluster_url url;          /* `redis:`, with `username:` and `password_file:`
+	                                    folded in */
 	char *key_prefix;                /* default "smtpmux:" */
 	unsigned timeout_ms;             /* per call; default 250 */
 	unsigned connect_timeout_ms;     /* default 1000 */

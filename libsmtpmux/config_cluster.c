@@ -21,7 +21,6 @@ const cyaml_schema_field_t config_cluster_fields[] = {
 	CYAML_FIELD_STRING_PTR("redis", CYAML_FLAG_DEFAULT, struct raw_cluster, redis,
 	    1, CYAML_UNLIMITED),
 	STR_OPT("username", username),
-	STR_OPT("password", password),
 	STR_OPT("password_file", password_file),
 	CYAML_FIELD_STRING_PTR("key_prefix", OPT, struct raw_cluster, key_prefix,
 	    0, CYAML_UNLIMITED),
@@ -81,8 +80,8 @@ take_url(const struct raw_cluster *raw, struct cluster_cfg *c, const char **key,
 	c->url = url;
 	if (url.password != NULL)
 		*inline_secret = true;
-	if (url.password != NULL && (raw->password != NULL || raw->password_file != NULL))
-		return fail(key, raw->password ? "password" : "password_file", why, whylen,
+	if (url.password != NULL && raw->password_file != NULL)
+		return fail(key, "password_file", why, whylen,
 		    "the redis: address has a password already");
 	if (url.username != NULL && raw->username != NULL)
 		return fail(key, "username", why, whylen, "the redis: address has a user already");
@@ -99,22 +98,11 @@ config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
 	c->enabled = true;
 	if (take_url(raw, c, key, why, whylen, inline_secret) < 0)
 		return -1;
-	if (raw->password != NULL && raw->password_file != NULL)
-		return fail(key, "password_file", why, whylen,
-		    "use either password or password_file, not both");
-	if (raw->password != NULL && strlen(raw->password) > SECRET_MAX)
-		return fail(key, "password", why, whylen, "longer than 255 octets");
-	if (raw->password != NULL) {
-		*inline_secret = true;
-		free(c->url.password);
-		if ((c->url.password = strdup(raw->password)) == NULL)
-			return fail(key, "password", why, whylen, "out of memory");
-	}
 	if (raw->username != NULL && (c->url.username = strdup(raw->username)) == NULL)
 		return fail(key, "username", why, whylen, "out of memory");
 	if (c->url.username != NULL && c->url.password == NULL && raw->password_file == NULL)
-		return fail(key, "username", why, whylen, "needs a password (ACL users log in "
-		    "with one)");
+		return fail(key, "username", why, whylen, "needs a password: in redis: or in "
+		    "password_file (ACL users log in with one)");
 	if (check_prefix(raw->key_prefix ? raw->key_prefix : DEFAULT_KEY_PREFIX, key, why,
 	    whylen) < 0)
 		return -1;

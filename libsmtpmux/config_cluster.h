@@ -19,7 +19,6 @@
 struct raw_cluster {
 	char *redis;
 	char *username;
-	char *password;
 	char *password_file;
 	char *key_prefix;
 	unsigned *timeout_ms;
@@ -33,7 +32,7 @@ extern const cyaml_schema_field_t config_cluster_fields[];
  * Fills c from raw (NULL: the section is absent, and c says disabled).
  * Returns 0, or -1 with the offending key of the section in *key ("" for
  * the section itself) and the reason in why. *inline_secret is set when a
- * password is written in the file (in `password:` or in the URL).
+ * password is written in the file (in the redis: address).
  */
 int config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
     const char **key, char *why, size_t whylen, bool *inline_secret);

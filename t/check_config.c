@@ -13,6 +13,7 @@
 #include <check.h>
 #include <sys/resource.h>
 
+#include "cluster_url.h"
 #include "config.h"
 #include "config_lines.h"
 #include "netaddr.h"
@@ -80,6 +81,7 @@ certs_setup(void)
 		snprintf(line, sizeof(line), "%s\n", hash);
 		write_file(d, "carol.pass", line);
 		write_file(d, "bob-provider.pass", "bob-provider-secret\n");
+		write_file(d, "redis.pass", "redis-secret\n");
 	}
 }
 
@@ -324,6 +326,17 @@ START_TEST(test_full)
 	ck_assert_ptr_eq(cfg->unknown_user_hash, cfg->users[2].password);
 	ck_assert_int_eq(cfg->users[2].downstreams[0].tls, TLS_MODE_MAY);
 	ck_assert(cfg->inline_secrets);
+	ck_assert(cfg->cluster.enabled);
+	ck_assert_str_eq(cfg->cluster.url.host, "redis.example.com");
+	ck_assert_str_eq(cfg->cluster.url.port, "6380");
+	ck_assert_uint_eq(cfg->cluster.url.db, 2);
+	ck_assert_str_eq(cfg->cluster.url.username, "smtpmux");
+	ck_assert_str_eq(cfg->cluster.url.password, "redis-secret");
+	ck_assert_str_eq(cfg->cluster.url.display, "redis://redis.example.com:6380/2");
+	ck_assert_str_eq(cfg->cluster.key_prefix, "relay1:");
+	ck_assert_uint_eq(cfg->cluster.timeout_ms, 100);
+	ck_assert_uint_eq(cfg->cluster.connect_timeout_ms, 500);
+	ck_assert_uint_eq(cfg->cluster.retry_interval, 2);
 
 	ck_assert_uint_eq(cfg->n_clients, 3);
 	ck_assert_str_eq(cfg->clients[0].network, "192.168.1.0/24");
@@ -901,6 +914,12 @@ static const struct bad_case bad_cases[] = {
 	  "malformed $y$ password hash (make one with smtpmuxd -H)", false },
 	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
 	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
+	{ "bad_cluster_tls.yaml", false, 7, "cluster.redis",
+	  "TLS to Redis (rediss://) is not supported by this build: run a local TLS tunnel "
+	  "(stunnel, spiped, haproxy) and point redis:// or unix: at it (see smtpmux.yaml(5))",
+	  false },
+	{ "bad_cluster_username.yaml", false, 8, "cluster.username",
+	  "needs a password: in redis: or in password_file (ACL users log in with one)", false },
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",
 	  "\"user\": the downstream's user is not an e-mail address; write the address "
 	  "to send as", false },
@@ -988,6 +1007,78 @@ START_TEST(test_bool_words)
 	ck_assert(cfg->run_as_root);
 	config_free(cfg);
 	unlink(path);
+}
+END_TEST
+
+/* ---- cluster.redis: the address parser ---- */
+
+struct url_case {
+	const char *text;
+	const char *host, *port, *socket, *user, *password, *display;
+	unsigned db;
+	const char *error;               /* NULL: parses */
+};
+
+static const struct url_case url_cases[] = {
+	{ "redis://127.0.0.1", "127.0.0.1", "6379", NULL, NULL, NULL,
+	  "redis://127.0.0.1:6379/0", 0, NULL },
+	{ "redis://:s3cr%40t@redis.example.com:6380/3", "redis.example.com", "6380", NULL, NULL,
+	  "s3cr@t", "redis://redis.example.com:6380/3", 3, NULL },
+	{ "redis://relay:pw@[::1]:7000/1", "::1", "7000", NULL, "relay", "pw",
+	  "redis://[::1]:7000/1", 1, NULL },
+	{ "redis://pw@host", "host", "6379", NULL, NULL, "pw", "redis://host:6379/0", 0, NULL },
+	{ "unix:/run/redis/redis.sock", NULL, NULL, "/run/redis/redis.sock", NULL, NULL,
+	  "unix:/run/redis/redis.sock?db=0", 0, NULL },
+	{ "unix:///run/redis.sock?db=5", NULL, NULL, "/run/redis.sock", NULL, NULL,
+	  "unix:/run/redis.sock?db=5", 5, NULL },
+	{ "rediss://host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "TLS to Redis" },
+	{ "http://host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "must start with" },
+	{ "redis://host:0", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port" },
+	{ "redis://host:99999", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port" },
+	{ "redis://host/x", NULL, NULL, NULL, NULL, NULL, NULL, 0, "database" },
+	{ "redis://", NULL, NULL, NULL, NULL, NULL, NULL, 0, "no host" },
+	{ "redis://[::1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "missing ]" },
+	{ "redis://:%4@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode" },
+	{ "redis://:%00@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode" },
+	{ "redis://ho st", NULL, NULL, NULL, NULL, NULL, NULL, 0, "blanks" },
+	{ "redis://host?db=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "/N" },
+	{ "unix:relative.sock", NULL, NULL, NULL, NULL, NULL, NULL, 0, "absolute path" },
+	{ "unix:/s?x=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "?db=N" },
+};
+
+static void
+ck_str_or_null(const char *got, const char *want, const char *what)
+{
+	if (want == NULL)
+		ck_assert_msg(got == NULL, "%s: got %s", what, got);
+	else
+		ck_assert_msg(got != NULL && strcmp(got, want) == 0, "%s: got %s, want %s", what,
+		    got ? got : "(null)", want);
+}
+
+START_TEST(test_cluster_url)
+{
+	const struct url_case *c = &url_cases[_i];
+	struct cluster_url u;
+	char why[256] = "";
+	int rc = cluster_url_parse(c->text, &u, why, sizeof(why));
+
+	if (c->error != NULL) {
+		ck_assert_msg(rc == -1, "%s parsed", c->text);
+		ck_assert_msg(strstr(why, c->error) != NULL, "%s: \"%s\" lacks \"%s\"", c->text,
+		    why, c->error);
+		ck_assert_ptr_null(u.display);
+		return;
+	}
+	ck_assert_msg(rc == 0, "%s: %s", c->text, why);
+	ck_str_or_null(u.host, c->host, "host");
+	ck_str_or_null(u.port, c->port, "port");
+	ck_str_or_null(u.socket, c->socket, "socket");
+	ck_str_or_null(u.username, c->user, "username");
+	ck_str_or_null(u.password, c->password, "password");
+	ck_str_or_null(u.display, c->display, "display");
+	ck_assert_uint_eq(u.db, c->db);
+	cluster_url_free(&u);
 }
 END_TEST
 
@@ -1193,6 +1284,7 @@ config_suite(void)
 	tcase_add_loop_test(tc, test_no_users_is_not_configured, 0,
 	    (int)(sizeof(no_users_files) / sizeof(no_users_files[0])));
 	tcase_add_loop_test(tc, test_bad, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
+	tcase_add_loop_test(tc, test_cluster_url, 0, (int)(sizeof(url_cases) / sizeof(url_cases[0])));
 	tcase_add_test(tc, test_unreadable);
 	tcase_add_test(tc, test_alias_bomb);
 	tcase_add_test(tc, test_bool_words);

@@ -147,6 +147,25 @@ class TestRedisDown(ClusterTestCase):
         self.assertEqual(codes.count(250), 2, codes)
         self.assertEqual(ds.handler.count(), 10)
 
+    def test_a_stuck_redis_delays_a_message_by_one_timeout_at_most(self):
+        redis = self.redis()
+        ds = self.downstream()
+        users = [user_entry(USER, PASSWORD, [plain_downstream(ds)])]
+        a = self.instance("a", {"allow_insecure_auth": True, "workers": 1, "users": users,
+                                "cluster": self.cluster(redis, timeout_ms=300)})
+        self.wait_linked(a)
+        redis.kill(signal.SIGSTOP)
+        try:
+            self.assertEqual(self.send_to(a, 0)[0], 250)
+            a.wait_log("no answer within 300 ms")
+            self.assertEqual(self.send_to(a, 1)[0], 250)
+        finally:
+            redis.kill(signal.SIGCONT)
+        self.assertEqual(ds.handler.count(), 2)
+        self.wait_linked(a)
+        self.assertEqual(self.send_to(a, 2)[0], 250)
+        self.assertEqual(ds.handler.count(), 3)
+
 
 if __name__ == "__main__":
     unittest.main()
