@@ -425,18 +425,20 @@ static void
 outbox_replay(struct cluster *cl)
 {
 	int64_t now = mono_ms();
-	size_t sent = 0;
+	size_t sent = 0, delivered = 0;
 
 	for (size_t i = 0; i < cl->n_outbox; i++) {
 		struct outbox_entry *e = &cl->outbox[i];
 
 		if (send_end(cl, e->ds, e->member, e->delivered ? HEALTH_OK : HEALTH_CANCELLED,
-		    now - e->ended_ms, "replay") == 0)
+		    now - e->ended_ms, "replay") == 0) {
 			sent++;
+			delivered += e->delivered;
+		}
 	}
 	if (cl->n_outbox > 0)
 		log_info("cluster: reconciled: %zu attempt(s) of the outage replayed, %zu of them "
-		    "delivered messages", sent, (size_t)0 + sent);
+		    "delivered messages", sent, delivered);
 	cl->n_outbox = 0;
 	cl->outbox_overflow = false;
 }

@@ -154,21 +154,6 @@ static const char merge_lua[] = PROLOGUE
 "if dirty then hsave(KEYS[1], h) end\n"
 "return reply(0, 0, 0, h, now, {-1, -1, -1})\n";
 
-static const char read_lua[] = PROLOGUE
-"local now, out = clock(ARGV[1]), {}\n"
-"for i = 0, #KEYS / 4 - 1 do\n"
-"  local h, c = hload(KEYS[i * 4 + 1]), {-1, -1, -1}\n"
-"  for w = 1, 3 do\n"
-"    if tonumber(ARGV[i * 3 + w + 1]) > 0 then\n"
-"      c[w] = redis.call('ZCOUNT', KEYS[i * 4 + w + 1], '(' .. string.format('%d', now), '+inf')\n"
-"    end\n"
-"  end\n"
-"  local r = reply(0, 0, 0, h, now, c)\n"
-"  table.remove(r, 1); table.remove(r, 1); table.remove(r, 1)\n"
-"  out[i + 1] = r\n"
-"end\n"
-"return out\n";
-
 static const char republish_lua[] =
 "local n = tonumber(ARGV[1])\n"
 "if not n or n <= 0 then\n"
@@ -186,13 +171,12 @@ static const char *const sources[CLUSTER_SCRIPTS] = {
 	[CLUSTER_BEGIN] = begin_lua,
 	[CLUSTER_END] = end_lua,
 	[CLUSTER_MERGE] = merge_lua,
-	[CLUSTER_READ] = read_lua,
 	[CLUSTER_REPUBLISH] = republish_lua,
 };
 
 static const char *const names[CLUSTER_SCRIPTS] = {
 	[CLUSTER_BEGIN] = "begin", [CLUSTER_END] = "end", [CLUSTER_MERGE] = "merge",
-	[CLUSTER_READ] = "read", [CLUSTER_REPUBLISH] = "republish",
+	[CLUSTER_REPUBLISH] = "republish",
 };
 
 const char *

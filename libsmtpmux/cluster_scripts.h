@@ -46,10 +46,6 @@
  *   while the link was down, join the shared ones: the later end wins.
  *   Reply: 0, 0, 0, STATE.
  *
- * READ (KEYS health minute hour day, repeated per downstream; ARGV now,
- *   then limit_minute limit_hour limit_day per downstream): the status
- *   figures, written nowhere. Reply: one STATE per downstream.
- *
  * REPUBLISH (KEYS one window; ARGV now span_ms lease_ms, then member and
  *   expiry_in_ms pairs): Redis lost its data (its epoch key changed): the
  *   messages this instance's own window holds are counted again.
@@ -63,7 +59,6 @@ enum cluster_script {
 	CLUSTER_BEGIN,
 	CLUSTER_END,
 	CLUSTER_MERGE,
-	CLUSTER_READ,
 	CLUSTER_REPUBLISH,
 	CLUSTER_SCRIPTS
 };
