@@ -128,6 +128,27 @@ auth_login_decode(const char *b64, size_t len, char *out, size_t outlen)
 }
 
 int
+auth_b64_decode_text(const char *b64, size_t len, char *out, size_t outlen)
+{
+	gnutls_datum_t raw;
+	int rc = -1;
+
+	if (outlen == 0)
+		return -1;
+	out[0] = '\0';
+	if (b64_decode(b64, len, &raw) != AUTH_OK)
+		return -1;
+	if (raw.size < outlen && (raw.size == 0 || memchr(raw.data, '\0', raw.size) == NULL)) {
+		if (raw.size > 0)
+			memcpy(out, raw.data, raw.size);
+		out[raw.size] = '\0';
+		rc = 0;
+	}
+	datum_wipe_free(&raw);
+	return rc;
+}
+
+int
 auth_b64_encode(const void *data, size_t len, char *out, size_t outlen)
 {
 	gnutls_datum_t in = { (unsigned char *)(uintptr_t)data, (unsigned)len };

@@ -33,6 +33,11 @@ enum auth_status auth_plain_decode(const char *b64, size_t len, struct auth_plai
 /* Decodes one LOGIN step (base64 of the user name or the password). */
 enum auth_status auth_login_decode(const char *b64, size_t len, char *out, size_t outlen);
 
+/* Base64-decodes text that must not contain NUL octets into out
+ * (NUL-terminated); returns 0, or -1 when it is not base64, holds a NUL or
+ * does not fit. */
+int auth_b64_decode_text(const char *b64, size_t len, char *out, size_t outlen);
+
 /* Base64-encodes data into out (NUL-terminated); returns 0 or -1. */
 int auth_b64_encode(const void *data, size_t len, char *out, size_t outlen);
 

@@ -13,7 +13,9 @@
  *    chunked, never changes what follows the first empty line, and passes
  *    a message without "From" through unchanged;
  *  - a parsed network contains its own address; sender patterns that pass
- *    the check can be matched.
+ *    the check can be matched;
+ *  - a token response yields a bearer token or a printable reason, never
+ *    both, and the JSON reader hands out NUL-free strings and valid numbers.
  * See README in this folder.
  */
 #include <stdint.h>
@@ -28,10 +30,13 @@
 #include "from_rewrite.h"
 #include "netmask.h"
 #include "sender_match.h"
+#include "json_object.h"
+#include "sasl_oauth.h"
 #include "smtp_data.h"
 #include "smtp_limits.h"
 #include "smtp_parse.h"
 #include "smtp_reply.h"
+#include "token_response.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -306,6 +311,45 @@ fuzz_policy(const char *in, size_t len)
 	(void)sender_pattern_match("*@*.example.org", text);
 }
 
+static int
+check_member(const struct json_member *m, void *arg)
+{
+	(void)arg;
+	require(strlen(m->key) <= 4096 && strlen(m->value) == m->len);
+	if (m->type == JSON_NUMBER)
+		require(m->len > 0 && strspn(m->value, "0123456789+-.eE") == m->len);
+	return 0;
+}
+
+static void
+require_token_result(int rc, const struct token_response *tr, const char *why)
+{
+	if (rc == 0) {
+		require(token_is_b64token(tr->access_token, strlen(tr->access_token)));
+		require(strlen(tr->access_token) <= TOKEN_MAX);
+		require_clean(tr->refresh_token, strlen(tr->refresh_token));
+		return;
+	}
+	require(tr->access_token[0] == '\0' && tr->refresh_token[0] == '\0');
+	require(why[0] != '\0');
+	require_clean(why, strlen(why));
+}
+
+static void
+fuzz_oauth(const char *in, size_t len)
+{
+	static struct token_response tr;
+	char why[256], err[96], summary[160];
+
+	(void)json_object_parse(in, len, check_member, NULL, err, sizeof(err));
+	require_token_result(token_response_parse(200, in, len, &tr, why, sizeof(why)), &tr, why);
+	require(token_response_parse(400, in, len, &tr, why, sizeof(why)) == -1);
+	require_token_result(-1, &tr, why);
+	require_token_result(token_output_parse(in, len, &tr, why, sizeof(why)), &tr, why);
+	if (sasl_oauth_error_decode(in, len, summary, sizeof(summary)) == 0)
+		require_clean(summary, strlen(summary));
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -320,5 +364,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_limits(data, size);
 	fuzz_from_rewrite(in, size);
 	fuzz_policy(in, size);
+	fuzz_oauth(in, size);
 	return 0;
 }
