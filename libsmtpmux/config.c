@@ -14,6 +14,7 @@
 #include "config.h"
 #include "config_cluster.h"
 #include "config_lines.h"
+#include "config_oauth.h"
 #include "health.h"
 #include "log.h"
 #include "netaddr.h"
@@ -116,6 +117,11 @@ struct raw_downstream {
 	unsigned *max_per_day;
 	enum quota_window *quota_window;
 	unsigned *probe_interval;
+	enum downstream_auth *auth;
+	struct raw_oauth2 *oauth2;
+	char *token_command;
+	unsigned *token_timeout;
+	unsigned *token_lifetime;
 };
 
 struct raw_user {
@@ -259,6 +265,14 @@ static const cyaml_schema_field_t downstream_fields[] = {
 	CYAML_FIELD_ENUM_PTR("quota_window", OPT | CYAML_FLAG_STRICT, struct raw_downstream,
 	    quota_window, quota_window_names, CYAML_ARRAY_LEN(quota_window_names)),
 	CYAML_FIELD_UINT_PTR("probe_interval", OPT, struct raw_downstream, probe_interval),
+	CYAML_FIELD_ENUM_PTR("auth", OPT | CYAML_FLAG_STRICT, struct raw_downstream, auth,
+	    config_auth_names, CONFIG_AUTH_NAMES),
+	CYAML_FIELD_MAPPING_PTR("oauth2", OPT, struct raw_downstream, oauth2,
+	    config_oauth2_fields),
+	CYAML_FIELD_STRING_PTR("token_command", OPT, struct raw_downstream, token_command,
+	    1, CYAML_UNLIMITED),
+	CYAML_FIELD_UINT_PTR("token_timeout", OPT, struct raw_downstream, token_timeout),
+	CYAML_FIELD_UINT_PTR("token_lifetime", OPT, struct raw_downstream, token_lifetime),
 	CYAML_FIELD_END
 };
 
@@ -683,18 +697,26 @@ copy_str(struct loader *ld, char **dst, const char *src)
 	return 0;
 }
 
-/* Relative file names are taken relative to the configuration's folder. */
+char *
+config_resolve(const char *dir, const char *name)
+{
+	size_t len;
+	char *path;
+
+	if (name[0] == '/')
+		return strdup(name);
+	len = strlen(dir) + strlen(name) + 2;
+	if ((path = malloc(len)) != NULL)
+		snprintf(path, len, "%s/%s", dir, name);
+	return path;
+}
+
 static int
 copy_path(struct loader *ld, const struct config *cfg, char **dst, const char *src)
 {
-	size_t len;
-
-	if (src == NULL || src[0] == '/')
-		return copy_str(ld, dst, src);
-	len = strlen(cfg->dir) + strlen(src) + 2;
-	if ((*dst = malloc(len)) == NULL)
+	*dst = NULL;
+	if (src != NULL && (*dst = config_resolve(cfg->dir, src)) == NULL)
 		return fail_oom(ld);
-	snprintf(*dst, len, "%s/%s", cfg->dir, src);
 	return 0;
 }
 
@@ -1076,20 +1098,22 @@ read_secret(struct loader *ld, const struct config *cfg, const char *base, const
 	return 0;
 }
 
-/* `pass:` or `pass_file:`, not both; either one needs `user:`. */
+/* user, pass or pass_file, auth and the token source: the rules are config_oauth.c's. */
 static int
-check_downstream_auth(struct loader *ld, const char *base, const struct raw_downstream *raw,
-    struct downstream_cfg *ds)
+check_downstream_auth(struct loader *ld, const struct config *cfg, const char *base,
+    const struct raw_downstream *raw, struct downstream_cfg *ds)
 {
-	bool has_user = raw->user != NULL && raw->user[0] != '\0';
-	const char *pass_key = raw->pass_file != NULL ? "pass_file" : "pass";
+	const struct raw_downstream_auth a = {
+		.user = raw->user, .pass = raw->pass, .pass_file = raw->pass_file,
+		.auth = raw->auth, .oauth2 = raw->oauth2, .token_command = raw->token_command,
+		.token_timeout = raw->token_timeout, .token_lifetime = raw->token_lifetime,
+	};
+	const char *key = NULL;
+	char why[512];
 
-	if (raw->pass != NULL && raw->pass_file != NULL)
-		return fail(ld, base, "pass_file", "use either pass or pass_file, not both");
-	if (has_user && raw->pass == NULL && raw->pass_file == NULL)
-		return fail(ld, base, "pass", "required with user");
-	if (!has_user && (raw->pass != NULL || raw->pass_file != NULL))
-		return fail(ld, base, "user", "required with %s", pass_key);
+	ds->token_slot = -1;
+	if (config_oauth_check(&a, cfg->dir, ds, &key, why, sizeof(why)) == -1)
+		return key != NULL ? fail(ld, base, key, "%s", why) : fail_oom(ld);
 	if (copy_str(ld, &ds->user, raw->user) == -1)
 		return -1;
 	return copy_secret(ld, base, "pass", raw->pass, &ds->pass);    /* pass_file: when built */
@@ -1147,7 +1171,7 @@ check_downstream(struct loader *ld, const struct config *cfg, const char *base,
 		return fail(ld, base, "addr", "%s", why);
 	ds->quota_window = raw->quota_window ? *raw->quota_window : QUOTA_ROLLING;
 	if (copy_str(ld, &ds->name, raw->name ? raw->name : raw->addr) == -1 ||
-	    check_downstream_auth(ld, base, raw, ds) == -1 ||
+	    check_downstream_auth(ld, cfg, base, raw, ds) == -1 ||
 	    check_downstream_tls(ld, cfg, raw, ds) == -1 ||
 	    check_rewrite_from(ld, base, raw, ds) == -1 ||
 	    uint_opt(ld, base, "weight", raw->weight, 1, 1, &ds->weight) == -1 ||
@@ -1308,6 +1332,50 @@ check_users(struct loader *ld, const struct raw_config *raw, struct config *cfg)
 	return 0;
 }
 
+static const struct downstream_cfg *
+token_account_twin(const struct config *cfg, size_t ui, size_t di, size_t *tu, size_t *td)
+{
+	const struct downstream_cfg *ds = &cfg->users[ui].downstreams[di];
+
+	for (size_t i = 0; i <= ui; i++) {
+		for (size_t j = 0; j < cfg->users[i].n_downstreams && (i < ui || j < di); j++) {
+			const struct downstream_cfg *o = &cfg->users[i].downstreams[j];
+
+			if (o->token != NULL && strcmp(o->addr, ds->addr) == 0 &&
+			    strcmp(o->user, ds->user) == 0) {
+				*tu = i;
+				*td = j;
+				return o;
+			}
+		}
+	}
+	return NULL;
+}
+
+/* The token table has one token per account (addr and user): two
+ * downstreams naming the same account must get it the same way. */
+static int
+check_token_sources(struct loader *ld, const struct config *cfg)
+{
+	for (size_t i = 0; i < cfg->n_users; i++) {
+		for (size_t j = 0; j < cfg->users[i].n_downstreams; j++) {
+			const struct downstream_cfg *ds = &cfg->users[i].downstreams[j], *twin;
+			char base[96];
+			size_t tu, td;
+
+			if (ds->token == NULL ||
+			    (twin = token_account_twin(cfg, i, j, &tu, &td)) == NULL ||
+			    twin->token->id == ds->token->id)
+				continue;
+			snprintf(base, sizeof(base), "users[%zu].downstreams[%zu]", i, j);
+			return fail(ld, base, ds->token->kind == TOKEN_SOURCE_COMMAND ?
+			    "token_command" : "oauth2", "same addr and user as "
+			    "users[%zu].downstreams[%zu], but another token source", tu, td);
+		}
+	}
+	return 0;
+}
+
 static int
 check_client(struct loader *ld, const struct config *cfg, size_t i, const struct raw_client *raw,
     struct netmask *net, struct client_cfg *c)
@@ -1359,7 +1427,8 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_cache(ld, raw->connection_cache, &cfg->connection_cache) == -1 ||
 	    check_cluster(ld, raw->cluster, cfg) == -1 ||
 	    check_users(ld, raw, cfg) == -1 ||
-	    check_clients(ld, raw, cfg) == -1)
+	    check_clients(ld, raw, cfg) == -1 ||
+	    check_token_sources(ld, cfg) == -1)
 		return -1;
 	cfg->inline_secrets = ld->inline_secrets;
 	return 0;
@@ -1408,6 +1477,18 @@ build_downstream_tls(struct loader *ld, const char *base, struct downstream_cfg 
 	return 0;
 }
 
+/* The files and the program a token source names: config_oauth.c */
+static int
+build_downstream_token(struct loader *ld, const char *base, const struct downstream_cfg *ds)
+{
+	const char *key = NULL;
+	char why[512];
+
+	if (config_oauth_build(ds, &key, why, sizeof(why)) == -1)
+		return key != NULL ? fail(ld, base, key, "%s", why) : fail_oom(ld);
+	return 0;
+}
+
 static int
 build_server_tls(struct loader *ld, struct config *cfg)
 {
@@ -1445,6 +1526,8 @@ build_downstream(struct loader *ld, const struct config *cfg, const char *base,
 {
 	if (raw->pass_file != NULL &&
 	    read_secret(ld, cfg, base, "pass_file", raw->pass_file, &ds->pass) == -1)
+		return -1;
+	if (build_downstream_token(ld, base, ds) == -1)
 		return -1;
 	return build_downstream_tls(ld, base, ds);
 }
@@ -1737,6 +1820,7 @@ downstream_free(struct downstream_cfg *ds)
 	secret_free(ds->pass);
 	free(ds->tls_ca);
 	free(ds->rewrite_from);
+	config_oauth_free(ds->token);
 }
 
 static void

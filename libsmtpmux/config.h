@@ -125,6 +125,45 @@ struct cluster_cfg {
 	unsigned retry_interval;         /* s between reconnections; default 1 */
 };
 
+/* `auth:` of a downstream: how it logs in. */
+enum downstream_auth {
+	DS_AUTH_AUTO = 0,                /* password: PLAIN or LOGIN as offered; token:
+	                                    XOAUTH2 or OAUTHBEARER as offered */
+	DS_AUTH_PLAIN,
+	DS_AUTH_LOGIN,
+	DS_AUTH_XOAUTH2,
+	DS_AUTH_OAUTHBEARER,
+	DS_AUTH_NONE                     /* no AUTH at all */
+};
+
+enum token_source_kind {
+	TOKEN_SOURCE_REFRESH_TOKEN = 1,  /* `oauth2:` with the refresh-token grant */
+	TOKEN_SOURCE_CLIENT_CREDENTIALS, /* `oauth2: {grant: client_credentials}` */
+	TOKEN_SOURCE_COMMAND             /* `token_command:` */
+};
+
+/*
+ * Where a downstream's OAuth 2.0 access tokens come from (config_oauth.c).
+ * Only the token helper process uses it; workers read the tokens it
+ * obtains from the shared token table (token_table.h).
+ */
+struct token_source_cfg {
+	enum token_source_kind kind;
+	char *token_url;                 /* https:// only */
+	char *client_id;
+	char *client_secret;             /* or, read at each request: */
+	char *client_secret_file;
+	char *refresh_token;             /* or, read at each request and rewritten */
+	char *refresh_token_file;        /* when the provider rotates it: */
+	char *scope;                     /* NULL: none sent */
+	char *ca;                        /* PEM for the token endpoint; NULL: system store */
+	char *command;                   /* token_command as written */
+	char **argv;                     /* ... split (argv_split.h) */
+	unsigned timeout;                /* s, one request or command run; default 30 */
+	unsigned lifetime;               /* s, when no expires_in is given; default 300 */
+	uint64_t id;                     /* fingerprint of all of the above */
+};
+
 struct downstream_cfg {
 	char *name;                      /* `name:`, default: addr */
 	char *addr;                      /* "host:port" as written */
@@ -146,6 +185,9 @@ struct downstream_cfg {
 	unsigned probe_interval;         /* s; 0: no active probe */
 	char *rewrite_from;              /* envelope and header From for this downstream;
 	                                    NULL: kept (`rewrite_from: user` is resolved) */
+	enum downstream_auth auth;       /* default DS_AUTH_AUTO */
+	struct token_source_cfg *token;  /* NULL: a password (or no AUTH) */
+	int token_slot;                  /* token table slot, bound by token_table_bind(); -1 */
 	struct health_rec *health;       /* shared record, bound by health_bind() */
 };
 
@@ -234,6 +276,10 @@ int config_has_users(const struct config *cfg, char *err, size_t errlen);
  * most specific `clients:` network that contains it. NULL when none does.
  */
 const struct client_cfg *config_find_client(const struct config *cfg, const char *addr);
+
+/* A file name from the configuration: relative ones are taken from the
+ * configuration's folder dir. Allocated; NULL when out of memory. */
+char *config_resolve(const char *dir, const char *name);
 
 /* Default config file: SYSCONFDIR "/smtpmux/smtpmux.yaml". */
 const char *config_default_path(void);

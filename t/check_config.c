@@ -83,6 +83,8 @@ certs_setup(void)
 		write_file(d, "bob-provider.pass", "bob-provider-secret\n");
 		write_file(d, "redis.pass", "redis-secret\n");
 	}
+	write_file(d, "refresh.token", "  refresh-from-file \r\n");
+	write_file(d, "client.secret", "secret-from-file\n");
 }
 
 static void
@@ -301,6 +303,52 @@ check_full_alice(const struct user_cfg *u)
 	ck_assert_ptr_nonnull(ds[2].tls_client);
 }
 
+/* Token sources: relative file names from the config's folder, the
+ * command split into words, a fingerprint per source. */
+static void
+check_full_dave(const struct user_cfg *u)
+{
+	const struct downstream_cfg *ds = u->downstreams;
+	char path[600];
+
+	ck_assert_uint_eq(u->n_downstreams, 5);
+	ck_assert_int_eq(ds[0].auth, DS_AUTH_XOAUTH2);
+	ck_assert_int_eq(ds[0].token->kind, TOKEN_SOURCE_REFRESH_TOKEN);
+	ck_assert_str_eq(ds[0].token->token_url, "https://oauth2.googleapis.com/token");
+	ck_assert_str_eq(ds[0].token->client_id, "123.apps.googleusercontent.com");
+	ck_assert_str_eq(ds[0].token->client_secret, "client-secret");
+	ck_assert_ptr_null(ds[0].token->client_secret_file);
+	snprintf(path, sizeof(path), "%s/refresh.token", tmpdir);
+	ck_assert_str_eq(ds[0].token->refresh_token_file, path);
+	ck_assert_str_eq(ds[0].token->scope, "https://mail.google.com/");
+	snprintf(path, sizeof(path), "%s/ca.crt", tmpdir);
+	ck_assert_str_eq(ds[0].token->ca, path);
+	ck_assert_uint_eq(ds[0].token->timeout, 10);
+	ck_assert_uint_eq(ds[0].token->lifetime, 600);
+	ck_assert_ptr_null(ds[0].pass);
+	ck_assert_int_eq(ds[0].token_slot, -1);
+	ck_assert_int_eq(ds[1].auth, DS_AUTH_OAUTHBEARER);
+	ck_assert_int_eq(ds[1].token->kind, TOKEN_SOURCE_CLIENT_CREDENTIALS);
+	snprintf(path, sizeof(path), "%s/client.secret", tmpdir);
+	ck_assert_str_eq(ds[1].token->client_secret_file, path);
+	ck_assert_uint_eq(ds[1].token->timeout, 30);
+	ck_assert_uint_eq(ds[1].token->lifetime, 300);
+	ck_assert_int_eq(ds[2].auth, DS_AUTH_AUTO);
+	ck_assert_int_eq(ds[2].token->kind, TOKEN_SOURCE_REFRESH_TOKEN);
+	ck_assert_str_eq(ds[2].token->refresh_token, "inline-refresh");
+	ck_assert_ptr_null(ds[2].token->scope);
+	ck_assert_ptr_null(ds[2].token->ca);
+	ck_assert_int_eq(ds[3].token->kind, TOKEN_SOURCE_COMMAND);
+	ck_assert_str_eq(ds[3].token->argv[0], "/bin/echo");
+	ck_assert_str_eq(ds[3].token->argv[1], "a token");
+	ck_assert_ptr_null(ds[3].token->argv[2]);
+	ck_assert_int_eq(ds[4].auth, DS_AUTH_LOGIN);
+	ck_assert_ptr_null(ds[4].token);
+	for (size_t i = 0; i < 4; i++)
+		for (size_t j = 0; j < i; j++)
+			ck_assert_uint_ne(ds[i].token->id, ds[j].token->id);
+}
+
 START_TEST(test_full)
 {
 	char path[512];
@@ -310,8 +358,9 @@ START_TEST(test_full)
 	ck_assert_str_eq(cfg->dir, tmpdir);
 	check_full_top(cfg);
 	check_full_sections(cfg);
-	ck_assert_uint_eq(cfg->n_users, 3);
+	ck_assert_uint_eq(cfg->n_users, 4);
 	check_full_alice(&cfg->users[0]);
+	check_full_dave(&cfg->users[3]);
 	ck_assert_str_eq(cfg->users[1].selector_path, "failover");
 	ck_assert_int_eq(cfg->users[1].downstreams[0].tls, TLS_MODE_STARTTLS);
 	ck_assert(cfg->users[1].downstreams[0].tls_explicit);
@@ -514,6 +563,9 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->n_clients, 0);
 	ck_assert_ptr_null(config_find_client(cfg, "127.0.0.1"));
 	ck_assert_ptr_null(cfg->unknown_user_hash);
+	ck_assert_int_eq(ds[0].auth, DS_AUTH_AUTO);
+	ck_assert_ptr_null(ds[0].token);
+	ck_assert_int_eq(ds[0].token_slot, -1);
 	config_free(cfg);
 	unsetenv("TMPDIR");
 }
@@ -923,6 +975,45 @@ static const struct bad_case bad_cases[] = {
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",
 	  "\"user\": the downstream's user is not an e-mail address; write the address "
 	  "to send as", false },
+	{ "bad_oauth_http.yaml", false, 8, "users[0].downstreams[0].oauth2.token_url",
+	  "must be an https:// URL (the token endpoint's certificate is always checked)", false },
+	{ "bad_oauth_pass.yaml", false, 7, "users[0].downstreams[0].pass",
+	  "not used with oauth2: the token is the credential", false },
+	{ "bad_oauth_no_user.yaml", false, 5, "users[0].downstreams[0].user",
+	  "required with token_command: the account the token logs in as", false },
+	{ "bad_oauth_no_refresh.yaml", false, 7, "users[0].downstreams[0].oauth2.refresh_token",
+	  "required (or refresh_token_file) with grant: refresh_token", false },
+	{ "bad_oauth_no_secret.yaml", false, 7, "users[0].downstreams[0].oauth2.client_secret",
+	  "required (or client_secret_file) with grant: client_credentials", false },
+	{ "bad_oauth_two_secrets.yaml", false, 12,
+	  "users[0].downstreams[0].oauth2.client_secret_file",
+	  "use either client_secret or client_secret_file, not both", false },
+	{ "bad_oauth_and_command.yaml", false, 11, "users[0].downstreams[0].token_command",
+	  "use either oauth2 or token_command, not both", false },
+	{ "bad_oauth_secret_file.yaml", false, 11,
+	  "users[0].downstreams[0].oauth2.client_secret_file",
+	  "missing.secret: No such file or directory", true },
+	{ "bad_oauth_ca.yaml", false, 11, "users[0].downstreams[0].oauth2.ca",
+	  "missing-idp-ca.pem", true },
+	{ "bad_oauth_missing_url.yaml", false, 7, "users[0].downstreams[0].oauth2.token_url",
+	  "required key missing", false },
+	{ "bad_oauth_grant.yaml", false, 8, "users[0].downstreams[0].oauth2.grant",
+	  "expected one of refresh_token, client_credentials, got \"password\"", false },
+	{ "bad_auth_mode.yaml", false, 8, "users[0].downstreams[0].auth",
+	  "expected one of auto, plain, login, xoauth2, oauthbearer, none, got \"cram-md5\"",
+	  false },
+	{ "bad_auth_xoauth2_password.yaml", false, 8, "users[0].downstreams[0].auth",
+	  "xoauth2 needs oauth2 or token_command", false },
+	{ "bad_auth_plain_token.yaml", false, 7, "users[0].downstreams[0].auth",
+	  "plain sends a password; a token goes with xoauth2 or oauthbearer", false },
+	{ "bad_token_command_quote.yaml", false, 7, "users[0].downstreams[0].token_command",
+	  "unterminated ' quote", false },
+	{ "bad_token_command_missing.yaml", false, 7, "users[0].downstreams[0].token_command",
+	  "\"no-such-token-program\" is not a program in PATH", false },
+	{ "bad_token_timeout.yaml", false, 8, "users[0].downstreams[0].token_timeout",
+	  "only with oauth2 or token_command", false },
+	{ "bad_oauth_twin.yaml", false, 13, "users[1].downstreams[0].token_command",
+	  "same addr and user as users[0].downstreams[0], but another token source", false },
 };
 
 START_TEST(test_bad)
