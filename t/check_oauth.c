@@ -2,11 +2,14 @@
 /*
  * Unit tests of the OAuth pieces that need no network: the XOAUTH2 and
  * OAUTHBEARER encodings (against the published examples), the JSON reader
- * and the token-response parser, token_command splitting, secret files.
+ * and the token-response parser, token_command splitting, secret files,
+ * and the shared token table (sequence lock, refusals, status file).
  */
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,10 +20,12 @@
 
 #include "argv_split.h"
 #include "auth.h"
+#include "config.h"
 #include "json_object.h"
 #include "sasl_oauth.h"
 #include "secret_file.h"
 #include "token_response.h"
+#include "token_table.h"
 
 static char *
 drain(struct evbuffer *b)
@@ -530,6 +535,268 @@ START_TEST(secret_files)
 }
 END_TEST
 
+/* ---- the token table ---- */
+
+struct fixture {
+	struct config cfg;
+	struct user_cfg user;
+	struct downstream_cfg ds[3];
+	struct token_source_cfg src[3];
+	struct token_table *tt;
+};
+
+static void
+fixture_init(struct fixture *f)
+{
+	static char *names[] = { "a", "b", "c" };
+	char err[256];
+
+	memset(f, 0, sizeof(*f));
+	f->cfg.state_file = strdup(in_dir("state"));
+	f->cfg.users = &f->user;
+	f->cfg.n_users = 1;
+	f->user.downstreams = f->ds;
+	f->user.n_downstreams = 3;
+	for (int i = 0; i < 3; i++) {
+		f->ds[i].name = names[i];
+		f->ds[i].addr = i < 2 ? "smtp.example.com:587" : "smtp.example.net:587";
+		f->ds[i].user = i == 0 ? "a@example.com" : "b@example.com";
+		f->ds[i].token_slot = -1;
+		f->src[i].kind = TOKEN_SOURCE_REFRESH_TOKEN;
+		f->src[i].id = 100 + (uint64_t)i;
+		f->ds[i].token = i == 2 ? NULL : &f->src[i];     /* the last one: a password */
+	}
+	ck_assert_msg(token_table_bind(&f->tt, &f->cfg, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_ptr_nonnull(f->tt);
+}
+
+static void
+fixture_free(struct fixture *f)
+{
+	token_table_destroy(f->tt);
+	free(f->cfg.state_file);
+}
+
+START_TEST(table_not_needed)
+{
+	struct fixture f;
+	struct token_table *tt = NULL;
+	char err[128];
+
+	fixture_init(&f);
+	token_table_destroy(f.tt);                      /* a run that has ended */
+	ck_assert_int_eq(access(in_dir("state.oauth"), F_OK), 0);
+	f.ds[0].token = f.ds[1].token = NULL;
+	ck_assert(!token_table_needed(&f.cfg));
+	ck_assert_int_eq(token_table_bind(&tt, &f.cfg, err, sizeof(err)), 0);
+	ck_assert_ptr_null(tt);                         /* nothing made without OAuth */
+	/* and -s status shows no tokens of the earlier run as current */
+	ck_assert_int_eq(access(in_dir("state.oauth"), F_OK), -1);
+	ck_assert_ptr_null(token_table_open_status(f.cfg.state_file));
+	f.tt = NULL;
+	fixture_free(&f);
+}
+END_TEST
+
+START_TEST(table_put_get)
+{
+	struct fixture f;
+	char buf[TOKEN_MAX + 1], why[256];
+	int64_t now = token_clock_ms();
+	uint64_t gen;
+	size_t len;
+
+	fixture_init(&f);
+	ck_assert_int_eq(f.ds[0].token_slot, 0);
+	ck_assert_int_eq(f.ds[1].token_slot, 1);
+	ck_assert_int_eq(f.ds[2].token_slot, -1);
+	ck_assert(token_table_ready(f.tt, &f.ds[2], now, why, sizeof(why)));  /* no token needed */
+	ck_assert(!token_table_ready(f.tt, &f.ds[0], now, why, sizeof(why)));
+	ck_assert_str_eq(why, "no OAuth token yet");
+	ck_assert_int_eq(token_table_get(f.tt, &f.ds[0], now, buf, sizeof(buf), &len, &gen), -1);
+
+	token_table_put(f.tt, 0, "tok-1", 5, now + 1000, 100);
+	ck_assert(token_table_ready(f.tt, &f.ds[0], now, why, sizeof(why)));
+	ck_assert_int_eq(token_table_get(f.tt, &f.ds[0], now, buf, sizeof(buf), &len, &gen), 0);
+	ck_assert_str_eq(buf, "tok-1");
+	ck_assert_uint_eq(len, 5);
+	ck_assert_uint_eq(gen, 1);
+	/* past its use-until time */
+	ck_assert(!token_table_ready(f.tt, &f.ds[0], now + 1000, why, sizeof(why)));
+	ck_assert_str_eq(why, "no OAuth token: the last one expired");
+	ck_assert_int_eq(token_table_get(f.tt, &f.ds[0], now + 1000, buf, sizeof(buf), &len,
+	    &gen), -1);
+	/* a token from another source (the configuration changed) is not used */
+	f.src[0].id = 999;
+	ck_assert(!token_table_ready(f.tt, &f.ds[0], now, why, sizeof(why)));
+	f.src[0].id = 100;
+	/* a failing source says why */
+	token_table_status_put(f.tt, 1, &(struct token_status){ .failing = 1,
+	    .last_error = "token endpoint: HTTP 400 invalid_grant" });
+	ck_assert(!token_table_ready(f.tt, &f.ds[1], now, why, sizeof(why)));
+	ck_assert_str_eq(why, "no OAuth token: token endpoint: HTTP 400 invalid_grant");
+	/* the slot is cleared */
+	token_table_clear(f.tt, 0);
+	ck_assert(!token_table_ready(f.tt, &f.ds[0], now, why, sizeof(why)));
+	fixture_free(&f);
+}
+END_TEST
+
+START_TEST(table_refusal_wakes_helper)
+{
+	struct fixture f;
+	char byte;
+
+	fixture_init(&f);
+	token_table_put(f.tt, 0, "tok-1", 5, token_clock_ms() + 60000, 100);
+	ck_assert_uint_eq(token_table_take_rejection(f.tt, 0), 0);
+	ck_assert_int_eq(read(token_table_wake_fd(f.tt), &byte, 1), -1);   /* nothing yet */
+	ck_assert_int_eq(errno, EAGAIN);
+	/* two workers refused the same token: one wake-up suffices, one refresh */
+	token_table_reject(f.tt, &f.ds[0], 1);
+	token_table_reject(f.tt, &f.ds[0], 1);
+	ck_assert_int_eq(read(token_table_wake_fd(f.tt), &byte, 1), 1);
+	token_table_wake_drain(f.tt);
+	ck_assert_uint_eq(token_table_take_rejection(f.tt, 0), 1);
+	ck_assert_uint_eq(token_table_take_rejection(f.tt, 0), 0);
+	/* a refusal of a token already replaced asks for nothing */
+	token_table_reject(f.tt, &f.ds[0], 1);
+	token_table_put(f.tt, 0, "tok-2", 5, token_clock_ms() + 60000, 100);
+	ck_assert_uint_eq(token_table_take_rejection(f.tt, 0), 0);
+	/* nor does one without a token */
+	token_table_reject(f.tt, &f.ds[0], 0);
+	ck_assert_uint_eq(token_table_take_rejection(f.tt, 0), 0);
+	fixture_free(&f);
+}
+END_TEST
+
+START_TEST(table_rebind_keeps_slots)
+{
+	struct fixture f;
+	char err[128], key[200];
+
+	fixture_init(&f);
+	token_table_put(f.tt, 1, "kept", 4, token_clock_ms() + 60000, 101);
+	/* a reload that drops a and adds c under a new account */
+	f.ds[0].token = NULL;
+	f.ds[2].token = &f.src[2];
+	f.ds[1].token_slot = f.ds[2].token_slot = -1;
+	ck_assert_int_eq(token_table_bind(&f.tt, &f.cfg, err, sizeof(err)), 0);
+	ck_assert_int_eq(f.ds[1].token_slot, 1);
+	ck_assert_int_eq(f.ds[2].token_slot, 2);
+	ck_assert_uint_eq(token_table_count(f.tt), 3);
+	ck_assert_int_eq(token_table_slot_key(f.tt, 0, key, sizeof(key)), 1);   /* not in use */
+	ck_assert_str_eq(key, "smtp.example.com:587 a@example.com");
+	ck_assert_int_eq(token_table_slot_key(f.tt, 1, key, sizeof(key)), 0);
+	ck_assert_str_eq(key, "smtp.example.com:587 b@example.com");
+	ck_assert_int_eq(token_table_slot_key(f.tt, 3, key, sizeof(key)), -1);
+	ck_assert(token_table_ready(f.tt, &f.ds[1], token_clock_ms(), err, sizeof(err)));
+	fixture_free(&f);
+}
+END_TEST
+
+START_TEST(table_status_file)
+{
+	struct fixture f;
+	struct token_table *ro;
+	struct token_status st = { .valid_until = 1700000000, .last_refresh = 1699996400,
+	    .refreshes = 3, .source = TOKEN_SOURCE_COMMAND, .name = "a" }, got;
+	struct stat sb;
+	char key[200], cmd[300];
+
+	fixture_init(&f);
+	token_table_put(f.tt, 0, "secret-token", 12, token_clock_ms() + 60000, 100);
+	token_table_status_put(f.tt, 0, &st);
+	ck_assert_int_eq(stat(in_dir("state.oauth"), &sb), 0);
+	ck_assert_int_eq(sb.st_mode & 0777, 0640);
+	ro = token_table_open_status(f.cfg.state_file);
+	ck_assert_ptr_nonnull(ro);
+	ck_assert_uint_eq(token_table_count(ro), 2);
+	ck_assert_int_eq(token_table_slot_key(ro, 0, key, sizeof(key)), 0);
+	ck_assert_int_eq(token_table_status_get(ro, 0, &got), 0);
+	ck_assert_int_eq(memcmp(&got, &st, sizeof(st)), 0);
+	/* a status reader has no tokens, and the file none either */
+	ck_assert(!token_table_ready(ro, &f.ds[0], token_clock_ms(), key, sizeof(key)));
+	snprintf(cmd, sizeof(cmd), "! grep -q secret-token '%s'", in_dir("state.oauth"));
+	ck_assert_int_eq(system(cmd), 0);
+	token_table_destroy(ro);
+	ck_assert_ptr_null(token_table_open_status(in_dir("none")));
+	fixture_free(&f);
+}
+END_TEST
+
+/* A file (or link) someone put where the status file goes is replaced,
+ * never written through. */
+START_TEST(table_status_file_is_its_own)
+{
+	struct fixture f;
+	struct stat sb;
+	char target[256], *victim;
+
+	put_file("victim", "keep");
+	snprintf(target, sizeof(target), "%s", in_dir("victim"));
+	ck_assert_int_eq(symlink(target, in_dir("state.oauth")), 0);
+	fixture_init(&f);
+	ck_assert_int_eq(lstat(in_dir("state.oauth"), &sb), 0);
+	ck_assert(S_ISREG(sb.st_mode));
+	ck_assert_str_eq(victim = secret_file_read_path(in_dir("victim"), 16, NULL, 0), "keep");
+	free(victim);
+	ck_assert_int_eq(token_table_share_status(f.tt, getgid()), 0);
+	fixture_free(&f);
+}
+END_TEST
+
+/* The sequence lock: a reader racing the writer sees whole tokens only. */
+struct race {
+	struct fixture *f;
+	atomic_int stop;
+	atomic_uint torn, seen;
+};
+
+static void *
+race_reader(void *arg)
+{
+	struct race *r = arg;
+	static char buf[TOKEN_MAX + 1];
+	uint64_t gen;
+	size_t len;
+
+	while (!r->stop) {
+		if (token_table_get(r->f->tt, &r->f->ds[0], token_clock_ms(), buf, sizeof(buf),
+		    &len, &gen) < 0)
+			continue;
+		r->seen++;
+		/* token n is TOKEN_MAX - n % 100 copies of one letter */
+		if (len != strlen(buf) || buf[0] != (char)('a' + gen % 26) ||
+		    strspn(buf, (char[]){ buf[0], 0 }) != len ||
+		    len != (size_t)(TOKEN_MAX - gen % 100))
+			r->torn++;
+	}
+	return NULL;
+}
+
+START_TEST(table_seqlock_race)
+{
+	static char tok[TOKEN_MAX];
+	struct fixture f;
+	struct race r = { .f = &f };
+	pthread_t t;
+
+	fixture_init(&f);
+	ck_assert_int_eq(pthread_create(&t, NULL, race_reader, &r), 0);
+	/* at least 20000 tokens, and until the reader has read many of them */
+	for (uint64_t n = 1; n <= 20000 || (atomic_load(&r.seen) < 2000 && n < 5000000); n++) {
+		memset(tok, 'a' + (int)(n % 26), sizeof(tok));
+		token_table_put(f.tt, 0, tok, TOKEN_MAX - n % 100, token_clock_ms() + 60000, 100);
+	}
+	r.stop = 1;
+	pthread_join(t, NULL);
+	ck_assert_uint_eq(atomic_load(&r.torn), 0);
+	ck_assert_uint_ge(atomic_load(&r.seen), 2000);
+	fixture_free(&f);
+}
+END_TEST
+
 static Suite *
 oauth_suite(void)
 {
@@ -563,6 +830,14 @@ oauth_suite(void)
 	tc = tcase_create("files");
 	tcase_add_checked_fixture(tc, dir_setup, dir_teardown);
 	tcase_add_test(tc, secret_files);
+	tcase_add_test(tc, table_not_needed);
+	tcase_add_test(tc, table_put_get);
+	tcase_add_test(tc, table_refusal_wakes_helper);
+	tcase_add_test(tc, table_rebind_keeps_slots);
+	tcase_add_test(tc, table_status_file);
+	tcase_add_test(tc, table_status_file_is_its_own);
+	tcase_add_test(tc, table_seqlock_race);
+	tcase_set_timeout(tc, 60);
 	suite_add_tcase(s, tc);
 	return s;
 }
