@@ -13,6 +13,7 @@
 #include "log.h"
 #include "relay.h"
 #include "selector_host.h"
+#include "token_table.h"
 
 /*
  * A relay walks the order the selector chose and makes one attempt at a
@@ -185,10 +186,11 @@ refusal_reason(const struct relay *r, const struct downstream_cfg *ds, time_t no
 }
 
 static void
-log_skipped(const struct relay *r, const struct downstream_cfg *ds, const char *why)
+log_skipped(const struct relay *r, const struct downstream_cfg *ds, const char *stage,
+    const char *why)
 {
-	log_info("id=%s relay=%s[%s] attempt=%u stage=connect status=skipped delay=0.000 "
-	    "tls=none (0 %s)", r->msg->id, ds->name, ds->addr, r->attempts + 1, why);
+	log_info("id=%s relay=%s[%s] attempt=%u stage=%s status=skipped delay=0.000 "
+	    "tls=none (0 %s)", r->msg->id, ds->name, ds->addr, r->attempts + 1, stage, why);
 }
 
 /* "<a>,<b>,..." truncated with ",..." so that one line stays readable. */
@@ -472,6 +474,23 @@ deadline_covers(const struct relay *r, const struct downstream_cfg *ds, time_t n
 	return *left >= need;
 }
 
+/*
+ * A downstream that logs in with an OAuth token it has not got (yet, or
+ * any more) could only fail: it is skipped like a down one, even as a last
+ * resort, and the client is told to try again later.
+ */
+static bool
+token_ready(struct relay *r, const struct downstream_cfg *ds)
+{
+	char why[TOKEN_ERROR_MAX + 32];
+
+	if (token_table_ready(r->rt->tokens, ds, token_clock_ms(), why, sizeof(why)))
+		return true;
+	log_skipped(r, ds, "auth", why);
+	r->retry_later = true;
+	return false;
+}
+
 static struct upstream *
 attempt_start(struct relay *r, const struct downstream_cfg *ds, size_t idx)
 {
@@ -567,7 +586,7 @@ admit_apply(struct relay *r, const struct downstream_cfg *ds, size_t idx, enum a
 		r->later[r->n_later++] = idx;
 		return false;
 	case ADMIT_SKIP:
-		log_skipped(r, ds, why != NULL ? why : refusal_reason(r, ds, now));
+		log_skipped(r, ds, "connect", why != NULL ? why : refusal_reason(r, ds, now));
 		r->retry_later = true;   /* the quota comes back; so may the message */
 		return false;
 	default:
@@ -641,10 +660,12 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 		if (!deadline_covers(r, ds, now, &left)) {
 			snprintf(why, sizeof(why), "relay deadline: %lld ms left",
 			    (long long)(left > 0 ? left : 0));
-			log_skipped(r, ds, why);
+			log_skipped(r, ds, "connect", why);
 			r->retry_later = true;
 			continue;
 		}
+		if (!last_resort && !token_ready(r, ds))
+			continue;
 		if (admit_apply(r, ds, idx, admit(r, ds, idx, last_resort, now), NULL, now))
 			return;
 	}
@@ -802,12 +823,17 @@ early_connect_on(const struct runtime *rt)
 static void
 early_start(struct relay *r)
 {
+	const struct downstream_cfg *first;
 	struct smtpmux_downstream_view v;
+	char why[TOKEN_ERROR_MAX + 32];
 
 	if (r->n_order == 0)
 		return;
-	fill_view(r, &r->user->downstreams[r->order[0]], time(NULL), &v);
-	if (v.available) {
+	first = &r->user->downstreams[r->order[0]];
+	fill_view(r, first, time(NULL), &v);
+	/* A downstream without its OAuth token gets no session either. */
+	if (v.available && token_table_ready(r->rt->tokens, first, token_clock_ms(), why,
+	    sizeof(why))) {
 		r->early_idx = r->order[0];
 		r->early = upstream_prepare(r->rt, &r->user->downstreams[r->early_idx]);
 	}

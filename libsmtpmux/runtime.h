@@ -14,6 +14,7 @@ struct cluster;
 struct config;
 struct health;
 struct passwd_cache;
+struct token_table;
 struct upstream;
 struct upstream_cache;
 
@@ -30,6 +31,7 @@ struct runtime {
 	const struct config *cfg;
 	struct health *health;           /* may be NULL in unit tests */
 	struct client_table *clients;    /* per client address, shared; may be NULL */
+	struct token_table *tokens;      /* OAuth tokens; NULL when none is configured */
 	unsigned worker_slot;            /* this worker's in-flight slot */
 	uint32_t id_seq;                 /* for runtime_new_id() */
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */

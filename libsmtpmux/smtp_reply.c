@@ -113,7 +113,7 @@ parse_size_limit(const char *s, size_t len)
 	return n;
 }
 
-/* The mechanism list of "AUTH PLAIN LOGIN" or the legacy "AUTH=LOGIN". */
+/* The mechanism list of "AUTH PLAIN LOGIN XOAUTH2" or the legacy "AUTH=LOGIN". */
 static void
 parse_auth_mechs(struct smtp_reply *r, const char *s, size_t len)
 {
@@ -131,6 +131,10 @@ parse_auth_mechs(struct smtp_reply *r, const char *s, size_t len)
 			r->cap_auth_plain = true;
 		else if (word_is(s + start, i - start, "LOGIN"))
 			r->cap_auth_login = true;
+		else if (word_is(s + start, i - start, "XOAUTH2"))
+			r->cap_auth_xoauth2 = true;
+		else if (word_is(s + start, i - start, "OAUTHBEARER"))
+			r->cap_auth_oauthbearer = true;
 	}
 }
 

@@ -22,6 +22,7 @@ struct smtp_reply {
 	/* EHLO capabilities, set when the reply is parsed with ehlo=true */
 	bool cap_starttls, cap_auth_plain, cap_auth_login, cap_pipelining,
 	    cap_8bitmime, cap_size, cap_enhancedstatuscodes;
+	bool cap_auth_xoauth2, cap_auth_oauthbearer;
 	unsigned long size_limit;        /* SIZE argument, 0 if none */
 };
 

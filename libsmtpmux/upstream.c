@@ -18,7 +18,9 @@
 #include "from_rewrite.h"
 #include "log.h"
 #include "netaddr.h"
+#include "sasl_oauth.h"
 #include "smtp_data.h"
+#include "token_table.h"
 #include "upstream.h"
 #include "upstream_cache.h"
 
@@ -138,6 +140,8 @@ struct upstream {
 	struct smtp_reply caps;              /* capabilities of the last EHLO */
 	const struct auth_mech *mech;
 	unsigned auth_step;
+	uint64_t token_gen;                  /* the OAuth token sent, should it be refused */
+	char token_refusal[128];             /* the server's OAuth error, decoded; "": none */
 
 	/* Replies awaited, oldest at head; and the stream offsets they are
 	 * checked against (see await_answerable()). */
@@ -869,19 +873,130 @@ login_answer(struct upstream *up, unsigned step, const struct smtp_reply *challe
 	return -1;
 }
 
+/* An OAuth bearer token from the token table, never waited for: a worker
+ * that has none fails the attempt (the relay skips such downstreams). */
+static int
+token_begin(struct upstream *up, enum sasl_oauth_mech mech)
+{
+	const struct downstream_cfg *ds = up->ds;
+	char *token = malloc(TOKEN_MAX + 1), why[TOKEN_ERROR_MAX + 32];
+	size_t len;
+	int rc = -1;
+
+	up->token_refusal[0] = '\0';
+	if (token == NULL)
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "out of memory");
+	else if (token_table_get(up->rt->tokens, ds, token_clock_ms(), token, TOKEN_MAX + 1,
+	    &len, &up->token_gen) < 0) {
+		token_table_ready(up->rt->tokens, ds, token_clock_ms(), why, sizeof(why));
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "%s", why);
+	} else if (sasl_oauth_encode(mech, ds->user, ds->host, ds->port, token, len,
+	    conn_output(up->conn)) < 0)
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
+		    "cannot encode the AUTH %s initial response", sasl_oauth_name(mech));
+	else if (await_push(up, AW_AUTH) == -1)
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "out of memory");
+	else
+		rc = 0;
+	if (token != NULL) {
+		auth_wipe(token, TOKEN_MAX + 1);
+		free(token);
+	}
+	return rc;
+}
+
+/*
+ * "334 <base64 JSON>": the server refused the token (RFC 7628 3.2.2). The
+ * client still ends the exchange, with one more line, and then gets the
+ * final failure; the error is kept for the log.
+ */
+static int
+token_answer(struct upstream *up, unsigned step, const struct smtp_reply *challenge,
+    enum sasl_oauth_mech mech)
+{
+	if (step > 0) {
+		finish(up, UPSTREAM_TEMPFAIL, "auth", challenge->code, challenge->enhanced, false,
+		    "unexpected AUTH %s challenge: %s", sasl_oauth_name(mech), challenge->text);
+		return -1;
+	}
+	if (sasl_oauth_error_decode(challenge->text, strlen(challenge->text), up->token_refusal,
+	    sizeof(up->token_refusal)) < 0)
+		snprintf(up->token_refusal, sizeof(up->token_refusal), "undecodable error");
+	evbuffer_add_printf(conn_output(up->conn), "%s\r\n", sasl_oauth_abort_line(mech));
+	if (await_push(up, AW_AUTH) == -1) {
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+static int
+xoauth2_begin(struct upstream *up)
+{
+	return token_begin(up, SASL_XOAUTH2);
+}
+
+static int
+xoauth2_answer(struct upstream *up, unsigned step, const struct smtp_reply *challenge)
+{
+	return token_answer(up, step, challenge, SASL_XOAUTH2);
+}
+
+static int
+oauthbearer_begin(struct upstream *up)
+{
+	return token_begin(up, SASL_OAUTHBEARER);
+}
+
+static int
+oauthbearer_answer(struct upstream *up, unsigned step, const struct smtp_reply *challenge)
+{
+	return token_answer(up, step, challenge, SASL_OAUTHBEARER);
+}
+
 static const struct auth_mech mech_plain = { "PLAIN", plain_begin, plain_answer };
 static const struct auth_mech mech_login = { "LOGIN", login_begin, login_answer };
+static const struct auth_mech mech_xoauth2 = { "XOAUTH2", xoauth2_begin, xoauth2_answer };
+static const struct auth_mech mech_oauthbearer = { "OAUTHBEARER", oauthbearer_begin,
+	oauthbearer_answer };
 
-/* The one place that picks how to log in: the first mechanism the
- * downstream offers, in our order of preference. */
+/*
+ * The one place that picks how to log in: `auth:` when it names a
+ * mechanism, else the first one the downstream offers in our order of
+ * preference, for a password or for a token.
+ */
 static const struct auth_mech *
 auth_choose(const struct upstream *up)
 {
-	if (up->caps.cap_auth_plain)
-		return &mech_plain;
-	if (up->caps.cap_auth_login)
-		return &mech_login;
-	return NULL;
+	const struct smtp_reply *c = &up->caps;
+
+	switch (up->ds->auth) {
+	case DS_AUTH_PLAIN: return &mech_plain;
+	case DS_AUTH_LOGIN: return &mech_login;
+	case DS_AUTH_XOAUTH2: return &mech_xoauth2;
+	case DS_AUTH_OAUTHBEARER: return &mech_oauthbearer;
+	default: break;
+	}
+	if (up->ds->token != NULL)
+		return c->cap_auth_xoauth2 ? &mech_xoauth2 :
+		    c->cap_auth_oauthbearer ? &mech_oauthbearer : NULL;
+	return c->cap_auth_plain ? &mech_plain : c->cap_auth_login ? &mech_login : NULL;
+}
+
+static bool
+mech_is_oauth(const struct auth_mech *m)
+{
+	return m == &mech_xoauth2 || m == &mech_oauthbearer;
+}
+
+/* The server refused the token: one refresh is asked of the token helper,
+ * without waiting for it; this attempt fails over as any other. */
+static void
+token_refused(struct upstream *up)
+{
+	log_info("id=%s relay=%s: AUTH %s: the OAuth token was refused; asking for a new one",
+	    up->msg != NULL ? up->msg->id : "-", up->ds->name, up->mech->name);
+	token_table_reject(up->rt->tokens, up->ds, up->token_gen);
 }
 
 /*
@@ -908,7 +1023,8 @@ start_auth(struct upstream *up)
 		return;
 	}
 	if ((up->mech = auth_choose(up)) == NULL) {
-		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false,
+		finish(up, UPSTREAM_TEMPFAIL, "auth", 0, "", false, ds->token != NULL ?
+		    "downstream offers neither AUTH XOAUTH2 nor AUTH OAUTHBEARER" :
 		    "downstream offers neither AUTH PLAIN nor AUTH LOGIN");
 		return;
 	}
@@ -920,11 +1036,23 @@ start_auth(struct upstream *up)
 static void
 on_auth_reply(struct upstream *up, const struct smtp_reply *r)
 {
+	struct smtp_reply why;
+
+	if (up->token_refusal[0] != '\0') {    /* the end of a refused token's exchange */
+		token_refused(up);
+		why = *r;
+		snprintf(why.text, sizeof(why.text), "%.360s (%s: %s)", r->text, up->mech->name,
+		    up->token_refusal);
+		fail_reply(up, "auth", &why);
+		return;
+	}
 	if (r->code == 235) {
 		start_transaction(up);
 		return;
 	}
 	if (r->code != 334) {
+		if (r->code == 535 && mech_is_oauth(up->mech))
+			token_refused(up);
 		fail_reply(up, "auth", r);
 		return;
 	}
@@ -957,7 +1085,7 @@ after_ehlo(struct upstream *up)
 		finish(up, UPSTREAM_OK, "ehlo", 250, "", false, "probe ok");
 		return;
 	}
-	if (has_user(up->ds))
+	if (has_user(up->ds) && up->ds->auth != DS_AUTH_NONE)
 		start_auth(up);
 	else
 		start_transaction(up);

@@ -16,7 +16,9 @@
  * One delivery attempt to one downstream, as an asynchronous client state
  * machine in the worker's event loop: resolve (evdns), connect, greeting,
  * EHLO (HELO fallback), STARTTLS or implicit TLS as configured, EHLO again
- * over TLS, AUTH when the downstream has credentials, MAIL, RCPT for each
+ * over TLS, AUTH when the downstream has credentials (PLAIN or LOGIN with
+ * a password, XOAUTH2 or OAUTHBEARER with the token the token helper keeps
+ * in the token table; `auth:` or the EHLO offer decides), MAIL, RCPT for each
  * recipient, DATA (all pipelined when the downstream offers PIPELINING),
  * the dot-stuffed body, the final dot. Every step has a timeout, capped by
  * the relay's deadline. Credentials are never sent without TLS unless the

@@ -40,6 +40,7 @@
 #include "runtime.h"
 #include "selector_host.h"
 #include "tls.h"
+#include "token_table.h"
 #include "upstream.h"
 #include "upstream_cache.h"
 
@@ -1403,60 +1404,138 @@ END_TEST
 /* ======================================================================== */
 /* AUTH and credentials */
 
-START_TEST(test_auth_plain)
+/*
+ * Relays one message through an aiosmtpd that takes relayuser:relaypass
+ * (server options opts) with `auth: auth`, and checks the one AUTH it
+ * recorded ("MECHANISM user tls=...").
+ */
+static void
+assert_auth_used(const char *const *opts, enum downstream_auth auth, const char *want)
 {
-	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
 	struct server srv;
 	struct tenv t;
 	struct tmsg tm;
 	struct downstream_cfg *ds;
 	struct relay_result res;
 	size_t len;
-	char *auth;
+	char *seen;
 
 	start_aiosmtpd(&srv, "aio", opts);
 	tenv_init(&t);
 	ds = add_ds(&t, "aio", "127.0.0.1", srv.port, TLS_MODE_NONE);
 	ds->user = (char *)"relayuser";
 	ds->pass = (char *)"relaypass";
+	ds->auth = auth;
 	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
 	res = relay_run(&t, &tm);
 	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
-	auth = slurp_in(&srv, "auth", &len);
-	ck_assert_ptr_nonnull(auth);
-	ck_assert_str_eq(auth, "PLAIN relayuser tls=False\n");
+	seen = slurp_in(&srv, "auth", &len);
+	ck_assert_ptr_nonnull(seen);
+	ck_assert_str_eq(seen, want);
 	ck_assert(exists_in(&srv, "msg.1"));
 	ck_assert(!log_has("relaypass"));
-	free(auth);
+	free(seen);
 	msgbody_free(tm.body);
 	tenv_free(&t);
+}
+
+START_TEST(test_auth_plain)
+{
+	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
+
+	assert_auth_used(opts, DS_AUTH_AUTO, "PLAIN relayuser tls=False\n");
 }
 END_TEST
 
 START_TEST(test_auth_login)
 {
 	static const char *const opts[] = { "auth=relayuser:relaypass", "auth_exclude=PLAIN", NULL };
+
+	assert_auth_used(opts, DS_AUTH_AUTO, "LOGIN relayuser tls=False\n");
+}
+END_TEST
+
+/* `auth: login` is used even when the server would take PLAIN. */
+START_TEST(test_auth_mechanism_from_config)
+{
+	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
+
+	assert_auth_used(opts, DS_AUTH_LOGIN, "LOGIN relayuser tls=False\n");
+}
+END_TEST
+
+/* `auth: none`: a user name (the health record's key) but no AUTH at all. */
+START_TEST(test_auth_none)
+{
 	struct server srv;
 	struct tenv t;
 	struct tmsg tm;
 	struct downstream_cfg *ds;
 	struct relay_result res;
-	size_t len;
-	char *auth;
 
-	start_aiosmtpd(&srv, "aio", opts);
+	start_aiosmtpd(&srv, "aio", NULL);
 	tenv_init(&t);
 	ds = add_ds(&t, "aio", "127.0.0.1", srv.port, TLS_MODE_NONE);
 	ds->user = (char *)"relayuser";
-	ds->pass = (char *)"relaypass";
+	ds->auth = DS_AUTH_NONE;
 	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
 	res = relay_run(&t, &tm);
 	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
-	auth = slurp_in(&srv, "auth", &len);
-	ck_assert_ptr_nonnull(auth);
-	ck_assert_str_eq(auth, "LOGIN relayuser tls=False\n");
-	free(auth);
+	ck_assert(!exists_in(&srv, "auth-cmd"));
+	ck_assert(exists_in(&srv, "msg.1"));
 	msgbody_free(tm.body);
+	tenv_free(&t);
+}
+END_TEST
+
+/*
+ * A downstream whose token source has no token is skipped, with the token
+ * helper's reason, and never connected to; an attempt started anyway ends
+ * at AUTH without waiting.
+ */
+START_TEST(test_no_token_skips_downstream)
+{
+	static const char *const opts[] = { "auth=relayuser:relaypass", NULL };
+	struct token_source_cfg src = { .kind = TOKEN_SOURCE_REFRESH_TOKEN, .id = 7 };
+	struct token_status st = { .failing = 1,
+	    .last_error = "token endpoint: HTTP 400 invalid_grant" };
+	struct server oauth, backup;
+	struct tenv t;
+	struct tmsg tm;
+	struct downstream_cfg *ds;
+	struct relay_result res;
+	struct waiter w;
+	char state[PATH_MAX], err[256];
+
+	start_aiosmtpd(&oauth, "oauth", opts);
+	start_aiosmtpd(&backup, "backup", NULL);
+	tenv_init(&t);
+	ds = add_ds(&t, "oauth", "127.0.0.1", oauth.port, TLS_MODE_NONE);
+	ds->user = (char *)"me@example.com";
+	ds->auth = DS_AUTH_XOAUTH2;          /* the server offers none: sent anyway */
+	ds->token = &src;
+	add_ds(&t, "backup", "127.0.0.1", backup.port, TLS_MODE_NONE);
+	snprintf(state, sizeof(state), "%s/state", workdir);
+	t.cfg.state_file = state;
+	t.cfg.users = &t.user;
+	t.cfg.n_users = 1;
+	ck_assert_msg(token_table_bind(&t.rt.tokens, &t.cfg, err, sizeof(err)) == 0, "%s", err);
+	token_table_status_put(t.rt.tokens, ds->token_slot, &st);
+	tmsg_init(&tm, &t, "app@example.org", one_rcpt, 1, sample, strlen(sample));
+	res = relay_run(&t, &tm);
+	ck_assert_msg(res.ok, "%d %s", res.code, res.text);
+	ck_assert(exists_in(&backup, "msg.1"));
+	ck_assert(!exists_in(&oauth, "auth-cmd"));
+	ck_assert(log_has("relay=oauth[127.0.0.1:"));
+	ck_assert(log_has("stage=auth status=skipped delay=0.000 tls=none (0 no OAuth token: "
+	    "token endpoint: HTTP 400 invalid_grant)"));
+	w = upstream_run(&t, ds, &tm);
+	assert_status(w, UPSTREAM_TEMPFAIL);
+	ck_assert_str_eq(w.ustage, "auth");
+	ck_assert_str_eq(w.ures.text, "no OAuth token: token endpoint: HTTP 400 invalid_grant");
+	ck_assert(!exists_in(&oauth, "auth-cmd"));
+	msgbody_free(tm.body);
+	token_table_destroy(t.rt.tokens);
 	tenv_free(&t);
 }
 END_TEST
@@ -2850,6 +2929,9 @@ relay_suite(void)
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, test_auth_plain);
 	tcase_add_test(tc, test_auth_login);
+	tcase_add_test(tc, test_auth_mechanism_from_config);
+	tcase_add_test(tc, test_auth_none);
+	tcase_add_test(tc, test_no_token_skips_downstream);
 	tcase_add_test(tc, test_auth_rejected_defers);
 	tcase_add_test(tc, test_no_credentials_without_starttls);
 	tcase_add_test(tc, test_no_credentials_on_implicit_plain);
