@@ -18,7 +18,9 @@
 #include "master.h"
 #include "privdrop.h"
 #include "status.h"
+#include "status_oauth.h"
 #include "tls.h"
+#include "token_table.h"
 
 #ifndef PATH_MAX
 #define PATH_MAX 4096
@@ -161,6 +163,7 @@ show_status(const char *path)
 {
 	char err[1024];
 	struct config *cfg = config_load(path, err, sizeof(err));
+	struct token_table *tokens;
 	struct health *h = NULL;
 	int ctl_fd, live_fd;
 
@@ -179,6 +182,10 @@ show_status(const char *path)
 	}
 	status_print(stdout, h, &cfg->health, time(NULL));
 	status_print_cluster(stdout, cfg, h);
+	/* No token status file: the running daemon has no OAuth downstream. */
+	tokens = token_table_open_status(cfg->state_file);
+	status_oauth_print(stdout, tokens, time(NULL));
+	token_table_destroy(tokens);
 	health_destroy(h);
 	config_free(cfg);
 	return SMTPMUXD_EXIT_OK;

@@ -24,6 +24,8 @@
 #include "privdrop.h"
 #include "prober.h"
 #include "tls.h"
+#include "token_helper.h"
+#include "token_table.h"
 #include "worker.h"
 
 /*
@@ -46,7 +48,7 @@
 #define KILL_GRACE_MS 10000             /* after shutdown_timeout, before SIGKILL */
 #define CLIENT_TABLE_ENTRIES 8192       /* client addresses tracked at once */
 
-enum child_kind { CHILD_WORKER, CHILD_PROBER };
+enum child_kind { CHILD_WORKER, CHILD_PROBER, CHILD_TOKENS };
 
 /* Every kind of child; a helper has its own named in-flight slot. */
 static const struct child_kind_info {
@@ -56,6 +58,7 @@ static const struct child_kind_info {
 } child_kinds[] = {
 	[CHILD_WORKER] = { "worker", false, 0 },
 	[CHILD_PROBER] = { "prober", true, HEALTH_HELPER_PROBER },
+	[CHILD_TOKENS] = { "token helper", true, HEALTH_HELPER_TOKENS },
 };
 
 struct child {
@@ -74,6 +77,7 @@ struct master {
 	struct health *health;
 	struct client_table *clients;    /* per client address, shared with the workers */
 	struct accept_room *room;        /* which workers have room, shared */
+	struct token_table *tokens;      /* NULL until a configuration uses OAuth */
 	char *state_file;                /* as started: a reload cannot move it */
 	struct instance *instance;       /* the state file's lock and status socket */
 	int64_t save_at_ms;              /* next copy to the state file */
@@ -324,14 +328,15 @@ children_alive(const struct master *m)
 	return false;
 }
 
-/* Any prober, even one still stopping: the next one needs its port. */
+/* Any helper of that kind, even one still stopping: the next prober needs
+ * its port, the next token helper must be the only writer of the tokens. */
 static bool
-prober_alive(const struct master *m)
+helper_alive(const struct master *m, enum child_kind kind)
 {
 	size_t i;
 
 	for (i = 0; i < MAX_CHILDREN; i++)
-		if (m->children[i].pid > 0 && m->children[i].kind == CHILD_PROBER)
+		if (m->children[i].pid > 0 && m->children[i].kind == kind)
 			return true;
 	return false;
 }
@@ -361,6 +366,7 @@ run_worker(struct master *m, unsigned slot)
 		.health = m->health,
 		.clients = m->clients,
 		.room = m->room,
+		.tokens = m->tokens,
 		.listen_fds = m->listen_fds,
 		.slot = slot,
 		.generation = m->generation,
@@ -373,14 +379,27 @@ run_worker(struct master *m, unsigned slot)
 }
 
 static int
-run_prober(struct master *m)
+prober_run(struct master *m)
+{
+	return prober_main(m->cfg, m->health, m->tokens);
+}
+
+static int
+token_helper_run(struct master *m)
+{
+	return token_helper_main(m->cfg, m->tokens);
+}
+
+/* The prober or the token helper, in the child right after fork. */
+static int
+run_helper(struct master *m, const char *role, int (*helper_main)(struct master *))
 {
 	struct sigaction sa;
 	size_t i;
 	int status;
 
-	log_set_role("prober");
-	/* The prober serves no SMTP: it must not keep the ports open. */
+	log_set_role(role);
+	/* A helper serves no SMTP: it must not keep the ports open. */
 	for (i = 0; i < m->n_listen_fds; i++)
 		close(m->listen_fds[i]);
 	memset(&sa, 0, sizeof(sa));
@@ -392,10 +411,20 @@ run_prober(struct master *m)
 		config_free(m->cfg);
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
-	/* Signals stay blocked: prober_main() lets in those it handles. */
-	status = prober_main(m->cfg, m->health);
+	/* Signals stay blocked: the helper lets in those it handles. */
+	status = helper_main(m);
 	config_free(m->cfg);
 	return status;
+}
+
+static int
+run_child(struct master *m, enum child_kind kind, unsigned slot)
+{
+	switch (kind) {
+	case CHILD_PROBER: return run_helper(m, "prober", prober_run);
+	case CHILD_TOKENS: return run_helper(m, "oauth", token_helper_run);
+	default: return run_worker(m, slot);
+	}
 }
 
 static void
@@ -421,7 +450,7 @@ master_spawn(struct master *m, enum child_kind kind)
 		/* Before anything else: no child keeps the master's writable view. */
 		health_after_fork(m->health);
 		child_reset_signals();
-		exit(kind == CHILD_PROBER ? run_prober(m) : run_worker(m, (unsigned)slot));
+		exit(run_child(m, kind, (unsigned)slot));
 	}
 	memset(c, 0, sizeof(*c));
 	c->pid = pid;
@@ -458,8 +487,11 @@ master_maintain(struct master *m)
 		if (throttled || now < m->respawn_after_ms)
 			break;
 	}
-	if (prober_needed(m->cfg) && !prober_alive(m) && now >= m->respawn_after_ms)
+	if (prober_needed(m->cfg) && !helper_alive(m, CHILD_PROBER) && now >= m->respawn_after_ms)
 		master_spawn(m, CHILD_PROBER);
+	if (token_table_needed(m->cfg) && !helper_alive(m, CHILD_TOKENS) &&
+	    now >= m->respawn_after_ms)
+		master_spawn(m, CHILD_TOKENS);
 	if (throttled && m->respawn_after_ms <= now)
 		m->respawn_after_ms = now + CRASH_RESPAWN_DELAY_MS;
 }
@@ -655,6 +687,14 @@ master_privdrop_prepare(const struct master *m, struct privdrop *priv,
  * either switches completely to the new configuration or leaves the
  * running one untouched.
  */
+/* The workers' group may run -s status: it may read the tokens' status. */
+static void
+master_share_tokens(const struct master *m, const struct privdrop *priv)
+{
+	if (priv->enabled && token_table_share_status(m->tokens, priv->gid) < 0)
+		log_warn("token status file: chown: %s", strerror(errno));
+}
+
 static struct config *
 reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, size_t errlen)
 {
@@ -666,12 +706,15 @@ reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, si
 	if (config_has_users(cfg, err, errlen) < 0 ||
 	    master_privdrop_prepare(m, priv, cfg, err, errlen) < 0 ||
 	    health_bind(m->health, cfg, err, errlen) < 0 ||
+	    token_table_bind(&m->tokens, cfg, err, errlen) < 0 ||
 	    (*fds = listeners_open(cfg, m->cfg, m->listen_fds, err, errlen)) == NULL) {
 		/* The segment may now name the rejected configuration's records
 		 * as current (status hides the others) and show its limits: bind
 		 * the running one again. Its records all exist, so this holds. */
 		if (health_bind(m->health, m->cfg, again, sizeof(again)) < 0)
 			log_err("state file: %s", again);
+		if (token_table_bind(&m->tokens, m->cfg, again, sizeof(again)) < 0)
+			log_err("token table: %s", again);
 		config_free(cfg);
 		return NULL;
 	}
@@ -703,6 +746,7 @@ master_reload(struct master *m)
 	m->n_listen_fds = cfg->n_listen;
 	m->cfg = cfg;
 	m->priv = priv;
+	master_share_tokens(m, &m->priv);
 	m->generation++;
 	/* New workers first, so someone always accepts; then the old ones
 	 * finish their sessions under their own shutdown_timeout. */
@@ -984,8 +1028,10 @@ master_state_open(struct master *m, char *err, size_t errlen)
 		snprintf(err, errlen, "cannot create the shared state: %s", strerror(errno));
 		return -1;
 	}
-	if (health_bind(m->health, m->cfg, err, errlen) < 0)
+	if (health_bind(m->health, m->cfg, err, errlen) < 0 ||
+	    token_table_bind(&m->tokens, m->cfg, err, errlen) < 0)
 		return -1;
+	master_share_tokens(m, &m->priv);
 	if (health_save(m->health, m->state_file, NULL) < 0) {
 		snprintf(err, errlen, "cannot write state file %s: %s", m->state_file,
 		    strerror(errno));
@@ -1072,6 +1118,7 @@ master_cleanup(struct master *m)
 		health_destroy(m->health);
 	client_table_destroy(m->clients);
 	accept_room_destroy(m->room);
+	token_table_destroy(m->tokens);
 	instance_close(m->instance);
 	free(m->state_file);
 	if (m->cfg != NULL)

@@ -9,6 +9,7 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 
+#include "helper_signals.h"
 #include "log.h"
 #include "prober.h"
 #include "runtime.h"
@@ -32,8 +33,7 @@ struct prober {
 	struct probe *probes;
 	size_t n_probes;
 	struct status_http *http;
-	struct event *sig_term;
-	struct event *sig_reopen;
+	struct helper_signals signals;
 };
 
 bool
@@ -175,52 +175,6 @@ probes_free(struct prober *pr)
 	free(pr->probes);
 }
 
-static void
-on_stop_signal(evutil_socket_t sig, short what, void *arg)
-{
-	struct prober *pr = arg;
-
-	(void)what;
-	log_info("signal %d, exiting", (int)sig);
-	event_base_loopbreak(pr->rt.base);
-}
-
-static void
-on_reopen_signal(evutil_socket_t sig, short what, void *arg)
-{
-	(void)sig;
-	(void)what;
-	(void)arg;
-	if (log_reopen() < 0)
-		log_warn("cannot reopen the log file: %s", strerror(errno));
-}
-
-/*
- * Only SIGTERM (from the master, which owns this process's lifetime) stops
- * the prober, and SIGUSR1 (passed on by the master) reopens the log file;
- * the master decides what the others do. A peer closing a probe connection
- * must not kill it.
- */
-static int
-signals_setup(struct prober *pr)
-{
-	sigset_t set;
-
-	signal(SIGPIPE, SIG_IGN);
-	pr->sig_term = evsignal_new(pr->rt.base, SIGTERM, on_stop_signal, pr);
-	pr->sig_reopen = evsignal_new(pr->rt.base, SIGUSR1, on_reopen_signal, pr);
-	if (pr->sig_term == NULL || evsignal_add(pr->sig_term, NULL) < 0 ||
-	    pr->sig_reopen == NULL || evsignal_add(pr->sig_reopen, NULL) < 0)
-		return -1;
-	/* The master forks with signals blocked: they are let in only now
-	 * that they have handlers. */
-	sigemptyset(&set);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGUSR1);
-	sigprocmask(SIG_UNBLOCK, &set, NULL);
-	return 0;
-}
-
 static struct evdns_base *
 dns_create(struct event_base *base)
 {
@@ -234,7 +188,8 @@ dns_create(struct event_base *base)
 }
 
 static int
-prober_start(struct prober *pr, const struct config *cfg, struct health *h)
+prober_start(struct prober *pr, const struct config *cfg, struct health *h,
+    const struct token_table *tokens)
 {
 	char err[256];
 
@@ -245,7 +200,7 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h)
 		log_err("cannot create the event loop");
 		return -1;
 	}
-	if (signals_setup(pr) < 0 || probes_create(pr, cfg) < 0) {
+	if (helper_signals_start(&pr->signals, pr->rt.base) < 0 || probes_create(pr, cfg) < 0) {
 		log_err("out of memory");
 		return -1;
 	}
@@ -256,6 +211,7 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h)
 			log_err("%s", err);
 			return -1;
 		}
+		status_http_set_tokens(pr->http, tokens);
 		log_info("serving the status page on http://%s/ and metrics on /metrics",
 		    cfg->status_listen);
 	}
@@ -269,10 +225,7 @@ prober_stop(struct prober *pr)
 {
 	status_http_free(pr->http);
 	probes_free(pr);
-	if (pr->sig_term != NULL)
-		event_free(pr->sig_term);
-	if (pr->sig_reopen != NULL)
-		event_free(pr->sig_reopen);
+	helper_signals_stop(&pr->signals);
 	upstream_free_lingering(&pr->rt);
 	if (pr->rt.dns != NULL)
 		evdns_base_free(pr->rt.dns, 0);
@@ -281,14 +234,14 @@ prober_stop(struct prober *pr)
 }
 
 int
-prober_main(const struct config *cfg, struct health *h)
+prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens)
 {
 	struct prober pr;
 	int rc = 1;
 
 	memset(&pr, 0, sizeof(pr));
 	log_set_role("prober");
-	if (prober_start(&pr, cfg, h) == 0) {
+	if (prober_start(&pr, cfg, h, tokens) == 0) {
 		log_info("probing %zu downstream(s)", pr.n_probes);
 		rc = event_base_dispatch(pr.rt.base) < 0 ? 1 : 0;
 	}

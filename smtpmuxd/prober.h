@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "health.h"
+#include "token_table.h"
 
 /*
  * The prober: a helper process the master forks (and re-forks at reload)
@@ -22,8 +23,9 @@ bool prober_needed(const struct config *cfg);
 /*
  * The helper's main: runs until SIGTERM, then returns 0 (the
  * exit code); returns 1 when it cannot start (logged). cfg must have been
- * bound to h by health_bind().
+ * bound to h by health_bind(). tokens (NULL without OAuth downstreams)
+ * adds their token status to /metrics.
  */
-int prober_main(const struct config *cfg, struct health *h);
+int prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens);
 
 #endif

@@ -17,6 +17,7 @@
 #include "status.h"
 #include "status_page.h"
 #include "status_snapshot.h"
+#include "status_oauth.h"
 
 /* --- reading the segment */
 
@@ -195,9 +196,8 @@ static const struct metric metrics[] = {
 	  "When the last error happened, seconds since the epoch; 0: never.", m_error_time },
 };
 
-/* Label values escaped as the exposition format requires. */
-static int
-add_label_value(struct evbuffer *out, const char *v)
+int
+status_label_value(struct evbuffer *out, const char *v)
 {
 	for (; *v != '\0'; v++) {
 		const char *esc = *v == '\\' ? "\\\\" : *v == '"' ? "\\\"" : *v == '\n' ? "\\n" : NULL;
@@ -213,19 +213,20 @@ add_labels(struct evbuffer *out, const struct health_snapshot *s, const char *wi
 	int rc = 0;
 
 	rc |= evbuffer_add_printf(out, "{downstream=\"") < 0;
-	rc |= add_label_value(out, s->name);
+	rc |= status_label_value(out, s->name);
 	rc |= evbuffer_add_printf(out, "\",addr=\"") < 0;
-	rc |= add_label_value(out, s->addr);
+	rc |= status_label_value(out, s->addr);
 	rc |= evbuffer_add_printf(out, "\",user=\"") < 0;
-	rc |= add_label_value(out, snapshot_user(s));
+	rc |= status_label_value(out, snapshot_user(s));
 	if (window != NULL)
 		rc |= evbuffer_add_printf(out, "\",window=\"%s", window) < 0;
 	rc |= evbuffer_add_printf(out, "\"}") < 0;
 	return rc ? -1 : 0;
 }
 
-static int
-add_family(struct evbuffer *out, const char *name, const char *type, const char *help)
+int
+status_metric_family(struct evbuffer *out, const char *name, const char *type,
+    const char *help)
 {
 	return evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type) < 0 ? -1 : 0;
 }
@@ -245,7 +246,7 @@ add_windows(struct evbuffer *out, const struct snapshots *ss)
 	static const char *const window[] = { "minute", "hour", "day" };
 	int rc = 0;
 
-	rc |= add_family(out, "smtpmux_downstream_sent", "gauge",
+	rc |= status_metric_family(out, "smtpmux_downstream_sent", "gauge",
 	    "Messages reserved or sent in the current quota window.");
 	for (size_t i = 0; i < ss->n; i++) {
 		const struct health_snapshot *s = &ss->s[i];
@@ -253,7 +254,7 @@ add_windows(struct evbuffer *out, const struct snapshots *ss)
 		rc |= add_sample(out, "smtpmux_downstream_sent", s, window[1], s->sent_hour);
 		rc |= add_sample(out, "smtpmux_downstream_sent", s, window[2], s->sent_day);
 	}
-	rc |= add_family(out, "smtpmux_downstream_quota_limit", "gauge",
+	rc |= status_metric_family(out, "smtpmux_downstream_quota_limit", "gauge",
 	    "Configured messages per window (windows without a limit are absent).");
 	for (size_t i = 0; i < ss->n; i++) {
 		const struct health_snapshot *s = &ss->s[i];
@@ -274,18 +275,18 @@ status_metrics_cluster(struct evbuffer *out, const struct config *cfg, const str
 	status_cluster_take(&c, cfg, h);
 	if (!c.present)
 		return 0;
-	rc |= add_family(out, "smtpmux_cluster_workers_linked", "gauge",
+	rc |= status_metric_family(out, "smtpmux_cluster_workers_linked", "gauge",
 	    "Workers whose link to the cluster's Redis is up (the downstreams' state is then "
 	    "the cluster's).");
 	rc |= evbuffer_add_printf(out, "smtpmux_cluster_workers_linked %u\n", c.linked) < 0;
-	rc |= add_family(out, "smtpmux_cluster_workers", "gauge",
+	rc |= status_metric_family(out, "smtpmux_cluster_workers", "gauge",
 	    "Workers that keep a link to the cluster's Redis.");
 	rc |= evbuffer_add_printf(out, "smtpmux_cluster_workers %u\n", c.workers) < 0;
-	rc |= add_family(out, "smtpmux_cluster_link_up", "gauge",
+	rc |= status_metric_family(out, "smtpmux_cluster_link_up", "gauge",
 	    "1 while every worker's link to the cluster is up.");
 	rc |= evbuffer_add_printf(out, "smtpmux_cluster_link_up %d\n",
 	    c.workers > 0 && c.linked == c.workers) < 0;
-	rc |= add_family(out, "smtpmux_cluster_local_decisions_total", "counter",
+	rc |= status_metric_family(out, "smtpmux_cluster_local_decisions_total", "counter",
 	    "Delivery attempts decided by this instance alone for want of a link (quotas "
 	    "per instance then).");
 	rc |= evbuffer_add_printf(out, "smtpmux_cluster_local_decisions_total %" PRIu64 "\n",
@@ -303,7 +304,7 @@ status_metrics(struct evbuffer *out, const struct health *h,
 	if (snapshots_take(&ss, h, hc, now) < 0)
 		return -1;
 	for (size_t m = 0; m < sizeof(metrics) / sizeof(metrics[0]); m++) {
-		rc |= add_family(out, metrics[m].name, metrics[m].type, metrics[m].help);
+		rc |= status_metric_family(out, metrics[m].name, metrics[m].type, metrics[m].help);
 		for (size_t i = 0; i < ss.n; i++)
 			rc |= add_sample(out, metrics[m].name, &ss.s[i], NULL, metrics[m].value(&ss.s[i]));
 	}
@@ -320,6 +321,7 @@ struct status_http {
 	const struct config *cfg;
 	struct health *health;
 	const struct health_cfg *hc;
+	const struct token_table *tokens;    /* NULL: no OAuth downstreams */
 };
 
 static void
@@ -343,7 +345,8 @@ metrics_cb(struct evhttp_request *req, void *arg)
 	struct evbuffer *buf;
 
 	if ((buf = evbuffer_new()) == NULL || status_metrics(buf, sh->health, sh->hc, time(NULL)) < 0 ||
-	    status_metrics_cluster(buf, sh->cfg, sh->health) < 0) {
+	    status_metrics_cluster(buf, sh->cfg, sh->health) < 0 ||
+	    status_oauth_metrics(buf, sh->tokens, time(NULL)) < 0) {
 		log_warn("status: out of memory building /metrics");
 		if (buf != NULL)
 			evbuffer_free(buf);
@@ -460,6 +463,12 @@ fail:
 	evhttp_free(sh->http);
 	free(sh);
 	return NULL;
+}
+
+void
+status_http_set_tokens(struct status_http *sh, const struct token_table *tokens)
+{
+	sh->tokens = tokens;
 }
 
 unsigned

@@ -36,6 +36,12 @@ int status_metrics(struct evbuffer *out, const struct health *h,
 int status_metrics_cluster(struct evbuffer *out, const struct config *cfg,
     const struct health *h);
 
+/* For status_oauth.c: a label value escaped as the exposition format
+ * requires, and a family's HELP and TYPE lines. 0, or -1 when out of memory. */
+int status_label_value(struct evbuffer *out, const char *v);
+int status_metric_family(struct evbuffer *out, const char *name, const char *type,
+    const char *help);
+
 /*
  * `status_listen:`: serves, in base's loop, GET / (the status page of
  * cfg's users, status_page.h) and GET /metrics on listen_addr
@@ -45,6 +51,9 @@ int status_metrics_cluster(struct evbuffer *out, const struct config *cfg,
 struct status_http;
 struct status_http *status_http_start(struct event_base *base, const char *listen_addr,
     const struct config *cfg, struct health *h, char *err, size_t errlen);
+/* Adds the OAuth token families (status_oauth.c) to /metrics. */
+struct token_table;
+void status_http_set_tokens(struct status_http *, const struct token_table *tokens);
 /* The port bound, 0 if unknown. */
 unsigned status_http_port(const struct status_http *);
 void status_http_free(struct status_http *);

@@ -1046,6 +1046,7 @@ worker_run(const struct worker_params *p)
 	w.rt.health = p->health;
 	w.rt.clients = p->clients;
 	w.room = p->room;
+	w.rt.tokens = p->tokens;
 	w.rt.worker_slot = p->slot;
 	snprintf(role, sizeof(role), "worker[%u]", p->slot);
 	log_set_role(role);

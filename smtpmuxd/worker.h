@@ -10,6 +10,7 @@
 #include "config.h"
 #include "health.h"
 #include "privdrop.h"
+#include "token_table.h"
 
 /*
  * A worker process: one libevent loop accepting on every listener and
@@ -32,6 +33,7 @@ struct worker_params {
 	struct health *health;
 	struct client_table *clients;    /* per client address, shared by all workers */
 	struct accept_room *room;        /* which workers have room, shared */
+	struct token_table *tokens;      /* NULL without OAuth downstreams */
 	const int *listen_fds;           /* parallel to cfg->listen */
 	unsigned slot;                   /* health in-flight slot */
 	unsigned generation;
