@@ -864,11 +864,13 @@ START_TEST(test_installed_config)
 	cfg = load_ok(path);
 	ck_assert_uint_eq(cfg->n_users, 1);
 	ck_assert_str_eq(cfg->users[0].selector_path, "weighted");
-	ck_assert_uint_eq(cfg->users[0].n_downstreams, 3);
+	ck_assert_uint_eq(cfg->users[0].n_downstreams, 5);
 	ck_assert_uint_eq(cfg->users[0].downstreams[0].max_per_day, 500);
 	ck_assert_uint_eq(cfg->n_clients, 2);
 	ck_assert_ptr_eq(cfg->clients[1].user, &cfg->users[0]);
 	ck_assert_uint_eq(cfg->users[0].n_allowed_senders, 1);
+	ck_assert_int_eq(cfg->users[0].downstreams[3].token->kind, TOKEN_SOURCE_CLIENT_CREDENTIALS);
+	ck_assert_int_eq(cfg->users[0].downstreams[4].token->kind, TOKEN_SOURCE_REFRESH_TOKEN);
 	config_free(cfg);
 }
 END_TEST
