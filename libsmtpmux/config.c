@@ -16,6 +16,7 @@
 #include "config_lines.h"
 #include "config_oauth.h"
 #include "health.h"
+#include "config_queue.h"
 #include "log.h"
 #include "netaddr.h"
 #include "passwd.h"
@@ -160,6 +161,7 @@ struct raw_config {
 	struct raw_auth *auth;
 	struct raw_cache *connection_cache;
 	struct raw_cluster *cluster;
+	struct raw_queue *queue;
 	struct raw_user *users;
 	unsigned n_users;
 	struct raw_client *clients;
@@ -335,6 +337,7 @@ static const cyaml_schema_field_t top_fields[] = {
 	CYAML_FIELD_MAPPING_PTR("connection_cache", OPT, struct raw_config, connection_cache,
 	    cache_fields),
 	CYAML_FIELD_MAPPING_PTR("cluster", OPT, struct raw_config, cluster, config_cluster_fields),
+	CYAML_FIELD_MAPPING_PTR("queue", OPT, struct raw_config, queue, config_queue_fields),
 	/* May be empty or absent: the file as installed defines no users, and
 	 * the daemon refuses to run it (config_has_users) rather than call it
 	 * broken. */
@@ -844,6 +847,17 @@ check_cluster(struct loader *ld, const struct raw_cluster *raw, struct config *c
 	if (inline_secret)
 		ld->inline_secrets = true;
 	return rc == 0 ? 0 : fail(ld, "cluster", *key ? key : NULL, "%s", why);
+}
+
+static int
+check_queue(struct loader *ld, const struct raw_queue *raw, struct config *cfg)
+{
+	const char *key = "";
+	char why[128];
+
+	if (config_queue_check(raw, cfg->dir, &cfg->queue, &key, why, sizeof(why)) == 0)
+		return 0;
+	return fail(ld, "queue", key, "%s", why);
 }
 
 static int
@@ -1426,6 +1440,7 @@ config_check(struct loader *ld, const struct raw_config *raw, struct config *cfg
 	    check_auth(ld, raw->auth, &cfg->auth) == -1 ||
 	    check_cache(ld, raw->connection_cache, &cfg->connection_cache) == -1 ||
 	    check_cluster(ld, raw->cluster, cfg) == -1 ||
+	    check_queue(ld, raw->queue, cfg) == -1 ||
 	    check_users(ld, raw, cfg) == -1 ||
 	    check_clients(ld, raw, cfg) == -1 ||
 	    check_token_sources(ld, cfg) == -1)
@@ -1878,6 +1893,7 @@ config_free(struct config *cfg)
 	free(cfg->status_listen);
 	free(cfg->state_file);
 	config_cluster_free(&cfg->cluster);
+	config_queue_free(&cfg->queue);
 	free(cfg);
 }
 

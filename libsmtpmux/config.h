@@ -164,6 +164,25 @@ struct token_source_cfg {
 	uint64_t id;                     /* fingerprint of all of the above */
 };
 
+/* `queue:` (the spool that keeps what no downstream took; config_queue.c) */
+enum queue_mode {
+	QUEUE_MODE_FALLBACK = 0,         /* relay first; spool what failed temporarily */
+	QUEUE_MODE_ALWAYS                /* spool at once, deliver in the background */
+};
+
+struct queue_cfg {
+	bool enabled;                    /* default true */
+	enum queue_mode mode;            /* default fallback */
+	char *dir;                       /* default LOCALSTATEDIR "/spool/smtpmux" */
+	uint64_t max_size;               /* octets queued at most; 0: no limit; default 1 GiB */
+	unsigned min_backoff;            /* s, first retry delay; default 60 */
+	unsigned max_backoff;            /* s, longest retry delay; default 3600 */
+	unsigned max_lifetime;           /* s, then bounced; default 432000 (5 days) */
+	unsigned max_concurrency;        /* the runner's deliveries at once; default 10 */
+	bool bounce;                     /* DSN to the sender on failure; default true */
+	unsigned delay_warning;          /* s, one "delayed" DSN after this; 0: none (default) */
+};
+
 struct downstream_cfg {
 	char *name;                      /* `name:`, default: addr */
 	char *addr;                      /* "host:port" as written */
@@ -240,6 +259,7 @@ struct config {
 	struct auth_cfg auth;
 	struct cache_cfg connection_cache;
 	struct cluster_cfg cluster;
+	struct queue_cfg queue;
 	struct user_cfg *users;
 	size_t n_users;
 	struct client_cfg *clients;

@@ -247,6 +247,18 @@ check_full_sections(const struct config *cfg)
 	ck_assert_uint_eq(cfg->health.cooldown, 15);
 	ck_assert_uint_eq(cfg->health.max_cooldown, 300);
 	ck_assert_uint_eq(cfg->health.throttle_backoff, 120);
+
+	ck_assert(!cfg->queue.enabled);
+	ck_assert_int_eq(cfg->queue.mode, QUEUE_MODE_ALWAYS);
+	snprintf(buf, sizeof(buf), "%s/spool", tmpdir);
+	ck_assert_str_eq(cfg->queue.dir, buf);
+	ck_assert_uint_eq(cfg->queue.max_size, 1048576);
+	ck_assert_uint_eq(cfg->queue.min_backoff, 5);
+	ck_assert_uint_eq(cfg->queue.max_backoff, 600);
+	ck_assert_uint_eq(cfg->queue.max_lifetime, 86400);
+	ck_assert_uint_eq(cfg->queue.max_concurrency, 4);
+	ck_assert(!cfg->queue.bounce);
+	ck_assert_uint_eq(cfg->queue.delay_warning, 3600);
 }
 
 static void
@@ -539,6 +551,16 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(cfg->health.cooldown, 30);
 	ck_assert_uint_eq(cfg->health.max_cooldown, 600);
 	ck_assert_uint_eq(cfg->health.throttle_backoff, 60);
+	ck_assert(cfg->queue.enabled);
+	ck_assert_int_eq(cfg->queue.mode, QUEUE_MODE_FALLBACK);
+	ck_assert_str_eq(cfg->queue.dir, LOCALSTATEDIR "/spool/smtpmux");
+	ck_assert_uint_eq(cfg->queue.max_size, 1073741824);
+	ck_assert_uint_eq(cfg->queue.min_backoff, 60);
+	ck_assert_uint_eq(cfg->queue.max_backoff, 3600);
+	ck_assert_uint_eq(cfg->queue.max_lifetime, 432000);
+	ck_assert_uint_eq(cfg->queue.max_concurrency, 10);
+	ck_assert(cfg->queue.bounce);
+	ck_assert_uint_eq(cfg->queue.delay_warning, 0);
 
 	ck_assert_str_eq(cfg->users[0].selector_path, "round_robin");
 	ck_assert_ptr_nonnull(cfg->users[0].selector);
@@ -1016,6 +1038,10 @@ static const struct bad_case bad_cases[] = {
 	  "only with oauth2 or token_command", false },
 	{ "bad_oauth_twin.yaml", false, 13, "users[1].downstreams[0].token_command",
 	  "same addr and user as users[0].downstreams[0], but another token source", false },
+	{ "bad_queue_backoff.yaml", false, 8, "queue.max_backoff",
+	  "must be at least min_backoff", false },
+	{ "bad_queue_mode.yaml", false, 7, "queue.mode",
+	  "expected one of fallback, always, got \"sometimes\"", false },
 };
 
 START_TEST(test_bad)
