@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,9 +25,11 @@ struct msgbody {
 	char *tmp_dir;
 	struct evbuffer *mem;            /* NULL once the body is in the file */
 	int fd;                          /* -1 while in memory */
+	uint64_t off;                    /* where the body starts in the file */
 	uint64_t size;
 	struct evbuffer_ptr peek_pos;    /* in mem, where the last peek ended */
 	uint64_t peek_off;               /* its offset; UINT64_MAX: none */
+	bool read_only;                  /* msgbody_from_file(): appending is refused */
 };
 
 struct msgbody *
@@ -50,6 +53,28 @@ msgbody_new(uint64_t memory_threshold, const char *tmp_dir)
 		return NULL;
 	}
 	return b;
+}
+
+struct msgbody *
+msgbody_from_file(int fd, uint64_t off, uint64_t size)
+{
+	struct msgbody *b = calloc(1, sizeof(*b));
+
+	if (b == NULL)
+		return NULL;
+	b->fd = fd;
+	b->off = off;
+	b->size = size;
+	b->read_only = true;
+	b->peek_off = UINT64_MAX;
+	return b;
+}
+
+int
+msgbody_file(const struct msgbody *b, uint64_t *off)
+{
+	*off = b->off;
+	return b->mem != NULL ? -1 : b->fd;
 }
 
 void
@@ -140,6 +165,10 @@ msgbody_append(struct msgbody *b, const void *data, size_t len)
 {
 	if (len == 0)
 		return 0;
+	if (b->read_only) {
+		errno = EBADF;
+		return -1;
+	}
 	b->peek_off = UINT64_MAX;
 	if (b->mem != NULL && b->size + len > b->threshold &&
 	    spill_to_file(b) == -1)
@@ -206,7 +235,7 @@ msgbody_read(struct msgbody *b, uint64_t off, void *buf, size_t len)
 		return evbuffer_copyout_from(b->mem, &pos, buf, len);
 	}
 	do
-		n = pread(b->fd, buf, len, (off_t)off);
+		n = pread(b->fd, buf, len, (off_t)(b->off + off));
 	while (n == -1 && errno == EINTR);
 	return n;
 }

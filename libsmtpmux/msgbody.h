@@ -20,6 +20,17 @@ struct msgbody;
 struct msgbody *msgbody_new(uint64_t memory_threshold, const char *tmp_dir);
 void msgbody_free(struct msgbody *);
 
+/*
+ * A read-only body that is the octets [off, off + size) of an open file
+ * (a queued message after its spool header); takes fd, closed by
+ * msgbody_free(). NULL when out of memory (fd is then left open).
+ */
+struct msgbody *msgbody_from_file(int fd, uint64_t off, uint64_t size);
+
+/* The file holding the body and its offset there, or -1 while the body is
+ * in memory. For readers in another thread: pread() shares no offset. */
+int msgbody_file(const struct msgbody *, uint64_t *off);
+
 /* Appends data; -1 (errno set, logged by the caller) on a write error. */
 int msgbody_append(struct msgbody *, const void *data, size_t len);
 

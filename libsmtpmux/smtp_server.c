@@ -12,6 +12,7 @@
 #include "auth.h"
 #include "buffer_wipe.h"
 #include "log.h"
+#include "maildate.h"
 #include "msgbody.h"
 #include "self_pid.h"
 #include "client_table.h"
@@ -714,21 +715,6 @@ with_protocol(const struct smtp_session *s)
 	return names[s->tls_active][s->user != NULL];
 }
 
-/* RFC 5322 date in UTC; names by hand so the locale cannot change them. */
-static void
-rfc5322_date(char *buf, size_t len)
-{
-	static const char *const days[] = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" };
-	static const char *const months[] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
-		"Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
-	time_t now = time(NULL);
-	struct tm tm;
-
-	gmtime_r(&now, &tm);
-	snprintf(buf, len, "%s, %02d %s %04d %02d:%02d:%02d +0000", days[tm.tm_wday],
-	    tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
-}
-
 /*
  * RFC 5321 4.4: a relay adds a trace header. It goes first into the body,
  * before the client's octets, as msgbody only appends. "for" is given
@@ -741,7 +727,7 @@ add_received(struct smtp_session *s)
 	const char *v6 = strchr(s->client, ':') != NULL ? "IPv6:" : "";
 	int n;
 
-	rfc5322_date(date, sizeof(date));
+	maildate_format(time(NULL), date, sizeof(date));
 	if (s->tx.n_rcpts == 1)
 		snprintf(rcpt, sizeof(rcpt), "\r\n\tfor <%s>", s->tx.rcpts[0]);
 	n = snprintf(hdr, sizeof(hdr),
