@@ -378,6 +378,13 @@ health_begin_last_resort(struct health_rec *r, const struct downstream_cfg *ds,
 	return begin(r, worker_slot, now, false);
 }
 
+time_t
+health_quota_reopens(const struct health_rec *r, const struct downstream_cfg *ds, time_t now)
+{
+	(void)ds;
+	return quota_reopens(r->h, r->i, now);
+}
+
 bool
 health_begin_shared(struct health_rec *hr, unsigned worker_slot, time_t now)
 {

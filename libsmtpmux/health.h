@@ -163,6 +163,17 @@ bool health_begin_last_resort(struct health_rec *, const struct downstream_cfg *
     unsigned worker_slot, time_t now);
 
 /*
+ * When the quotas of the downstream let a message through again, as seen
+ * at now: for each full window the moment its oldest counted message stops
+ * counting (rolling) or the window rolls over (calendar), the latest of
+ * those; 0 when no window is full, or when a full one is held only by
+ * attempts under way (their outcome decides). The queue runner sleeps
+ * until then instead of retrying blindly (quota-aware deferral).
+ */
+time_t health_quota_reopens(const struct health_rec *, const struct downstream_cfg *,
+    time_t now);
+
+/*
  * After the attempt: updates counters, latency, the circuit breaker (open
  * after fail_threshold consecutive failures for cooldown seconds, doubling
  * up to max_cooldown while trial messages keep failing; closed by a

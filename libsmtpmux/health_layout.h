@@ -325,6 +325,8 @@ void quota_end(struct health *h, const struct health_rec *r, unsigned slot, time
     time_t now, bool delivered);
 /* Messages counted in window w at now; *limit gets its capacity (0: none). */
 uint32_t quota_used(const struct health *h, uint32_t i, int w, time_t now, uint32_t *limit);
+/* health_quota_reopens() of record i. */
+time_t quota_reopens(const struct health *h, uint32_t i, time_t now);
 /* Master: frees the cells that a dead worker's attempts held. */
 void quota_release_slot(struct health *h, uint32_t i, unsigned slot);
 /* Master, at bind: gives record i windows of capacity limit[w]. -1 when the

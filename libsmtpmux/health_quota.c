@@ -289,6 +289,50 @@ quota_used(const struct health *h, uint32_t i, int w, time_t now, uint32_t *limi
 	return used;
 }
 
+/* When a cell that counts at now stops counting; 0 for one that counts
+ * until something else happens to it (under way, frozen). */
+static uint64_t
+cell_expires(uint64_t c, uint32_t span, bool calendar)
+{
+	uint64_t t = c & CELL_TIME;
+
+	if (c & (CELL_PENDING | CELL_FROZEN))
+		return 0;
+	return calendar ? (t / span + 1) * span : t + span;
+}
+
+time_t
+quota_reopens(const struct health *h, uint32_t i, time_t now)
+{
+	uint32_t t = secs32(now);
+	uint64_t reopens = 0;
+
+	for (int w = 0; w < WIN_COUNT; w++) {
+		struct window_desc q = window_of(h, i, w, NULL);
+		uint32_t span = health_window_seconds[w];
+		uint64_t first = UINT64_MAX;
+
+		for (uint32_t j = 0; j < q.capacity; j++) {
+			uint64_t v = atomic_load_explicit(&cells_of(h, q)[j], memory_order_relaxed);
+			uint64_t end = cell_expires(v, span, q.calendar);
+
+			if (cell_free(v, t, span, q.calendar)) {
+				first = 0;           /* not full */
+				break;
+			}
+			if (end != 0 && end < first)
+				first = end;
+		}
+		if (q.capacity == 0 || first == 0)
+			continue;
+		if (first == UINT64_MAX)
+			return 0;                /* full of attempts under way */
+		if (first > reopens)
+			reopens = first;
+	}
+	return (time_t)reopens;
+}
+
 void
 quota_release_slot(struct health *h, uint32_t i, unsigned slot)
 {

@@ -82,6 +82,9 @@ struct relay {
 
 	unsigned attempts;
 	bool retry_later;                    /* some failure was not the message's fault */
+	time_t quota_reopens;                /* earliest reopening of the quotas that skipped */
+	const char *failed_relay;            /* the last failed attempt, for the queue */
+	char failed_text[SMTP_REPLY_TEXT_MAX];
 	bool have_perm;
 	struct upstream_result perm;         /* last message-level refusal */
 	const struct downstream_cfg *perm_ds;
@@ -232,10 +235,11 @@ log_final(const struct relay *r, const struct relay_result *res, const char *sta
 	}
 	format_rcpts(r->msg, to, sizeof(to));
 	log_info("%sid=%s%s user=%s from=<%s> to=%s nrcpt=%zu size=%llu relay=%s attempts=%u "
-	    "status=%s delay=%u.%03u (%d %s %s)", session, r->msg->id, client,
+	    "status=%s%s delay=%u.%03u (%d %s %s)", session, r->msg->id, client,
 	    clean(user, sizeof(user), r->user->email), clean(from, sizeof(from), r->msg->mail_from),
 	    to, r->msg->n_rcpts, (unsigned long long)r->size,
-	    res->relay[0] ? res->relay : "none", r->attempts, status, ms / 1000, ms % 1000,
+	    res->relay[0] ? res->relay : "none", r->attempts, status,
+	    r->msg->from_queue ? " queued=yes" : "", ms / 1000, ms % 1000,
 	    res->code, res->enhanced, clean(text, sizeof(text), res->text));
 }
 
@@ -348,6 +352,8 @@ finish(struct relay *r, bool ok)
 		snprintf(res.relay, sizeof(res.relay), "%s", r->cur->name);
 		status = "sent";
 	} else if (r->retry_later || (!r->have_perm && !r->have_skip)) {
+		res.temporary = true;
+		res.quota_reopens = r->attempts == 0 ? r->quota_reopens : 0;
 		res.code = 451;
 		snprintf(res.enhanced, sizeof(res.enhanced), "4.4.1");
 		snprintf(res.text, sizeof(res.text), "Requested action aborted: "
@@ -366,9 +372,30 @@ finish(struct relay *r, bool ok)
 		    clean(text, sizeof(text), r->skip.text));
 		status = "bounced";
 	}
+	if (!ok && r->failed_relay != NULL) {
+		snprintf(res.failed_relay, sizeof(res.failed_relay), "%s", r->failed_relay);
+		snprintf(res.failed_text, sizeof(res.failed_text), "%s", r->failed_text);
+	}
 	log_final(r, &res, status);
 	relay_free(r);
 	done(arg, &res);
+}
+
+/* The last failure, as the queue keeps it: "451 4.7.0 text" or the reason. */
+static void
+note_failure(struct relay *r, const struct downstream_cfg *ds, int code, const char *enhanced,
+    const char *text)
+{
+	char clean_text[SMTP_REPLY_TEXT_MAX - 16];   /* room for "451 4.7.0 " */
+
+	clean(clean_text, sizeof(clean_text), text);
+	r->failed_relay = ds->name;
+	if (code > 0)
+		snprintf(r->failed_text, sizeof(r->failed_text), "%d%s%s %s", code,
+		    enhanced != NULL && enhanced[0] ? " " : "", enhanced != NULL ? enhanced : "",
+		    clean_text);
+	else
+		snprintf(r->failed_text, sizeof(r->failed_text), "%s", clean_text);
 }
 
 /*
@@ -440,6 +467,7 @@ attempt_done(void *arg, const struct upstream_result *res)
 		finish(r, true);
 		return;
 	}
+	note_failure(r, ds, masked.code, masked.enhanced, masked.text);
 	if (res->status == UPSTREAM_TEMPFAIL || res->throttle || !message_stage(res->stage))
 		r->retry_later = true;
 	else {
@@ -449,6 +477,17 @@ attempt_done(void *arg, const struct upstream_result *res)
 	}
 	/* From the loop: we are inside the attempt's callback. */
 	evtimer_add(r->kick, &now);
+}
+
+/* A downstream skipped for its quota: when may it take a message again? */
+static void
+note_quota(struct relay *r, const struct downstream_cfg *ds, time_t now)
+{
+	time_t reopens = health_quota_reopens(ds->health, ds, now);
+
+	if (reopens > 0 && (r->quota_reopens == 0 || reopens < r->quota_reopens))
+		r->quota_reopens = reopens;
+	note_failure(r, ds, 0, NULL, "over quota");
 }
 
 /*
@@ -570,6 +609,7 @@ attempt_go(struct relay *r, const struct downstream_cfg *ds, size_t idx, time_t 
 	log_warn("id=%s relay=%s[%s]: cannot start a delivery attempt",
 	    r->msg->id, ds->name, ds->addr);
 	release_attempt(r, ds, "cannot start a delivery attempt");
+	note_failure(r, ds, 0, NULL, "cannot start a delivery attempt");
 	r->retry_later = true;
 	return false;
 }
@@ -588,6 +628,7 @@ admit_apply(struct relay *r, const struct downstream_cfg *ds, size_t idx, enum a
 	case ADMIT_SKIP:
 		log_skipped(r, ds, "connect", why != NULL ? why : refusal_reason(r, ds, now));
 		r->retry_later = true;   /* the quota comes back; so may the message */
+		note_quota(r, ds, now);
 		return false;
 	default:
 		return true;

@@ -2,6 +2,8 @@
 #ifndef SMTPMUX_RELAY_H
 #define SMTPMUX_RELAY_H
 
+#include <time.h>
+
 #include "config.h"
 #include "runtime.h"
 #include "upstream.h"
@@ -22,6 +24,14 @@ struct relay_result {
 	char enhanced[16];               /* "2.0.0", "4.4.1", ... */
 	char text[SMTP_REPLY_TEXT_MAX];  /* never contains credentials */
 	char relay[128];                 /* name of the downstream that accepted */
+	/* For the queue (delivery.c), when not ok: */
+	bool temporary;                  /* some failure was temporary: worth retrying */
+	time_t quota_reopens;            /* no attempt was made because every downstream's
+	                                    quota window was full: when the earliest one
+	                                    reopens; 0 otherwise */
+	char failed_relay[64];           /* the downstream of the last failed attempt, or "" */
+	char failed_text[SMTP_REPLY_TEXT_MAX];  /* its reply "451 4.7.0 ..." or why, masked */
+	bool queued;                     /* ok: taken into the queue, not delivered yet */
 };
 
 struct relay;

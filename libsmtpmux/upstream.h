@@ -41,6 +41,7 @@ struct upstream_msg {
 	size_t n_rcpts;
 	enum smtp_body body;             /* 8BITMIME: only to downstreams that offer it */
 	struct msgbody *data;            /* unstuffed, CRLF line ends */
+	bool from_queue;                 /* a retry by the queue runner (logged queued=yes) */
 };
 
 enum upstream_status {
