@@ -15,6 +15,7 @@ struct config;
 struct health;
 struct passwd_cache;
 struct token_table;
+struct spool_writer;
 struct upstream;
 struct upstream_cache;
 
@@ -38,6 +39,7 @@ struct runtime {
 	struct upstream_cache *cache;    /* idle downstream sessions; NULL: no reuse */
 	struct passwd_cache *pwcache;    /* verified password hashes; may be NULL */
 	struct cluster *cluster;         /* `cluster:` (cluster.h); NULL without one */
+	struct spool_writer *spool;      /* commits to the queue; NULL without one */
 };
 
 /* Milliseconds on the monotonic clock: deadlines that a changed wall

@@ -81,8 +81,8 @@ struct txn {
 	uint64_t size_hint;              /* MAIL's SIZE=, 0 if none */
 	bool saw_8bit;                   /* an octet >= 0x80 in the body */
 	struct upstream_msg umsg;        /* must outlive the relay */
-	struct relay *prepared;          /* at the first RCPT (early connect) */
-	struct relay *relay;
+	struct delivery *prepared;       /* at the first RCPT (early connect) */
+	struct delivery *relay;
 	bool in_relay_start;             /* done() may come before relay_start returns */
 	bool early_done;
 	struct relay_result early;
@@ -874,7 +874,9 @@ relay_finished(struct smtp_session *s, const struct relay_result *res)
 
 	s->tx.relay = NULL;
 	set_state(s, SESS_GREETED);
-	if (res->ok)
+	if (res->ok && res->queued)
+		reply(s, 250, "2.0.0", "%s", clean(text, sizeof(text), res->text));
+	else if (res->ok)
 		reply(s, 250, "2.0.0", "Ok: queued as %s", s->tx.qid);
 	else if (!valid)
 		reply(s, 451, "4.3.0", "Delivery failed, try again later");
@@ -918,9 +920,8 @@ static void
 relay_message(struct smtp_session *s)
 {
 	struct txn *tx = &s->tx;
-	struct relay *r;
-
-	struct relay *prepared = tx->prepared;
+	struct delivery *prepared = tx->prepared;
+	struct delivery *r;
 
 	tx->umsg = (struct upstream_msg){
 		.id = tx->qid, .session = s->id, .mail_from = tx->mail_from,

@@ -7,7 +7,7 @@
 #include <event2/buffer.h>
 
 #include "config.h"
-#include "relay.h"
+#include "delivery.h"
 #include "runtime.h"
 
 /*
@@ -37,21 +37,23 @@ struct smtp_session_io {
 	/* One-shot timer, not restarted by input: call smtp_session_timer()
 	 * after ms milliseconds; 0 cancels it. A new call replaces the last. */
 	void (*set_timer)(void *ctx, unsigned ms);
-	/* Relaying (relay_start/relay_cancel in the daemon; tests may run real
-	 * relays too). relay_cancel also drops a prepared relay. */
-	struct relay *(*relay_start)(void *ctx, struct runtime *rt, const struct user_cfg *user,
-	    const struct upstream_msg *msg, uint64_t size, const char *client_addr,
-	    relay_done_fn done, void *arg);
-	void (*relay_cancel)(void *ctx, struct relay *);
+	/* Delivering the message (delivery.h in the daemon: the relay, or the
+	 * queue; tests may run real relays too): the session only keeps the
+	 * handle. relay_cancel also drops a prepared one. */
+	struct delivery *(*relay_start)(void *ctx, struct runtime *rt,
+	    const struct user_cfg *user, const struct upstream_msg *msg, uint64_t size,
+	    const char *client_addr, relay_done_fn done, void *arg);
+	void (*relay_cancel)(void *ctx, struct delivery *);
 	/* Optional (NULL: not offered). Early connect: relay_prepare at the
 	 * first accepted RCPT (NULL when off), relay_begin at the final dot
 	 * with what it prepared (see relay.h). */
-	struct relay *(*relay_prepare)(void *ctx, struct runtime *rt, const struct user_cfg *user,
-	    const struct upstream_msg *env, uint64_t size, const char *client_addr);
-	struct relay *(*relay_begin)(void *ctx, struct relay *prepared,
+	struct delivery *(*relay_prepare)(void *ctx, struct runtime *rt,
+	    const struct user_cfg *user, const struct upstream_msg *env, uint64_t size,
+	    const char *client_addr);
+	struct delivery *(*relay_begin)(void *ctx, struct delivery *prepared,
 	    const struct upstream_msg *msg, uint64_t size, relay_done_fn done, void *arg);
-	/* Optional: relay_dot_sent() (NULL: never). */
-	bool (*relay_dot_sent)(void *ctx, const struct relay *);
+	/* Optional: delivery_dot_sent() (NULL: never). */
+	bool (*relay_dot_sent)(void *ctx, const struct delivery *);
 };
 
 struct smtp_session_params {

@@ -18,12 +18,14 @@
 #include "accept_room.h"
 #include "cluster.h"
 #include "conn.h"
+#include "delivery.h"
 #include "idle_trim.h"
 #include "log.h"
 #include "passwd.h"
 #include "relay.h"
 #include "runtime.h"
 #include "smtp_server.h"
+#include "spool_writer.h"
 #include "upstream.h"
 #include "upstream_cache.h"
 #include "worker.h"
@@ -402,18 +404,18 @@ io_set_timeout(void *ctx, unsigned seconds)
 	client_arm_idle(c);
 }
 
-static struct relay *
+static struct delivery *
 io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *msg, uint64_t size, const char *client_addr,
     relay_done_fn done, void *arg)
 {
-	return relay_start(rt, user, msg, size, client_addr, done, arg);
+	return delivery_start(rt, user, msg, size, client_addr, done, arg);
 }
 
 static void
-io_relay_cancel(void *ctx, struct relay *r)
+io_relay_cancel(void *ctx, struct delivery *d)
 {
-	relay_cancel(r);
+	delivery_cancel(d);
 }
 
 static void
@@ -437,24 +439,24 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
 		smtp_session_timer(c->session);
 }
 
-static struct relay *
+static struct delivery *
 io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *env, uint64_t size, const char *client_addr)
 {
-	return relay_prepare(rt, user, env, size, client_addr);
+	return delivery_prepare(rt, user, env, size, client_addr);
 }
 
-static struct relay *
-io_relay_begin(void *ctx, struct relay *r, const struct upstream_msg *msg, uint64_t size,
+static struct delivery *
+io_relay_begin(void *ctx, struct delivery *d, const struct upstream_msg *msg, uint64_t size,
     relay_done_fn done, void *arg)
 {
-	return relay_begin(r, msg, size, done, arg);
+	return delivery_begin(d, msg, size, done, arg);
 }
 
 static bool
-io_relay_dot_sent(void *ctx, const struct relay *r)
+io_relay_dot_sent(void *ctx, const struct delivery *d)
 {
-	return relay_dot_sent(r);
+	return delivery_dot_sent(d);
 }
 
 static const struct smtp_session_io client_session_io = {
@@ -922,6 +924,22 @@ worker_follow_master(pid_t master_pid)
 #endif
 }
 
+/* Without its writer the queue cannot take messages: they are refused
+ * with 452 (try later), and the worker serves on. */
+static void
+worker_open_queue(struct worker *w, const struct worker_params *p)
+{
+	const struct queue_cfg *q = &w->cfg->queue;
+	char err[512];
+
+	if (!q->enabled)
+		return;
+	w->rt.spool = spool_writer_new(w->rt.base, q->dir, p->qstats, q->max_size, err,
+	    sizeof(err));
+	if (w->rt.spool == NULL)
+		log_err("queue: %s; messages that cannot be relayed are refused with 452", err);
+}
+
 static int
 worker_setup(struct worker *w, const struct worker_params *p)
 {
@@ -959,6 +977,7 @@ worker_setup(struct worker *w, const struct worker_params *p)
 	if (event_add(w->ev_stop, NULL) < 0 || event_add(w->ev_retire, NULL) < 0 ||
 	    event_add(w->ev_reopen, NULL) < 0)
 		return -1;
+	worker_open_queue(w, p);
 	return worker_open_listeners(w, p->listen_fds);
 }
 
@@ -1025,6 +1044,9 @@ worker_cleanup(struct worker *w)
 	cluster_free(w->rt.cluster);
 	log_password_cache(w->rt.pwcache);
 	passwd_cache_free(w->rt.pwcache);
+	/* Waits for the writes under way: a message the thread has begun is
+	 * committed, not left half-written. */
+	spool_writer_free(w->rt.spool);
 	if (w->rt.dns != NULL)
 		evdns_base_free(w->rt.dns, 0);
 	if (w->rt.base != NULL)

@@ -9,6 +9,7 @@
 #include "client_table.h"
 #include "config.h"
 #include "health.h"
+#include "queue_stats.h"
 #include "privdrop.h"
 #include "token_table.h"
 
@@ -34,6 +35,7 @@ struct worker_params {
 	struct client_table *clients;    /* per client address, shared by all workers */
 	struct accept_room *room;        /* which workers have room, shared */
 	struct token_table *tokens;      /* NULL without OAuth downstreams */
+	struct queue_stats *qstats;      /* queue figures; NULL without a queue */
 	const int *listen_fds;           /* parallel to cfg->listen */
 	unsigned slot;                   /* health in-flight slot */
 	unsigned generation;

@@ -67,7 +67,7 @@ struct harness {
 	int relay_token;
 	unsigned relay_starts, relay_cancels;
 	const struct user_cfg *prepared_user;  /* who relay_prepare was asked for */
-	struct relay *cancelled;
+	struct delivery *cancelled;
 	relay_done_fn done;
 	void *done_arg;
 	struct relayed msg;
@@ -164,7 +164,7 @@ record_message(struct harness *h, const struct user_cfg *user, const struct upst
 	snprintf(m->client, sizeof(m->client), "%s", client_addr);
 }
 
-static struct relay *
+static struct delivery *
 io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *msg, uint64_t size, const char *client_addr,
     relay_done_fn done, void *arg)
@@ -178,15 +178,15 @@ io_relay_start(void *ctx, struct runtime *rt, const struct user_cfg *user,
 		return NULL;
 	if (h->answer_at_once) {
 		done(arg, &h->at_once);
-		return (struct relay *)&h->relay_token;
+		return (struct delivery *)&h->relay_token;
 	}
 	h->done = done;
 	h->done_arg = arg;
-	return (struct relay *)&h->relay_token;
+	return (struct delivery *)&h->relay_token;
 }
 
 static void
-io_relay_cancel(void *ctx, struct relay *r)
+io_relay_cancel(void *ctx, struct delivery *r)
 {
 	struct harness *h = ctx;
 
@@ -194,7 +194,7 @@ io_relay_cancel(void *ctx, struct relay *r)
 	h->cancelled = r;
 }
 
-static struct relay *
+static struct delivery *
 io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
     const struct upstream_msg *env, uint64_t size, const char *client_addr)
 {
@@ -204,16 +204,16 @@ io_relay_prepare(void *ctx, struct runtime *rt, const struct user_cfg *user,
 	h->prepared_user = user;
 	h->prepares++;
 	h->prepared_rcpts = env->n_rcpts;
-	return h->early_connect ? (struct relay *)&h->prepared_token : NULL;
+	return h->early_connect ? (struct delivery *)&h->prepared_token : NULL;
 }
 
-static struct relay *
-io_relay_begin(void *ctx, struct relay *prepared, const struct upstream_msg *msg,
+static struct delivery *
+io_relay_begin(void *ctx, struct delivery *prepared, const struct upstream_msg *msg,
     uint64_t size, relay_done_fn done, void *arg)
 {
 	struct harness *h = ctx;
 
-	ck_assert_ptr_eq(prepared, (struct relay *)&h->prepared_token);
+	ck_assert_ptr_eq(prepared, (struct delivery *)&h->prepared_token);
 	h->begins++;
 	record_message(h, &h->users[0], msg, size, CLIENT);
 	h->done = done;
@@ -222,7 +222,7 @@ io_relay_begin(void *ctx, struct relay *prepared, const struct upstream_msg *msg
 }
 
 static bool
-io_relay_dot_sent(void *ctx, const struct relay *r)
+io_relay_dot_sent(void *ctx, const struct delivery *r)
 {
 	return ((struct harness *)ctx)->dot_sent;
 }
@@ -1781,7 +1781,7 @@ START_TEST(test_abort_during_relay)
 	ck_assert_uint_eq(H.relay_starts, 1);
 	smtp_session_abort(H.s);
 	ck_assert_uint_eq(H.relay_cancels, 1);
-	ck_assert_ptr_eq(H.cancelled, (struct relay *)&H.relay_token);
+	ck_assert_ptr_eq(H.cancelled, (struct delivery *)&H.relay_token);
 	ck_assert(!smtp_session_busy(H.s));
 	smtp_session_free(H.s);
 	H.s = NULL;
@@ -1864,7 +1864,7 @@ START_TEST(test_early_connect_given_up)
 	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<r1@example.net>\r\nRSET\r\n",
 	    MAIL_OK RCPT_OK "250 2.0.0 Ok\r\n");
 	ck_assert_uint_eq(H.relay_cancels, 1);
-	ck_assert_ptr_eq(H.cancelled, (struct relay *)&H.prepared_token);
+	ck_assert_ptr_eq(H.cancelled, (struct delivery *)&H.prepared_token);
 	ck_exchange("MAIL FROM:<sender@example.com>\r\nRCPT TO:<r1@example.net>\r\n",
 	    MAIL_OK RCPT_OK);
 	ck_assert_uint_eq(H.prepares, 2);

@@ -193,6 +193,12 @@ class Daemon:
         self.config.setdefault("workers", 2)
         self.config.setdefault("hostname", "smtpmux.test")
         self.config.setdefault("state_file", os.path.join(tmpdir, "smtpmuxd.state"))
+        queue = self.config.setdefault("queue", {})
+        if isinstance(queue, dict):
+            queue.setdefault("dir", os.path.join(tmpdir, "queue"))
+        # Run as root, the workers and the queue runner are `nobody`: they
+        # must reach the spool inside this folder (as in /var/spool).
+        os.chmod(tmpdir, 0o711)
         self.config_path = os.path.join(tmpdir, "smtpmux.yaml")
         self.log_path = os.path.join(tmpdir, "smtpmuxd.log")
         self.env = dict(os.environ, SMTPMUX_SELECTOR_PATH=SELECTORS)

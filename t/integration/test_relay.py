@@ -80,7 +80,8 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(self.b.handler.count(), 1)
 
     def test_all_down_gives_4xx_and_delivers_nothing(self):
-        d = self.start_pair(fault_a="rcpt_451", fault_b="rcpt_451")
+        # Without the queue (test_queue.py has the default, queue on).
+        d = self.start_pair(fault_a="rcpt_451", fault_b="rcpt_451", extra={"queue": {"enabled": False}})
         code, text = send(d.port, USER, PASSWORD)
         self.assertEqual(code, 451)
         self.assertIn(b"4.4.1", text)
