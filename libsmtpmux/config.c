@@ -41,7 +41,7 @@
 #define DEFAULT_LISTEN "127.0.0.1:1020"
 #define DEFAULT_SELECTOR "round_robin"
 #define DEFAULT_RUN_USER "smtpmux"
-#define MAX_WORKERS 63               /* two generations share the health worker slots */
+#define MAX_WORKERS 62               /* two generations share the health worker slots */
 _Static_assert(2 * MAX_WORKERS <= HEALTH_WORKER_SLOTS,
     "two generations of workers must fit the health segment's worker slots");
 #define IMPLICIT_TLS_PORT "465"

@@ -53,6 +53,7 @@
 enum health_helper {
 	HEALTH_HELPER_PROBER,
 	HEALTH_HELPER_TOKENS,            /* delivers nothing: its slot stays empty */
+	HEALTH_HELPER_RUNNER,            /* the queue runner */
 	HEALTH_HELPERS
 };
 #define HEALTH_WORKER_SLOTS (HEALTH_MAX_WORKER_SLOTS - HEALTH_HELPERS)

@@ -27,10 +27,17 @@ on_reopen_signal(evutil_socket_t sig, short what, void *arg)
 int
 helper_signals_start(struct helper_signals *hs, struct event_base *base)
 {
+	return helper_signals_start_with(hs, base, on_stop_signal, base);
+}
+
+int
+helper_signals_start_with(struct helper_signals *hs, struct event_base *base,
+    event_callback_fn on_term, void *arg)
+{
 	sigset_t set;
 
 	signal(SIGPIPE, SIG_IGN);
-	hs->term = evsignal_new(base, SIGTERM, on_stop_signal, base);
+	hs->term = evsignal_new(base, SIGTERM, on_term, arg);
 	hs->reopen = evsignal_new(base, SIGUSR1, on_reopen_signal, NULL);
 	if (hs->term == NULL || evsignal_add(hs->term, NULL) < 0 ||
 	    hs->reopen == NULL || evsignal_add(hs->reopen, NULL) < 0)

@@ -23,6 +23,9 @@
 #include "pidfile.h"
 #include "privdrop.h"
 #include "prober.h"
+#include "queue_stats.h"
+#include "runner.h"
+#include "spool.h"
 #include "tls.h"
 #include "token_helper.h"
 #include "token_table.h"
@@ -48,7 +51,7 @@
 #define KILL_GRACE_MS 10000             /* after shutdown_timeout, before SIGKILL */
 #define CLIENT_TABLE_ENTRIES 8192       /* client addresses tracked at once */
 
-enum child_kind { CHILD_WORKER, CHILD_PROBER, CHILD_TOKENS };
+enum child_kind { CHILD_WORKER, CHILD_PROBER, CHILD_TOKENS, CHILD_RUNNER };
 
 /* Every kind of child; a helper has its own named in-flight slot. */
 static const struct child_kind_info {
@@ -59,6 +62,7 @@ static const struct child_kind_info {
 	[CHILD_WORKER] = { "worker", false, 0 },
 	[CHILD_PROBER] = { "prober", true, HEALTH_HELPER_PROBER },
 	[CHILD_TOKENS] = { "token helper", true, HEALTH_HELPER_TOKENS },
+	[CHILD_RUNNER] = { "queue runner", true, HEALTH_HELPER_RUNNER },
 };
 
 struct child {
@@ -82,6 +86,7 @@ struct master {
 	struct instance *instance;       /* the state file's lock and status socket */
 	int64_t save_at_ms;              /* next copy to the state file */
 	bool save_failing;               /* logged once until it works again */
+	struct queue_stats *qstats;      /* queue figures, next to the state file */
 	struct privdrop priv;
 	int *listen_fds;                 /* parallel to cfg->listen; NULL once stopping */
 	size_t n_listen_fds;
@@ -329,7 +334,8 @@ children_alive(const struct master *m)
 }
 
 /* Any helper of that kind, even one still stopping: the next prober needs
- * its port, the next token helper must be the only writer of the tokens. */
+ * its port, the next token helper must be the only writer of the tokens,
+ * and two queue runners at once would deliver the same messages. */
 static bool
 helper_alive(const struct master *m, enum child_kind kind)
 {
@@ -367,6 +373,7 @@ run_worker(struct master *m, unsigned slot)
 		.clients = m->clients,
 		.room = m->room,
 		.tokens = m->tokens,
+		.qstats = m->qstats,
 		.listen_fds = m->listen_fds,
 		.slot = slot,
 		.generation = m->generation,
@@ -390,7 +397,23 @@ token_helper_run(struct master *m)
 	return token_helper_main(m->cfg, m->tokens);
 }
 
-/* The prober or the token helper, in the child right after fork. */
+static int
+runner_run(struct master *m)
+{
+	struct runner_params p = {
+		.cfg = m->cfg,
+		.health = m->health,
+		.stats = m->qstats,
+		.tokens = m->tokens,
+		.slot = health_helper_slot(HEALTH_HELPER_RUNNER),
+		.master_pid = m->pid,
+	};
+
+	return runner_main(&p);
+}
+
+/* The prober, the token helper or the queue runner, in the child right
+ * after fork. */
 static int
 run_helper(struct master *m, const char *role, int (*helper_main)(struct master *))
 {
@@ -423,6 +446,7 @@ run_child(struct master *m, enum child_kind kind, unsigned slot)
 	switch (kind) {
 	case CHILD_PROBER: return run_helper(m, "prober", prober_run);
 	case CHILD_TOKENS: return run_helper(m, "oauth", token_helper_run);
+	case CHILD_RUNNER: return run_helper(m, "queue", runner_run);
 	default: return run_worker(m, slot);
 	}
 }
@@ -492,6 +516,8 @@ master_maintain(struct master *m)
 	if (token_table_needed(m->cfg) && !helper_alive(m, CHILD_TOKENS) &&
 	    now >= m->respawn_after_ms)
 		master_spawn(m, CHILD_TOKENS);
+	if (m->cfg->queue.enabled && !helper_alive(m, CHILD_RUNNER) && now >= m->respawn_after_ms)
+		master_spawn(m, CHILD_RUNNER);
 	if (throttled && m->respawn_after_ms <= now)
 		m->respawn_after_ms = now + CRASH_RESPAWN_DELAY_MS;
 }
@@ -669,6 +695,29 @@ master_open_log(const struct master *m, const struct config *cfg, const struct p
 	return r;
 }
 
+/* --- the queue ---------------------------------------------------------- */
+
+/* The spool folder, owned by the workers' user, before any child needs it. */
+static int
+queue_prepare(const struct config *cfg, const struct privdrop *priv, char *err, size_t errlen)
+{
+	if (!cfg->queue.enabled)
+		return 0;
+	return spool_prepare(cfg->queue.dir, priv->enabled, priv->uid, priv->gid, err, errlen);
+}
+
+static void
+queue_stats_open(struct master *m)
+{
+	char path[4200];
+
+	queue_stats_path(m->cfg->state_file, path, sizeof(path));
+	m->qstats = queue_stats_create(path);
+	if (m->qstats == NULL)
+		log_warn("cannot create %s: %s (queue figures will not be shown)", path,
+		    strerror(errno));
+}
+
 /* --- reload ------------------------------------------------------------- */
 
 /* What the children of cfg will run as. */
@@ -705,6 +754,7 @@ reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, si
 		return NULL;
 	if (config_has_users(cfg, err, errlen) < 0 ||
 	    master_privdrop_prepare(m, priv, cfg, err, errlen) < 0 ||
+	    queue_prepare(cfg, priv, err, errlen) < 0 ||
 	    health_bind(m->health, cfg, err, errlen) < 0 ||
 	    token_table_bind(&m->tokens, cfg, err, errlen) < 0 ||
 	    (*fds = listeners_open(cfg, m->cfg, m->listen_fds, err, errlen)) == NULL) {
@@ -739,6 +789,9 @@ master_reload(struct master *m)
 	if (!same_string(old->state_file, cfg->state_file))
 		log_warn("state_file changed to %s: a restart is needed to use it",
 		    cfg->state_file);
+	if (old->queue.enabled && !same_string(old->queue.dir, cfg->queue.dir))
+		log_warn("queue.dir changed to %s: messages still in %s wait until it is set "
+		    "back", cfg->queue.dir, old->queue.dir);
 	privdrop_check_config_mode(cfg);
 	listeners_close_unused(m->listen_fds, m->n_listen_fds, fds, cfg->n_listen);
 	free(m->listen_fds);
@@ -1069,6 +1122,9 @@ master_init(struct master *m, char *err, size_t errlen)
 		snprintf(err, errlen, "cannot map the shared client table: %s", strerror(errno));
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
+	queue_stats_open(m);
+	if (queue_prepare(m->cfg, &m->priv, err, errlen) < 0)
+		return SMTPMUXD_EXIT_RUNTIME;
 	return SMTPMUXD_EXIT_OK;
 }
 
@@ -1121,6 +1177,7 @@ master_cleanup(struct master *m)
 	token_table_destroy(m->tokens);
 	instance_close(m->instance);
 	free(m->state_file);
+	queue_stats_destroy(m->qstats);
 	if (m->cfg != NULL)
 		config_free(m->cfg);
 }

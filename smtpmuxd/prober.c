@@ -9,6 +9,7 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 
+#include "helper_dns.h"
 #include "helper_signals.h"
 #include "log.h"
 #include "prober.h"
@@ -175,18 +176,6 @@ probes_free(struct prober *pr)
 	free(pr->probes);
 }
 
-static struct evdns_base *
-dns_create(struct event_base *base)
-{
-	struct evdns_base *dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
-
-	if (dns == NULL) {
-		log_warn("no usable resolv.conf; only numeric addresses will resolve");
-		dns = evdns_base_new(base, 0);
-	}
-	return dns;
-}
-
 static int
 prober_start(struct prober *pr, const struct config *cfg, struct health *h,
     const struct token_table *tokens)
@@ -196,7 +185,7 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h,
 	pr->rt.cfg = cfg;
 	pr->rt.health = h;
 	pr->rt.worker_slot = health_helper_slot(HEALTH_HELPER_PROBER);
-	if ((pr->rt.base = event_base_new()) == NULL || (pr->rt.dns = dns_create(pr->rt.base)) == NULL) {
+	if ((pr->rt.base = event_base_new()) == NULL || (pr->rt.dns = helper_dns_create(pr->rt.base)) == NULL) {
 		log_err("cannot create the event loop");
 		return -1;
 	}

@@ -501,7 +501,7 @@ START_TEST(test_defaults)
 	ck_assert_uint_eq(port_of(&cfg->listen[0].ss), 1020);
 	ck_assert_int_eq(cfg->listen[0].tls, TLS_MODE_NONE);
 	ck_assert(!cfg->listen[0].require_tls);
-	ck_assert_uint_eq(cfg->workers, cpus > 63 ? 63 : (unsigned)cpus);
+	ck_assert_uint_eq(cfg->workers, cpus > 62 ? 62 : (unsigned)cpus);
 	ck_assert(cfg->hostname != NULL && cfg->hostname[0] != '\0');
 	ck_assert(!cfg->allow_insecure_auth);
 	ck_assert_str_eq(cfg->run_user, "smtpmux");
@@ -941,7 +941,7 @@ static const struct bad_case bad_cases[] = {
 	  "unknown option \"fast\" (expected tls=none|starttls|implicit or require_tls)", false },
 	{ "bad_listen_tls.yaml", false, 3, "listen[1]",
 	  "tls=starttls needs tls.cert and tls.key", false },
-	{ "bad_workers_range.yaml", false, 1, "workers", "must be from 1 to 63", false },
+	{ "bad_workers_range.yaml", false, 1, "workers", "must be from 1 to 62", false },
 	{ "bad_input_buffer.yaml", false, 3, "limits.max_input_buffer", "must be at least 16384",
 	  false },
 	{ "bad_duplicate_user.yaml", false, 6, "users[1].email",
