@@ -17,8 +17,11 @@
 #include "log.h"
 #include "master.h"
 #include "privdrop.h"
+#include "queue_stats.h"
+#include "queue_tool.h"
 #include "status.h"
 #include "status_oauth.h"
+#include "status_queue.h"
 #include "tls.h"
 #include "token_table.h"
 
@@ -31,6 +34,8 @@ struct cmdline {
 	bool check_only;                 /* -t */
 	bool hash_password;              /* -H */
 	bool status;                     /* -s status */
+	const char *queue_cmd;           /* -s queue|flush|delete|hold|release */
+	const char *queue_arg;           /* its id, "all", or NULL */
 	bool debug;                      /* -d */
 	char config_abs[PATH_MAX];
 	char pidfile_abs[PATH_MAX];
@@ -40,7 +45,7 @@ static void
 usage(FILE *out)
 {
 	fprintf(out,
-	    "usage: smtpmuxd [-DdfhtV] [-c file] [-p pidfile] [-u user] [-s status]\n"
+	    "usage: smtpmuxd [-DdfhtV] [-c file] [-p pidfile] [-u user] [-s command [id]]\n"
 	    "       smtpmuxd -H\n"
 	    "  -c file     configuration file (default %s)\n"
 	    "  -D          let the workers dump core (the cores hold passwords)\n"
@@ -49,7 +54,11 @@ usage(FILE *out)
 	    "  -H          read a password and print its hash for `password:`\n"
 	    "  -p pidfile  write the master's pid to pidfile\n"
 	    "  -u user     run the workers as user (overrides `user:`)\n"
-	    "  -s status   print the downstream status of the running daemon\n"
+	    "  -s status   print the downstream and queue status of the running daemon\n"
+	    "  -s queue    list the queued messages\n"
+	    "  -s flush [id]      retry every queued message (or one) now\n"
+	    "  -s delete id|all   remove messages from the queue\n"
+	    "  -s hold id, -s release id   stop and resume retrying a message\n"
 	    "  -d          log debug messages\n"
 	    "  -V          print the version and exit\n"
 	    "  -h          print this help and exit\n",
@@ -77,7 +86,7 @@ static int
 parse_args(struct cmdline *cl, int argc, char **argv)
 {
 	const char *config = config_default_path();
-	int ch;
+	int ch, needs_arg = -1;
 
 	while ((ch = getopt(argc, argv, "c:DdfHhp:s:tu:V")) != -1) {
 		switch (ch) {
@@ -100,12 +109,24 @@ parse_args(struct cmdline *cl, int argc, char **argv)
 				cl->status = true;
 				break;
 			}
-			fprintf(stderr, "smtpmuxd: -s %s: unknown command (known: status)\n", optarg);
+			if (queue_tool_known(optarg, &needs_arg)) {
+				cl->queue_cmd = optarg;
+				break;
+			}
+			fprintf(stderr, "smtpmuxd: -s %s: unknown command (known: status, queue, "
+			    "flush, delete, hold, release)\n", optarg);
 			return SMTPMUXD_EXIT_USAGE;
 		default:
 			usage(stderr);
 			return SMTPMUXD_EXIT_USAGE;
 		}
+	}
+	if (cl->queue_cmd != NULL && needs_arg >= 0 && optind < argc)
+		cl->queue_arg = argv[optind++];
+	if (cl->queue_cmd != NULL && needs_arg == 1 && cl->queue_arg == NULL) {
+		fprintf(stderr, "smtpmuxd: -s %s needs a queue id%s\n", cl->queue_cmd,
+		    strcmp(cl->queue_cmd, "delete") == 0 ? " or \"all\"" : "");
+		return SMTPMUXD_EXIT_USAGE;
 	}
 	if (optind < argc) {
 		fprintf(stderr, "smtpmuxd: unexpected argument: %s\n", argv[optind]);
@@ -157,6 +178,20 @@ service_uid(const struct config *cfg)
 	return pw != NULL ? pw->pw_uid : (uid_t)-1;
 }
 
+/* Only when the daemon keeps them (its queue is or was enabled). */
+static void
+show_queue_figures(const struct config *cfg)
+{
+	char path[4200];
+	struct queue_stats *qs;
+
+	queue_stats_path(cfg->state_file, path, sizeof(path));
+	if ((qs = queue_stats_open_readonly(path)) == NULL)
+		return;
+	status_queue_print(stdout, qs, time(NULL));
+	queue_stats_destroy(qs);
+}
+
 /* -s status: the running daemon hands over its shared state, read-only. */
 static int
 show_status(const char *path)
@@ -187,6 +222,7 @@ show_status(const char *path)
 	status_oauth_print(stdout, tokens, time(NULL));
 	token_table_destroy(tokens);
 	health_destroy(h);
+	show_queue_figures(cfg);
 	config_free(cfg);
 	return SMTPMUXD_EXIT_OK;
 }
@@ -216,6 +252,8 @@ run(struct cmdline *cl)
 		return check_config(cl->master.config_path, cl->master.user);
 	if (cl->status)
 		return show_status(cl->master.config_path);
+	if (cl->queue_cmd != NULL)
+		return queue_tool_run(cl->master.config_path, cl->queue_cmd, cl->queue_arg);
 	if (set_pidfile(cl) < 0)
 		return SMTPMUXD_EXIT_USAGE;
 	return master_run(&cl->master);

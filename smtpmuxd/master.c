@@ -388,7 +388,7 @@ run_worker(struct master *m, unsigned slot)
 static int
 prober_run(struct master *m)
 {
-	return prober_main(m->cfg, m->health, m->tokens);
+	return prober_main(m->cfg, m->health, m->tokens, m->qstats);
 }
 
 static int

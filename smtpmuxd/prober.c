@@ -178,7 +178,7 @@ probes_free(struct prober *pr)
 
 static int
 prober_start(struct prober *pr, const struct config *cfg, struct health *h,
-    const struct token_table *tokens)
+    const struct token_table *tokens, const struct queue_stats *qs)
 {
 	char err[256];
 
@@ -201,6 +201,8 @@ prober_start(struct prober *pr, const struct config *cfg, struct health *h,
 			return -1;
 		}
 		status_http_set_tokens(pr->http, tokens);
+		if (qs != NULL)
+			status_http_set_queue(pr->http, qs);
 		log_info("serving the status page on http://%s/ and metrics on /metrics",
 		    cfg->status_listen);
 	}
@@ -223,14 +225,15 @@ prober_stop(struct prober *pr)
 }
 
 int
-prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens)
+prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens,
+    const struct queue_stats *qs)
 {
 	struct prober pr;
 	int rc = 1;
 
 	memset(&pr, 0, sizeof(pr));
 	log_set_role("prober");
-	if (prober_start(&pr, cfg, h, tokens) == 0) {
+	if (prober_start(&pr, cfg, h, tokens, qs) == 0) {
 		log_info("probing %zu downstream(s)", pr.n_probes);
 		rc = event_base_dispatch(pr.rt.base) < 0 ? 1 : 0;
 	}

@@ -7,6 +7,7 @@
 #include "config.h"
 #include "health.h"
 #include "token_table.h"
+#include "queue_stats.h"
 
 /*
  * The prober: a helper process the master forks (and re-forks at reload)
@@ -24,8 +25,10 @@ bool prober_needed(const struct config *cfg);
  * The helper's main: runs until SIGTERM, then returns 0 (the
  * exit code); returns 1 when it cannot start (logged). cfg must have been
  * bound to h by health_bind(). tokens (NULL without OAuth downstreams)
- * adds their token status to /metrics.
+ * adds their token status to /metrics, qs (NULL without a queue) the
+ * queue's figures to /metrics and the status page.
  */
-int prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens);
+int prober_main(const struct config *cfg, struct health *h, const struct token_table *tokens,
+    const struct queue_stats *qs);
 
 #endif

@@ -18,6 +18,7 @@
 #include "status_page.h"
 #include "status_snapshot.h"
 #include "status_oauth.h"
+#include "status_queue.h"
 
 /* --- reading the segment */
 
@@ -322,6 +323,7 @@ struct status_http {
 	struct health *health;
 	const struct health_cfg *hc;
 	const struct token_table *tokens;    /* NULL: no OAuth downstreams */
+	const struct queue_stats *qs;    /* NULL: no queue figures */
 };
 
 static void
@@ -346,7 +348,8 @@ metrics_cb(struct evhttp_request *req, void *arg)
 
 	if ((buf = evbuffer_new()) == NULL || status_metrics(buf, sh->health, sh->hc, time(NULL)) < 0 ||
 	    status_metrics_cluster(buf, sh->cfg, sh->health) < 0 ||
-	    status_oauth_metrics(buf, sh->tokens, time(NULL)) < 0) {
+	    status_oauth_metrics(buf, sh->tokens, time(NULL)) < 0 ||
+	    (sh->qs != NULL && status_queue_metrics(buf, sh->qs, time(NULL)) < 0)) {
 		log_warn("status: out of memory building /metrics");
 		if (buf != NULL)
 			evbuffer_free(buf);
@@ -469,6 +472,12 @@ void
 status_http_set_tokens(struct status_http *sh, const struct token_table *tokens)
 {
 	sh->tokens = tokens;
+}
+
+void
+status_http_set_queue(struct status_http *sh, const struct queue_stats *qs)
+{
+	sh->qs = qs;
 }
 
 unsigned

@@ -54,6 +54,9 @@ struct status_http *status_http_start(struct event_base *base, const char *liste
 /* Adds the OAuth token families (status_oauth.c) to /metrics. */
 struct token_table;
 void status_http_set_tokens(struct status_http *, const struct token_table *tokens);
+/* Adds the queue's figures (status_queue.c) to /metrics. */
+struct queue_stats;
+void status_http_set_queue(struct status_http *, const struct queue_stats *qs);
 /* The port bound, 0 if unknown. */
 unsigned status_http_port(const struct status_http *);
 void status_http_free(struct status_http *);
