@@ -9,6 +9,7 @@
 
 #include "delivery.h"
 #include "log.h"
+#include "queue_sched.h"
 #include "spool_format.h"
 #include "spool_writer.h"
 
@@ -111,6 +112,8 @@ spooled(void *arg, const struct spool_result *sr)
 static void
 env_fill(struct spool_env *env, const struct delivery *d, const struct relay_result *failed)
 {
+	uint64_t seed;
+
 	memset(env, 0, sizeof(*env));
 	snprintf(env->user, sizeof(env->user), "%s", d->user->email);
 	snprintf(env->client, sizeof(env->client), "%s", d->client);
@@ -119,9 +122,12 @@ env_fill(struct spool_env *env, const struct delivery *d, const struct relay_res
 	env->body = d->msg->body;
 	if (failed == NULL)
 		return;
-	/* The synchronous relay was the first attempt. */
+	/* The synchronous relay was the first attempt: the next one is due as
+	 * the runner would have scheduled it, so that the queue shows it. */
+	seed = queue_random_seed();
 	env->attempts = 1;
-	env->next = (int64_t)failed->quota_reopens;
+	env->next = queue_next_attempt(&d->rt->cfg->queue, env->arrived, 1, env->arrived,
+	    (int64_t)failed->quota_reopens, queue_random(&seed));
 	if (failed->failed_relay[0] != '\0')
 		spool_env_note_error(env, failed->failed_relay, failed->failed_text);
 }

@@ -508,6 +508,10 @@ runner_main(const struct runner_params *p)
 
 	memset(&rn, 0, sizeof(rn));
 	log_set_role("queue");
+#ifdef PR_SET_NAME
+	/* What ps and top show: the runner apart from the workers. */
+	(void)prctl(PR_SET_NAME, RUNNER_PROCESS_NAME, 0, 0, 0);
+#endif
 	follow_master(p->master_pid);
 	if (runner_setup(&rn, p) == 0) {
 		lock_cb(-1, 0, &rn);

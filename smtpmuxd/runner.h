@@ -21,6 +21,9 @@ struct token_table;
  * and replaces it at each reload (never two at once).
  */
 
+/* Its process name (/proc/PID/comm), for ps and top. */
+#define RUNNER_PROCESS_NAME "smtpmux-queue"
+
 struct runner_params {
 	const struct config *cfg;        /* bound to health by health_bind() */
 	struct health *health;

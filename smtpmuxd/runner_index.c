@@ -91,6 +91,7 @@ qindex_add(struct qindex *qi, const char *id, int64_t arrived, uint64_t bytes)
 	snprintf(e->id, sizeof(e->id), "%s", id);
 	e->arrived = arrived;
 	e->bytes = bytes;
+	e->seq = qi->seq++;
 	e->heap_pos = SIZE_MAX;
 	h = hash_id(id, qi->n_buckets);
 	e->hnext = qi->buckets[h];
@@ -126,7 +127,7 @@ before(const struct qentry *a, const struct qentry *b)
 		return a->next < b->next;
 	if (a->arrived != b->arrived)
 		return a->arrived < b->arrived;
-	return strcmp(a->id, b->id) < 0;
+	return a->seq < b->seq;
 }
 
 static void

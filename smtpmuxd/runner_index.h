@@ -11,7 +11,7 @@
 /*
  * The queue runner's picture of the spool: one entry per message, found
  * by id (a hash), and the entries waiting for their next attempt in a
- * min-heap ordered by (next attempt, arrival, id), so that the runner
+ * min-heap ordered by (next attempt, arrival, order of arrival), so that the runner
  * wakes for exactly the next one and messages due together go out oldest
  * first. Entries that are held, being delivered or parked (their user is
  * not in the configuration) are not in the heap.
@@ -22,6 +22,7 @@ struct qentry {
 	int64_t arrived;
 	int64_t next;                    /* due time while in the heap */
 	uint64_t bytes;                  /* file size */
+	uint64_t seq;                    /* order the runner learned of it: FIFO within a second */
 	bool held;                       /* smtpmuxd -s hold */
 	bool parked;                     /* its user is not in the configuration */
 	bool busy;                       /* a delivery is under way (runner_job) */
@@ -38,6 +39,7 @@ struct qindex {
 	uint64_t bytes;
 	struct qentry **heap;
 	size_t heap_len, heap_cap;
+	uint64_t seq;
 };
 
 void qindex_init(struct qindex *);

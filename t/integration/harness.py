@@ -250,6 +250,18 @@ class Daemon:
         with open(path) as f:
             return [int(p) for p in f.read().split()]
 
+    def runner(self):
+        """The queue runner's pid (its process name says so), or None."""
+        for pid in self.children():
+            if process_name(pid) == "smtpmux-queue":
+                return pid
+        return None
+
+    def workers(self):
+        """The children that are not the queue runner (nor the prober, which
+        only runs with probe_interval or status_listen)."""
+        return [p for p in self.children() if process_name(p) != "smtpmux-queue"]
+
     def reload(self, config=None, text=None):
         """SIGHUP with a new config; returns once the master has acted on it."""
         before_ok = self.log_text().count("reload: generation=")
@@ -303,6 +315,14 @@ class Daemon:
             raise AssertionError("smtpmuxd did not stop on %s" % sig)
         finally:
             self.log.close()
+
+
+def process_name(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 # --- clients -----------------------------------------------------------------

@@ -137,7 +137,7 @@ class HealthTest(DaemonTestCase):
         t.start()
         self.assertTrue(a.handler.data_started.wait(30))
         self.assertEqual(self.column(d, "A", "FLIGHT"), "1")
-        worker = d.children()[0]
+        worker = d.workers()[0]
         os.kill(worker, signal.SIGKILL)
         t.join(60)
         wait_until(lambda: self.column(d, "A", "FLIGHT") == "0", what="in-flight count to drop")

@@ -208,12 +208,12 @@ class RelayTest(DaemonTestCase):
         other = smtplib.SMTP("127.0.0.1", d.port, timeout=30)   # a session of the same worker
         self.addCleanup(other.close)
         other.ehlo("other.test")
-        [worker] = d.children()
+        [worker] = d.workers()
         with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
             send(d.port, USER, PASSWORD, rcpts=("crash@example.org",))
         self.assertEqual(a.handler.count(), 0)
         d.wait_log("killed by signal 6")
-        wait_until(lambda: len(d.children()) == 1 and worker not in d.children(), what="worker respawn")
+        wait_until(lambda: len(d.workers()) == 1 and worker not in d.workers(), what="worker respawn")
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         self.assertEqual(a.handler.count(), 1)
         with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
@@ -252,10 +252,10 @@ class RelayTest(DaemonTestCase):
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
         # The first worker may greet before the master has forked the second.
-        workers = wait_until(lambda: len(d.children()) >= 2 and d.children(),
+        workers = wait_until(lambda: len(d.workers()) >= 2 and d.workers(),
                              what="both workers to be forked")
         os.kill(workers[0], signal.SIGKILL)
-        wait_until(lambda: workers[0] not in d.children() and len(d.children()) == len(workers),
+        wait_until(lambda: workers[0] not in d.workers() and len(d.workers()) == len(workers),
                    what="worker respawn")
         msgs = [make_message("after %d" % i) for i in range(4)]
         for msg in msgs:
