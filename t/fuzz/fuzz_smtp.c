@@ -16,6 +16,8 @@
  *    the check can be matched;
  *  - a token response yields a bearer token or a printable reason, never
  *    both, and the JSON reader hands out NUL-free strings and valid numbers.
+ *  - a spool header or state file that parses is written back by the
+ *    formatter as one that parses to the same fields.
  * See README in this folder.
  */
 #include <stdint.h>
@@ -37,6 +39,7 @@
 #include "smtp_parse.h"
 #include "smtp_reply.h"
 #include "token_response.h"
+#include "spool_format.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -350,6 +353,53 @@ fuzz_oauth(const char *in, size_t len)
 		require_clean(summary, strlen(summary));
 }
 
+static void
+require_same_env(const struct spool_env *a, const struct spool_env *b)
+{
+	require(strcmp(a->user, b->user) == 0 && strcmp(a->client, b->client) == 0);
+	require(a->arrived == b->arrived && strcmp(a->from, b->from) == 0);
+	require(a->body == b->body && a->size == b->size && a->n_rcpts == b->n_rcpts);
+	for (size_t i = 0; i < a->n_rcpts; i++)
+		require(strcmp(a->rcpts[i], b->rcpts[i]) == 0);
+	require(a->attempts == b->attempts && a->next == b->next && a->warned == b->warned);
+	require(a->n_errors == b->n_errors);
+	for (size_t i = 0; i < a->n_errors; i++)
+		require(strcmp(a->errors[i].relay, b->errors[i].relay) == 0 &&
+		    strcmp(a->errors[i].text, b->errors[i].text) == 0);
+}
+
+static void
+fuzz_spool(const char *in, size_t len)
+{
+	struct spool_env env, back;
+	char err[160], *text;
+	size_t hlen, tlen;
+
+	memset(&env, 0, sizeof(env));
+	memset(&back, 0, sizeof(back));
+	if (spool_parse_message(in, len, &env, &hlen, err, sizeof(err)) == 0) {
+		require(hlen <= len && hlen >= 2 && in[hlen - 1] == '\n' && env.n_rcpts > 0);
+		require(spool_format_message(&env, &text, &tlen) == 0);
+		require(spool_parse_message(text, tlen, &back, &hlen, err, sizeof(err)) == 0);
+		require(hlen == tlen);
+		require_same_env(&env, &back);
+		free(text);
+		spool_env_clear(&back);
+	}
+	if (spool_parse_state(in, len, &env, err, sizeof(err)) == 0) {
+		require(spool_format_state(&env, &text, &tlen) == 0);
+		back = env;
+		back.rcpts = NULL;
+		back.n_rcpts = 0;
+		require(spool_parse_state(text, tlen, &back, err, sizeof(err)) == 0);
+		back.rcpts = env.rcpts;
+		back.n_rcpts = env.n_rcpts;
+		require_same_env(&env, &back);
+		free(text);
+	}
+	spool_env_clear(&env);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -365,5 +415,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_from_rewrite(in, size);
 	fuzz_policy(in, size);
 	fuzz_oauth(in, size);
+	fuzz_spool(in, size);
 	return 0;
 }
