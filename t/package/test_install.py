@@ -45,6 +45,9 @@ class InstallTest(unittest.TestCase):
                     found.add(os.path.relpath(os.path.join(root, name), dest))
             self.assertEqual(found, EXPECTED)
             self.assertTrue(os.access(os.path.join(dest, "usr/sbin/smtpmuxd"), os.X_OK))
+            # The queue's spool folder (LOCALSTATEDIR/spool/smtpmux), private.
+            spool = os.path.join(dest, "usr/var/spool/smtpmux")
+            self.assertEqual(os.stat(spool).st_mode & 0o777, 0o750)
             # It will hold passwords; as installed it defines no users.
             conf = os.path.join(dest, "etc/smtpmux/smtpmux.yaml")
             self.assertEqual(os.stat(conf).st_mode & 0o777, 0o640)
@@ -59,6 +62,7 @@ class InstallTest(unittest.TestCase):
             self.make("uninstall", "DESTDIR=" + dest, "prefix=/usr", "sysconfdir=/etc")
             left = [os.path.join(r, n) for r, _, fs in os.walk(dest) for n in fs]
             self.assertEqual([os.path.relpath(p, dest) for p in left], ["etc/smtpmux/smtpmux.yaml"])
+            self.assertFalse(os.path.exists(spool))        # an empty spool goes too
 
     def test_selector_builds_out_of_tree_with_pkg_config(self):
         with tempfile.TemporaryDirectory() as dest:

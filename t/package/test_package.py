@@ -50,6 +50,7 @@ RUNDIR = "/run/smtpmux"
 PIDFILE = RUNDIR + "/smtpmuxd.pid"
 LOGDIR = "/var/log/smtpmux"
 LOG = LOGDIR + "/smtpmuxd.log"
+SPOOL = "/var/spool/smtpmux"
 USER = "smtpmux"
 GECOS = "smtpmux relay"          # what the package's postinst gives the account
 LOCK = "/run/lock/smtpmux-package-test.lock"
@@ -119,6 +120,17 @@ def daemon_pids():
 def children(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
         return [int(p) for p in f.read().split()]
+
+
+def workers_of(pid):
+    """The children but the queue runner (process name smtpmux-queue)."""
+    def name(p):
+        try:
+            with open("/proc/%d/comm" % p) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    return [p for p in children(pid) if name(p) != "smtpmux-queue"]
 
 
 def proc_status(pid):
@@ -252,7 +264,7 @@ class DebianPackageTest(unittest.TestCase):
                 run("groupdel", USER, check=False)
         except KeyError:
             pass
-        for path in ("/etc/smtpmux", RUNDIR, LOGDIR):
+        for path in ("/etc/smtpmux", RUNDIR, LOGDIR, SPOOL):
             shutil.rmtree(path, ignore_errors=True)
         self.assertEqual(daemon_pids(), [], "smtpmuxd processes survived the cleanup")
 
@@ -477,6 +489,10 @@ class DebianPackageTest(unittest.TestCase):
             self.assertIn(path, conffiles)
         self.assertTrue(os.path.exists(UNIT))
         self.assertTrue(os.access(INIT, os.X_OK))
+        # The queue's spool: the workers' user's, private.
+        st = os.stat(SPOOL)
+        self.assertEqual(st.st_mode & 0o777, 0o750)
+        self.assertEqual((st.st_uid, st.st_gid), (smtpmux.pw_uid, smtpmux.pw_gid))
         # The .pc names the folder the package put the selectors in.
         selectors = {os.path.dirname(p) for p in run("dpkg", "-L", "smtpmux").stdout.split()
                      if p.endswith("/round_robin.so")}
@@ -504,7 +520,7 @@ class DebianPackageTest(unittest.TestCase):
         write_config(config)
         run(INIT, "reload")
         self.wait_banner(port, "second.test", "the reloaded config")
-        wait_until(lambda: len(children(master)) == 2, what="the old workers to retire")
+        wait_until(lambda: len(workers_of(master)) == 2, what="the old workers to retire")
         self.check_workers(master)
         self.assertEqual(run(INIT, "status", check=False).returncode, 0)
 
@@ -526,7 +542,7 @@ class DebianPackageTest(unittest.TestCase):
         self.assertNotEqual(run(INIT, "status", check=False).returncode, 0)
 
         res = dpkg("--purge", *PACKAGES)
-        for path in ("/etc/smtpmux", DAEMON, INIT, UNIT, LOGDIR, RUNDIR):
+        for path in ("/etc/smtpmux", DAEMON, INIT, UNIT, LOGDIR, RUNDIR, SPOOL):
             self.assertFalse(os.path.exists(path), path)
         # As README.Debian says: purge keeps the system account (and says
         # nothing about it going wrong).
