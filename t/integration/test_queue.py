@@ -357,10 +357,14 @@ class QueueTest(DaemonTestCase):
         d.wait_log("id=%s user=%s is not in the configuration: kept" % (qid, USER))
         self.assertNotEqual(d.runner(), runner)        # restarted with the new settings
         self.assertEqual(self.queued_ids(d), [qid])
+        runner = d.runner()
         a.handler.refuse.clear()
         config["users"][0]["email"] = USER
-        config["queue"]["min_backoff"] = config["queue"]["max_backoff"] = 1
         self.assertTrue(d.reload(config))
+        wait_until(lambda: d.runner() not in (None, runner), what="the next queue runner")
+        d.wait_log(" octets in %s" % d.config["queue"]["dir"], count=3)   # it has read the spool
+        code, out = self.tool(d, "-s", "flush", qid)          # its next attempt is an hour away
+        self.assertEqual(code, 0, out)
         wait_until(lambda: a.handler.count() == 1, what="the kept message")
         self.wait_empty(d)
 

@@ -352,7 +352,8 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         status = subprocess.run([SMTPMUXD, "-s", "status", "-c", d.config_path], env=d.env,
                                 capture_output=True, text=True, timeout=30)
-        sent = [int(line.split()[-3]) for line in status.stdout.splitlines()[1:]]
+        table = status.stdout.split("\n\n")[0]              # the queue line follows
+        sent = [int(line.split()[-3]) for line in table.splitlines()[1:]]
         self.assertEqual(sum(sent), 2, status.stdout)
 
 
