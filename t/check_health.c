@@ -539,6 +539,39 @@ START_TEST(test_quota_windows_roll_and_roll_back)
 END_TEST
 
 /*
+ * When a full downstream takes messages again, for the queue runner to
+ * sleep until then: for each full window, when its oldest counted message
+ * stops counting; the latest of those.
+ */
+START_TEST(test_quota_reopens)
+{
+	for (int calendar = 0; calendar < 2; calendar++) {
+		struct tcfg t;
+		struct downstream_cfg *ds = calendar ? one_calendar_downstream(&t, 2, 3, 0) :
+		    one_downstream(&t, 2, 3, 0);
+		struct health *h = create_bound(&t);
+
+		ck_assert_int_eq(health_quota_reopens(ds->health, ds, T0), 0);      /* room */
+		ck_assert_uint_eq(begin_n(ds, 2, 0, T0 + 10), 2);
+		/* full of attempts under way: their outcome decides */
+		ck_assert_int_eq(health_quota_reopens(ds->health, ds, T0 + 10), 0);
+		deliver_n(ds, 1, 0, T0 + 10, T0 + 12);
+		deliver_n(ds, 1, 0, T0 + 10, T0 + 15);
+		ck_assert_int_eq(health_quota_reopens(ds->health, ds, T0 + 20),
+		    calendar ? T0 + 60 : T0 + 72);
+		ck_assert_int_eq(health_quota_reopens(ds->health, ds, T0 + 75), 0);
+		ck_assert_uint_eq(begin_n(ds, 1, 0, T0 + 80), 1);
+		deliver_n(ds, 1, 0, T0 + 80, T0 + 85);
+		/* the minute has room, the hour is full */
+		ck_assert_int_eq(health_quota_reopens(ds->health, ds, T0 + 90),
+		    calendar ? T0 + 3600 : T0 + 3612);
+		ck_assert_uint_eq(begin_n(ds, 1, 0, T0 + 90), 0);
+		health_destroy(h);
+	}
+}
+END_TEST
+
+/*
  * A message under way may be accepted in the next window, or the one
  * after: its reservation counts until its attempt ends, and a delivery
  * counts in the window where it ended (never earlier than the provider
@@ -1553,6 +1586,7 @@ health_suite(void)
 	tcase_add_test(quota, test_quota_exact_under_concurrency);
 	tcase_add_test(quota, test_quota_windows_roll_and_roll_back);
 	tcase_add_test(quota, test_in_flight_counts_until_it_ends);
+	tcase_add_test(quota, test_quota_reopens);
 	tcase_add_test(quota, test_no_quota_still_counts);
 	tcase_add_test(circuit, test_circuit_breaker);
 	tcase_add_test(circuit, test_half_open_full_quota_keeps_trial);

@@ -1210,6 +1210,12 @@ START_TEST(test_all_down_451)
 	    "message, try again later");
 	ck_assert_str_eq(res.relay, "");
 	ck_assert(log_has("relay=none attempts=2 status=deferred"));
+	/* For the queue: retry later, by backoff (attempts were made), and the
+	 * last failure. */
+	ck_assert(res.temporary);
+	ck_assert_int_eq(res.quota_reopens, 0);
+	ck_assert_str_eq(res.failed_relay, "second");
+	ck_assert_ptr_nonnull(strstr(res.failed_text, "Connection refused"));
 	msgbody_free(tm.body);
 	tenv_free(&t);
 }
@@ -1251,6 +1257,8 @@ START_TEST(test_all_550_bounces)
 	ck_assert_int_eq(res.code, 550);
 	ck_assert_str_eq(res.enhanced, "5.1.1");
 	ck_assert_str_eq(res.text, "Message rejected by downstream: No such user");
+	ck_assert(!res.temporary);
+	ck_assert_ptr_nonnull(strstr(res.failed_text, "550 5.1.1"));
 	ck_assert(log_has("attempt=1 stage=rcpt status=bounced"));
 	ck_assert(log_has("attempt=2 stage=rcpt status=bounced"));
 	ck_assert(log_has("relay=none attempts=2 status=bounced"));
@@ -2089,11 +2097,18 @@ START_TEST(test_quota_skip_and_exhaustion)
 	res = relay_run(&t, &tm);
 	ck_assert(res.ok);
 	ck_assert_str_eq(res.relay, "second");
-	/* both out of quota: nothing is tried */
+	/* both out of quota: nothing is tried; the queue learns when the
+	 * minute that holds them back ends */
 	res = relay_run(&t, &tm);
 	ck_assert(!res.ok);
 	ck_assert_int_eq(res.code, 451);
 	ck_assert_str_eq(res.enhanced, "4.4.1");
+	ck_assert(res.temporary);
+	ck_assert_int_gt(res.quota_reopens, time(NULL));
+	ck_assert_int_le(res.quota_reopens, time(NULL) + 60);
+	ck_assert_int_eq(res.quota_reopens % 60, 0);
+	ck_assert_str_eq(res.failed_relay, "second");
+	ck_assert_str_eq(res.failed_text, "over quota");
 	ck_assert(log_has("attempt=1 stage=connect status=skipped delay=0.000 tls=none (0 over quota)"));
 	ck_assert(log_has("relay=none attempts=0 status=deferred"));
 	ck_assert_int_eq(count_files(s1.dir, NULL, 0), 1);

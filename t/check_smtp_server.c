@@ -870,6 +870,31 @@ START_TEST(test_too_many_recipients_not_errors)
 }
 END_TEST
 
+/* The queue's verdicts: its own 250 text (the id it was queued under),
+ * and 452 for a queue write that failed. */
+START_TEST(test_queued_and_no_storage_replies)
+{
+	struct relay_result res;
+	relay_done_fn done;
+
+	h_ready_for_data();
+	send_str("hi\r\n.\r\n");
+	memset(&res, 0, sizeof(res));
+	res.ok = res.queued = true;
+	res.code = 250;
+	snprintf(res.enhanced, sizeof(res.enhanced), "2.0.0");
+	snprintf(res.text, sizeof(res.text), "Ok: queued as 0123456789AB (delivery deferred: later)");
+	done = H.done;
+	H.done = NULL;
+	done(H.done_arg, &res);
+	ck_assert_str_eq(take(), "250 2.0.0 Ok: queued as 0123456789AB (delivery deferred: later)\r\n");
+	send_str("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n");
+	ck_assert_str_eq(take(), MAIL_OK RCPT_OK DATA_GO);
+	relay_answer(false, 452, "4.3.1", "Insufficient system storage, try again later");
+	ck_assert_str_eq(take(), "452 4.3.1 Insufficient system storage, try again later\r\n");
+}
+END_TEST
+
 START_TEST(test_rset_keeps_auth)
 {
 	h_start();
@@ -2152,6 +2177,7 @@ server_suite(void)
 	tc = tcase_create("greeting");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_greeting);
+	tcase_add_test(tc, test_queued_and_no_storage_replies);
 	tcase_add_test(tc, test_ehlo_no_insecure_auth);
 	tcase_add_test(tc, test_ehlo_insecure_auth);
 	tcase_add_test(tc, test_ehlo_starttls_listener);
