@@ -24,7 +24,7 @@ struct delivery {
 
 	struct relay *relay;             /* the synchronous attempt, while it runs */
 	struct spool_job *job;           /* the queue write, while it runs */
-	const char *mode;                /* "fallback" or "always", for the log */
+	const char *mode;                /* "fallback", "always" or "shutdown", for the log */
 	struct relay_result result;      /* reported from the loop by ev_report */
 	struct event *ev_report;
 };
@@ -103,6 +103,9 @@ spooled(void *arg, const struct spool_result *sr)
 	snprintf(res.enhanced, sizeof(res.enhanced), "2.0.0");
 	if (strcmp(d->mode, "always") == 0)
 		snprintf(res.text, sizeof(res.text), "Ok: queued as %s", sr->id);
+	else if (strcmp(d->mode, "shutdown") == 0)
+		snprintf(res.text, sizeof(res.text), "Ok: queued as %s (delivery deferred: "
+		    "the server is restarting)", sr->id);
 	else
 		snprintf(res.text, sizeof(res.text), "Ok: queued as %s (delivery deferred: "
 		    "no downstream took it now; it will be retried)", sr->id);
@@ -257,6 +260,24 @@ bool
 delivery_dot_sent(const struct delivery *d)
 {
 	return d->job != NULL || (d->relay != NULL && relay_dot_sent(d->relay));
+}
+
+bool
+delivery_defer_now(struct delivery *d)
+{
+	if (d->job != NULL)
+		return true;
+	if (d->relay == NULL || !queue_enabled(d->rt) || d->rt->spool == NULL ||
+	    relay_dot_sent(d->relay))
+		return false;
+	relay_cancel(d->relay);
+	d->relay = NULL;
+	log_info("id=%s shutting down before the final dot reached a downstream: queued "
+	    "instead", d->msg->id);
+	/* Nothing was tried to the end: the runner tries it as soon as it can. */
+	d->mode = "shutdown";
+	spool(d, NULL);
+	return true;
 }
 
 void

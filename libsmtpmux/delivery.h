@@ -60,4 +60,16 @@ struct delivery *delivery_begin(struct delivery *prepared, const struct upstream
  */
 bool delivery_dot_sent(const struct delivery *);
 
+/*
+ * The worker's shutdown grace is over (SIGTERM, or the end of a retirement
+ * after a reload). With the queue enabled, a relay that has not yet sent
+ * its final dot to any downstream is cancelled and the message is queued
+ * instead: the client hears 250 queued rather than 421, and the queue runner
+ * delivers it. Returns true when the delivery will end that way (or is
+ * already being queued); false when the caller must wind it down as before:
+ * no queue, or the dot already went to a downstream, which may deliver it,
+ * so queueing it could deliver it twice.
+ */
+bool delivery_defer_now(struct delivery *);
+
 #endif

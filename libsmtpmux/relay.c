@@ -81,6 +81,7 @@ struct relay {
 	struct cluster_attempt att;          /* the attempt under way, as the cluster knows it */
 
 	unsigned attempts;
+	bool dot_sent;                       /* an attempt that failed had sent its dot */
 	bool retry_later;                    /* some failure was not the message's fault */
 	time_t quota_reopens;                /* earliest reopening of the quotas that skipped */
 	const char *failed_relay;            /* the last failed attempt, for the queue */
@@ -468,6 +469,8 @@ attempt_done(void *arg, const struct upstream_result *res)
 		return;
 	}
 	note_failure(r, ds, masked.code, masked.enhanced, masked.text);
+	if (res->stage != NULL && strcmp(res->stage, "dot") == 0)
+		r->dot_sent = true;
 	if (res->status == UPSTREAM_TEMPFAIL || res->throttle || !message_stage(res->stage))
 		r->retry_later = true;
 	else {
@@ -897,7 +900,7 @@ relay_prepare(struct runtime *rt, const struct user_cfg *user,
 bool
 relay_dot_sent(const struct relay *r)
 {
-	return r != NULL && upstream_dot_sent(r->up);
+	return r != NULL && (r->dot_sent || upstream_dot_sent(r->up));
 }
 
 void

@@ -63,11 +63,12 @@ struct relay *relay_begin(struct relay *, const struct upstream_msg *msg, uint64
     relay_done_fn done, void *arg);
 
 /*
- * True once the attempt in progress has written the final dot: the
- * downstream may deliver whatever we do now, so the relay must run to
- * its verdict rather than be cancelled (at a reload or stop, or when the
- * client hangs up). A message whose relay has not sent the dot can still
- * be taken back.
+ * True once an attempt has written the final dot - the one in progress, or
+ * an earlier one that failed after it: that downstream may deliver whatever
+ * we do now, so the relay must run to its verdict rather than be cancelled
+ * (at a reload or stop, or when the client hangs up), and the message must
+ * not go to the queue as well. A message whose relay has not sent the dot
+ * anywhere can still be taken back.
  */
 bool relay_dot_sent(const struct relay *);
 

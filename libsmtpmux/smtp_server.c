@@ -1562,6 +1562,13 @@ smtp_session_deadline(struct smtp_session *s)
 		    "waiting for its verdict", s->id, s->tx.qid);
 		return true;
 	}
+	if (s->state == SESS_RELAYING && s->tx.relay != NULL && s->io->relay_defer != NULL &&
+	    s->io->relay_defer(s->ctx, s->tx.relay)) {
+		/* Going to the queue: 250 queued, then 421 as after any transaction
+		 * during a shutdown. */
+		s->shutdown_pending = true;
+		return true;
+	}
 	if (s->tx.relay != NULL) {
 		log_info("%s: id=%s relay cancelled: shutdown timeout before the message was sent",
 		    s->id, s->tx.qid);

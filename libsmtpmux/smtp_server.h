@@ -54,6 +54,8 @@ struct smtp_session_io {
 	    const struct upstream_msg *msg, uint64_t size, relay_done_fn done, void *arg);
 	/* Optional: delivery_dot_sent() (NULL: never). */
 	bool (*relay_dot_sent)(void *ctx, const struct delivery *);
+	/* Optional (NULL: never): delivery_defer_now() at the shutdown deadline. */
+	bool (*relay_defer)(void *ctx, struct delivery *);
 };
 
 struct smtp_session_params {
@@ -107,8 +109,10 @@ void smtp_session_hangup(struct smtp_session *);
  * The shutdown grace (limits.shutdown_timeout) is over. Returns true when
  * the session is finishing a relay whose final dot was sent: it ends on
  * its own, within limits.relay_deadline, and the client hears the real
- * verdict. Otherwise the transaction in progress, if any, is given up,
- * the client is told 421 and the session closes; false.
+ * verdict; or when its message, not sent yet, goes to the queue instead
+ * (relay_defer: the client hears 250 queued, then 421). Otherwise the
+ * transaction in progress, if any, is given up, the client is told 421
+ * and the session closes; false.
  */
 bool smtp_session_deadline(struct smtp_session *);
 

@@ -459,6 +459,12 @@ io_relay_dot_sent(void *ctx, const struct delivery *d)
 	return delivery_dot_sent(d);
 }
 
+static bool
+io_relay_defer(void *ctx, struct delivery *d)
+{
+	return delivery_defer_now(d);
+}
+
 static const struct smtp_session_io client_session_io = {
 	.flush = io_flush,
 	.starttls = io_starttls,
@@ -471,6 +477,7 @@ static const struct smtp_session_io client_session_io = {
 	.relay_prepare = io_relay_prepare,
 	.relay_begin = io_relay_begin,
 	.relay_dot_sent = io_relay_dot_sent,
+	.relay_defer = io_relay_defer,
 };
 
 /* --- accepting ---------------------------------------------------------- */
@@ -760,7 +767,8 @@ worker_close_listeners(struct worker *w)
  * client is told so (it will retry) rather than just cut off - unless its
  * message already went to a downstream with the final dot: that relay
  * runs to its verdict (within limits.relay_deadline) and the client hears
- * it. Returns true for such a session.
+ * it; or unless it can still go to the queue: the client hears 250 queued.
+ * Returns true for such a session.
  */
 static bool
 client_drop(struct client *c)
@@ -796,8 +804,8 @@ worker_deadline_cb(evutil_socket_t fd, short what, void *arg)
 		for (c = w->clients; c != NULL; c = c->next)
 			finishing += client_drop(c);
 		if (finishing > 0)
-			log_info("shutdown timeout: %u relay(s) past the final dot finish first",
-			    finishing);
+			log_info("shutdown timeout: %u relay(s) past the final dot, or message(s) "
+			    "going to the queue, finish first", finishing);
 		evtimer_add(w->ev_deadline, &tv);
 		return;
 	}

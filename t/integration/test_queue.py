@@ -2,6 +2,7 @@
 """The durable queue: fallback and always modes, the queue runner, quota-aware
 deferral, crashes at any moment, notifications to senders, the queue tools."""
 
+import asyncio
 import email
 import json
 import os
@@ -27,8 +28,13 @@ class QueueHandler(RecordingHandler):
         super().__init__()
         self.refuse = {}                 # recipient -> reply; "*" for all
         self.arrivals = []
+        self.rcpt_delay = 0.0            # seconds before answering RCPT (before the dot)
+        self.rcpt_started = threading.Event()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.rcpt_started.set()
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
         reply = self.refuse.get(address, self.refuse.get("*"))
         if reply is not None:
             return reply
@@ -341,6 +347,76 @@ class QueueTest(DaemonTestCase):
         self.assertRegex(d.log_text(), r"id=BBBBBBBBBBB4 malformed queue file \(line 1: not a version 1")
         self.assertIn("removed 1 unfinished write(s)", d.log_text())
         self.assertEqual(a.handler.count(), 1)
+
+    # --- shutting down during a relay ------------------------------------
+
+    def send_in_background(self, d, msg):
+        result = {}
+
+        def client():
+            try:
+                result["reply"] = send(d.port, USER, PASSWORD, msg=msg)
+            except Exception as e:          # noqa: BLE001 - recorded for the assertion
+                result["error"] = e
+        t = threading.Thread(target=client)
+        t.start()
+        self.addCleanup(t.join, 60)
+        return t, result
+
+    def restart(self, d):
+        again = Daemon(self.tmpdir, d.config)
+        again.port = d.port
+        again.log_path = d.log_path + ".2"
+        self.addCleanup(self._stop_daemon, again)
+        return again.start()
+
+    def test_stop_queues_a_relay_before_its_final_dot(self):
+        a = self.ds()
+        a.handler.rcpt_delay = 30.0
+        d = self.make([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1})
+        msg = make_message("at shutdown")
+        t, result = self.send_in_background(d, msg)
+        self.assertTrue(a.handler.rcpt_started.wait(30))
+        self.assertEqual(d.stop(), 0)
+        t.join(60)
+        code, text = result["reply"]
+        self.assertEqual(code, 250, result)
+        self.assertIn(b"the server is restarting", text)
+        qid = queue_id(text)
+        self.assertEqual(self.queued_ids(d), [qid])
+        self.assertIn("id=%s shutting down before the final dot" % qid, d.log_text())
+        a.handler.rcpt_delay = 0
+        again = self.restart(d)
+        wait_until(lambda: a.handler.count() == 1, what="the queued message")
+        self.wait_empty(again)
+        self.assertEqual(body_after_received(a.messages[0]["data"]), msg)
+
+    def test_reload_queues_a_relay_of_a_retired_worker(self):
+        a = self.ds()
+        a.handler.rcpt_delay = 30.0
+        d = self.make([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1})
+        t, result = self.send_in_background(d, make_message("at reload"))
+        self.assertTrue(a.handler.rcpt_started.wait(30))
+        self.assertTrue(d.reload(d.config))
+        t.join(60)
+        code, text = result["reply"]
+        self.assertEqual(code, 250, result)
+        a.handler.rcpt_delay = 0
+        wait_until(lambda: a.handler.count() == 1, what="delivery by the new queue runner")
+        self.wait_empty(d)
+        self.assertEqual(subject_of(a.messages[0]["data"]), "at reload")
+
+    def test_stop_never_queues_a_relay_past_its_final_dot(self):
+        a = self.ds()
+        a.handler.data_delay = 3.0            # the dot is sent; its reply is slow
+        d = self.make([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1})
+        t, result = self.send_in_background(d, make_message("past the dot"))
+        self.assertTrue(a.handler.data_started.wait(30))
+        self.assertEqual(d.stop(), 0)
+        t.join(60)
+        # The downstream may deliver it: queueing it too could deliver it twice.
+        self.assertEqual(self.queued_ids(d), [])
+        self.assertNotIn("status=queued", d.log_text())
 
     # --- the user's configuration changes ---------------------------------
 
