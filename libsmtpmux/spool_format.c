@@ -311,8 +311,16 @@ parse_line(struct parse *ps, const char *line, size_t len, unsigned allowed)
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
 		if (strlen(keys[i].name) == klen && memcmp(keys[i].name, line, klen) == 0)
 			k = &keys[i];
-	if (k == NULL || !(allowed & k->bit))
-		return perr(ps, "unknown key \"%.*s\"", (int)(klen < 32 ? klen : 32), line);
+	if (k == NULL || !(allowed & k->bit)) {
+		/* The key is quoted in logs and on terminals: printable only. */
+		char shown[33];
+		size_t n = klen < 32 ? klen : 32;
+
+		for (size_t i = 0; i < n; i++)
+			shown[i] = line[i] >= 0x20 && line[i] < 0x7f ? line[i] : '?';
+		shown[n] = '\0';
+		return perr(ps, "unknown key \"%s\"", shown);
+	}
 	if ((ps->seen & k->bit) && k->bit != K_RCPT && k->bit != K_ERROR)
 		return perr(ps, "%s given twice", k->name);
 	ps->seen |= k->bit;

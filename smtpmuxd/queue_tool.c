@@ -117,8 +117,15 @@ print_item(const struct listed *it, time_t now)
 	log_sanitize(user, sizeof(user), it->env.user, strlen(it->env.user));
 	log_sanitize(from, sizeof(from), it->env.from, strlen(it->env.from));
 	log_sanitize(rcpt, sizeof(rcpt), it->env.rcpts[0], strlen(it->env.rcpts[0]));
-	if (e != NULL)
-		snprintf(err, sizeof(err), "%s: %s", e->relay, e->text);
+	if (e != NULL) {
+		/* What a downstream said, and names from the configuration: printable
+		 * ASCII only on a terminal. */
+		char relay[SPOOL_RELAY_MAX + 1], text[SPOOL_ERROR_TEXT_MAX + 1];
+
+		snprintf(err, sizeof(err), "%s: %s",
+		    log_sanitize(relay, sizeof(relay), e->relay, strlen(e->relay)),
+		    log_sanitize(text, sizeof(text), e->text, strlen(e->text)));
+	}
 	printf("%-12s  %-20s  <%s>  <%s>%s  %" PRIu64 "  %" PRId64 "s  %u  %s  %s\n", it->id,
 	    user, from, rcpt, it->env.n_rcpts > 1 ? " +more" : "", it->env.size,
 	    (int64_t)now - it->env.arrived, it->env.attempts, next_cell(next, sizeof(next), it, now),
