@@ -141,6 +141,20 @@ fail:
 	return -1;
 }
 
+/*
+ * A folder the workers' user already owns, 0750, is left alone by a master
+ * that may not look inside it (under systemd it runs without
+ * CAP_DAC_OVERRIDE): the children create the subfolders as that user.
+ */
+static bool
+already_given(const char *dir, uid_t uid, gid_t gid)
+{
+	struct stat st;
+
+	return lstat(dir, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == uid &&
+	    st.st_gid == gid && (st.st_mode & 07777) == 0750;
+}
+
 int
 spool_prepare(const char *dir, bool set_owner, uid_t uid, gid_t gid, char *err, size_t errlen)
 {
@@ -153,6 +167,12 @@ spool_prepare(const char *dir, bool set_owner, uid_t uid, gid_t gid, char *err, 
 	}
 	if (mkdir_parents(dir, err, errlen) < 0)
 		return -1;
+	if (mkdir(dir, 0750) < 0 && errno != EEXIST) {
+		snprintf(err, errlen, "queue.dir %s: %s", dir, strerror(errno));
+		return -1;
+	}
+	if (set_owner && already_given(dir, uid, gid))
+		return 0;
 	if ((top = prepare_one(AT_FDCWD, dir, dir, set_owner, uid, gid, err, errlen)) < 0)
 		return -1;
 	for (int i = 0; i < SPOOL_NSUB; i++) {

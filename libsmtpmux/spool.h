@@ -39,10 +39,11 @@ void spool_close(struct spool *);
 const char *spool_path(const struct spool *);
 
 /*
- * Master, before the children start: creates dir (and missing parents,
- * 0755) and the subfolders, mode 0750; with set_owner, gives dir and the
- * subfolders to uid:gid (the workers' user). Refuses a symlink. 0, or -1
- * with a message in err.
+ * Creates dir (and missing parents, 0755) and the subfolders, mode 0750;
+ * with set_owner (the master, as root), gives them to uid:gid (the
+ * workers' user) - unless that user owns dir already, 0750: then the
+ * subfolders are left to the children, which call this again without
+ * set_owner. Refuses a symlink. 0, or -1 with a message in err.
  */
 int spool_prepare(const char *dir, bool set_owner, uid_t uid, gid_t gid,
     char *err, size_t errlen);

@@ -459,7 +459,8 @@ runner_setup(struct runner *rn, const struct runner_params *p)
 		log_err("cannot set up the event loop");
 		return -1;
 	}
-	if ((rn->spool = spool_open(p->cfg->queue.dir, err, sizeof(err))) == NULL ||
+	if (spool_prepare(p->cfg->queue.dir, false, 0, 0, err, sizeof(err)) < 0 ||
+	    (rn->spool = spool_open(p->cfg->queue.dir, err, sizeof(err))) == NULL ||
 	    (rn->rt.spool = spool_writer_new(rn->rt.base, p->cfg->queue.dir, p->stats, 0, err,
 	        sizeof(err))) == NULL) {
 		log_err("%s", err);

@@ -25,6 +25,7 @@
 #include "relay.h"
 #include "runtime.h"
 #include "smtp_server.h"
+#include "spool.h"
 #include "spool_writer.h"
 #include "upstream.h"
 #include "upstream_cache.h"
@@ -942,6 +943,10 @@ worker_open_queue(struct worker *w, const struct worker_params *p)
 
 	if (!q->enabled)
 		return;
+	if (spool_prepare(q->dir, false, 0, 0, err, sizeof(err)) < 0) {
+		log_err("queue: %s; messages that cannot be relayed are refused with 452", err);
+		return;
+	}
 	w->rt.spool = spool_writer_new(w->rt.base, q->dir, p->qstats, q->max_size, err,
 	    sizeof(err));
 	if (w->rt.spool == NULL)

@@ -773,6 +773,19 @@ START_TEST(test_prepare)
 	snprintf(path, sizeof(path), "%s/deep/er/spool/corrupt", dir);
 	ck_assert_int_eq(stat(path, &st), 0);
 	ck_assert_uint_eq(st.st_mode & 07777, 0750);
+	/* Already the workers' user's: the master leaves its inside to them. */
+	if (geteuid() == 0) {
+		snprintf(path, sizeof(path), "%s/given", dir);
+		ck_assert_int_eq(mkdir(path, 0750), 0);
+		ck_assert_int_eq(chown(path, 65534, 65534), 0);
+		ck_assert_int_eq(spool_prepare(path, true, 65534, 65534, err, sizeof(err)), 0);
+		snprintf(path, sizeof(path), "%s/given/msg", dir);
+		ck_assert_int_eq(stat(path, &st), -1);
+		snprintf(path, sizeof(path), "%s/given", dir);
+		ck_assert_int_eq(spool_prepare(path, false, 0, 0, err, sizeof(err)), 0);
+		snprintf(path, sizeof(path), "%s/given/msg", dir);
+		ck_assert_int_eq(stat(path, &st), 0);
+	}
 	/* A symlink is refused. */
 	snprintf(path, sizeof(path), "%s/link", dir);
 	ck_assert_int_eq(symlink("/etc", path), 0);

@@ -418,6 +418,32 @@ class QueueTest(DaemonTestCase):
         self.assertEqual(self.queued_ids(d), [])
         self.assertNotIn("status=queued", d.log_text())
 
+    # --- the spool under systemd ---------------------------------------------
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root")
+    def test_master_without_dac_override_and_a_given_spool(self):
+        # As the systemd unit runs it: root without CAP_DAC_OVERRIDE, the
+        # spool created by the package and owned by the workers' user.
+        a = self.ds()
+        a.handler.refuse["*"] = "451 4.3.0 Try again later"
+        qdir = os.path.join(self.tmpdir, "spool")
+        os.mkdir(qdir, 0o750)
+        os.chown(qdir, 65534, 65534)
+        config = {"allow_insecure_auth": True, "user": "nobody", "queue": dict(FAST, dir=qdir),
+                  "users": [user_entry(USER, PASSWORD, [plain_downstream(a, name="A")], "failover.so")]}
+        d = Daemon(self.tmpdir, config)
+        plain = d.command
+        d.command = lambda: ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] + plain()
+        self.addCleanup(self._stop_daemon, d)
+        d.start()
+        code, text = send(d.port, USER, PASSWORD)
+        self.assertEqual(code, 250, text)
+        self.assertIn(b"queued as", text)
+        a.handler.refuse.clear()
+        wait_until(lambda: a.handler.count() == 1, what="delivery from the queue")
+        st = os.stat(os.path.join(qdir, "msg"))
+        self.assertEqual((st.st_uid, st.st_mode & 0o777), (65534, 0o750))
+
     # --- the user's configuration changes ---------------------------------
 
     def test_message_of_a_removed_user_is_kept(self):
