@@ -376,6 +376,8 @@ page_cb(struct evhttp_request *req, void *arg)
 	int rc = -1;
 
 	if (buf != NULL && status_snapshot_take(&snap, sh->cfg, sh->health, time(NULL)) == 0) {
+		if (sh->qs != NULL)
+			status_queue_summary(sh->qs, snap.now, &snap.queue);
 		rc = status_page_render(buf, &snap);
 		status_snapshot_free(&snap);
 	}

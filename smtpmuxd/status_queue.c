@@ -2,6 +2,7 @@
 #include <inttypes.h>
 
 #include "status_queue.h"
+#include "status_snapshot.h"
 
 static int64_t
 oldest_age(const struct queue_stats_view *v, time_t now)
@@ -23,6 +24,19 @@ status_queue_print(FILE *out, const struct queue_stats *qs, time_t now)
 	    v.counter[QUEUE_QUEUED], v.counter[QUEUE_DELIVERED], v.counter[QUEUE_DEFERRED],
 	    v.counter[QUEUE_BOUNCED], v.counter[QUEUE_EXPIRED], v.counter[QUEUE_DELETED],
 	    v.counter[QUEUE_DSN]);
+}
+
+/* Every queued message waits for its next attempt: all are "deferred". */
+void
+status_queue_summary(const struct queue_stats *qs, time_t now, struct status_queue_summary *out)
+{
+	struct queue_stats_view v;
+
+	queue_stats_read(qs, &v);
+	out->present = true;
+	out->messages = v.messages;
+	out->deferred = v.messages;
+	out->oldest_age = (uint64_t)oldest_age(&v, now);
 }
 
 static const char *const counter_help[QUEUE_NCOUNTERS] = {

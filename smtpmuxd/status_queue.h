@@ -12,6 +12,11 @@
 /* The queue's figures for `smtpmuxd -s status`: one line. */
 void status_queue_print(FILE *out, const struct queue_stats *qs, time_t now);
 
+/* The queue section of the status page (status_snapshot.h). */
+struct status_queue_summary;
+void status_queue_summary(const struct queue_stats *qs, time_t now,
+    struct status_queue_summary *out);
+
 /* The same as Prometheus metrics, appended to out. 0, or -1 when out of memory. */
 int status_queue_metrics(struct evbuffer *out, const struct queue_stats *qs, time_t now);
 

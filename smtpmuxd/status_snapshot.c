@@ -43,8 +43,8 @@ status_snapshot_take(struct status_snapshot *out, const struct config *cfg,
 			return -1;
 		}
 	}
-	/* queue summary: the queue fills out->queue here once it exists. */
 	status_cluster_take(&out->cluster, cfg, h);
+	/* The queue's figures come from elsewhere (status_queue_summary()). */
 	return 0;
 }
 

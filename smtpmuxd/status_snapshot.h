@@ -29,9 +29,9 @@ struct status_user {
 };
 
 /*
- * The queue's figures. Nothing fills them until smtpmux has a queue: the
- * page shows its queue section only when `present` is true. The queue
- * fills this in status_snapshot_take() (see "queue summary" there).
+ * The queue's figures: the page shows its queue section only when
+ * `present` is true, which status_queue_summary() (status_queue.c) makes
+ * it, from the queue figures file, when the daemon has a queue.
  */
 struct status_queue_summary {
 	bool present;

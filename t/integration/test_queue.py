@@ -581,6 +581,9 @@ class QueueTest(DaemonTestCase):
         self.assertIn("smtpmux_queue_messages 0\n", metrics)
         self.assertIn("smtpmux_queue_delivered_total 3\n", metrics)
         self.assertIn("smtpmux_queue_deleted_total 3\n", metrics)
+        with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=30) as r:
+            page = r.read().decode()
+        self.assertRegex(page, r'<section id="queue">[\s\S]*data-field="messages">0<')
         # Mistakes are reported.
         self.assertEqual(self.tool(d, "-s", "hold", "not-an-id")[0], 2)
         self.assertEqual(self.tool(d, "-s", "delete")[0], 2)
