@@ -235,6 +235,10 @@ class Daemon:
                    what="smtpmuxd to greet on port %d" % self.port)
         if self.proc.poll() is not None:
             raise AssertionError("smtpmuxd exited with %s:\n%s" % (self.proc.returncode, self.log_text()))
+        # Until the queue runner has named itself it looks like a worker.
+        if self.config.get("queue", {}).get("enabled", True) and self.config.get("users"):
+            wait_until(lambda: self.proc.poll() is not None or self.runner() is not None,
+                       what="the queue runner to start")
         return self
 
     def log_text(self):

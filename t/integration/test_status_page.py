@@ -201,7 +201,7 @@ class StatusPageTest(DaemonTestCase):
         self.assertEqual(requests, [self.url])          # nothing but the page itself
         self.assertEqual(page["scripts"], 0)
         self.assertEqual(page["refresh"], "10")
-        self.assertFalse(page["queue"])                 # no queue figures yet
+        self.assertTrue(page["queue"])                  # the queue's figures
         self.assertEqual([u["email"] for u in page["users"]], ["app@example.com", "other@example.com"])
         dead, good = page["users"][0]["downstreams"]
         shared, = page["users"][1]["downstreams"]
