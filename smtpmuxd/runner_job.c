@@ -53,6 +53,7 @@ struct rjob {
 	struct spool_job *dsn;           /* a notification being committed */
 	enum after_dsn after_dsn;
 	int64_t next_attempt;            /* for AFTER_DSN_DEFER */
+	const char *why;                 /* ... and the reason, for the log */
 };
 
 /* --- life cycle */
@@ -99,16 +100,20 @@ job_deleted(struct rjob *j)
 	job_remove(j);
 }
 
-/* Back in the queue until next. */
+/* Back in the queue until next; why goes to the log once the state is
+ * saved (the queue listing then shows what the line says). */
 static void
-job_defer(struct rjob *j, int64_t next)
+job_defer(struct rjob *j, int64_t next, const char *why)
 {
 	struct qentry *e = j->e;
+	int64_t now = (int64_t)time(NULL);
 
 	j->env.next = next;
 	e->next = next;
 	if (spool_write_state(j->rn->spool, e->id, &j->env) < 0)
 		log_warn("id=%s cannot save the delivery state: %s", e->id, strerror(errno));
+	log_info("id=%s deferred: next attempt in %" PRId64 " s (%s), attempts=%u", e->id,
+	    next > now ? next - now : 0, why, j->env.attempts);
 	j->e = NULL;
 	e->busy = false;
 	e->job = NULL;
@@ -211,7 +216,7 @@ dsn_committed(void *arg, const struct spool_result *sr)
 	if (sr->err != 0) {
 		log_err("id=%s cannot queue the delivery status notification: %s: %s; "
 		    "the message stays queued", j->e->id, sr->step, strerror(sr->err));
-		job_defer(j, now + rn->cfg->queue.min_backoff);
+		job_defer(j, now + rn->cfg->queue.min_backoff, "the notification could not be queued");
 		return;
 	}
 	log_info("id=%s sender %s notification: %s", j->e->id,
@@ -224,7 +229,7 @@ dsn_committed(void *arg, const struct spool_result *sr)
 		job_remove(j);
 	else {
 		j->env.warned = true;
-		job_defer(j, j->next_attempt);
+		job_defer(j, j->next_attempt, j->why);
 	}
 }
 
@@ -291,7 +296,7 @@ job_give_up(struct rjob *j, const struct relay_result *res, bool expired, int64_
 	    "refused by every downstream";
 	j->after_dsn = AFTER_DSN_REMOVE;
 	if (!dsn_submit(j, &rep))
-		job_defer(j, now + j->rn->cfg->queue.min_backoff);
+		job_defer(j, now + j->rn->cfg->queue.min_backoff, "the notification could not be built");
 }
 
 static void
@@ -312,9 +317,7 @@ job_deferred(struct rjob *j, const struct relay_result *res, int64_t now)
 	queue_stats_count(j->rn->stats, QUEUE_DEFERRED);
 	next = queue_next_attempt(q, j->env.arrived, j->env.attempts, now, res->quota_reopens,
 	    queue_random(&j->rn->rng));
-	log_info("id=%s deferred: next attempt in %" PRId64 " s (%s), attempts=%u", j->e->id,
-	    next - now, res->quota_reopens > 0 ? "when a quota window reopens" : "backoff",
-	    j->env.attempts);
+	j->why = res->quota_reopens > 0 ? "when a quota window reopens" : "backoff";
 	if (queue_delay_warning_due(q, j->env.arrived, now, j->env.warned) && wants_dsn(j)) {
 		report_init(&rep, j, DSN_DELAYED, now);
 		rep.status = "4.4.1";
@@ -325,7 +328,7 @@ job_deferred(struct rjob *j, const struct relay_result *res, int64_t now)
 		if (dsn_submit(j, &rep))
 			return;
 	}
-	job_defer(j, next);
+	job_defer(j, next, j->why);
 }
 
 static void
@@ -455,7 +458,7 @@ runner_job_start(struct runner *rn, struct qentry *e)
 	j->relay = relay_start(&rn->rt, j->user, &j->msg, j->env.size, j->env.client, relayed, j);
 	if (j->relay == NULL) {
 		log_err("id=%s cannot start a delivery: out of memory", e->id);
-		job_defer(j, (int64_t)time(NULL) + rn->cfg->queue.min_backoff);
+		job_defer(j, (int64_t)time(NULL) + rn->cfg->queue.min_backoff, "out of memory");
 		return false;
 	}
 	return true;

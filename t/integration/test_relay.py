@@ -218,7 +218,7 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(a.handler.count(), 1)
         with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
             other.noop()                      # it died with its worker, as documented
-        self.forget_aborted_reports()
+        self.forget_aborted_reports(d)
 
     def test_log_file_is_private_and_reopened_on_sigusr1(self):
         log = os.path.join(self.tmpdir, "mail.log")
@@ -247,7 +247,7 @@ class RelayTest(DaemonTestCase):
         self.assertEqual(d.proc.poll(), None)         # the master itself carries on
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         self.assertEqual(a.handler.count(), 1)
-        self.forget_aborted_reports()
+        self.forget_aborted_reports(d)
 
     def test_killed_worker_is_respawned(self):
         d = self.start_pair()
