@@ -397,11 +397,11 @@ class QueueTest(DaemonTestCase):
         d = self.make([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1})
         t, result = self.send_in_background(d, make_message("at reload"))
         self.assertTrue(a.handler.rcpt_started.wait(30))
+        a.handler.rcpt_delay = 0              # for the retry; the first RCPT still hangs
         self.assertTrue(d.reload(d.config))
         t.join(60)
         code, text = result["reply"]
         self.assertEqual(code, 250, result)
-        a.handler.rcpt_delay = 0
         wait_until(lambda: a.handler.count() == 1, what="delivery by the new queue runner")
         self.wait_empty(d)
         self.assertEqual(subject_of(a.messages[0]["data"]), "at reload")
