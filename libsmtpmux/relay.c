@@ -387,7 +387,7 @@ static void
 note_failure(struct relay *r, const struct downstream_cfg *ds, int code, const char *enhanced,
     const char *text)
 {
-	char clean_text[SMTP_REPLY_TEXT_MAX - 16];   /* room for "451 4.7.0 " */
+	char clean_text[SMTP_REPLY_TEXT_MAX - 32];   /* room for "451 4.7.0 " */
 
 	clean(clean_text, sizeof(clean_text), text);
 	r->failed_relay = ds->name;
