@@ -73,11 +73,16 @@ static void
 log_queued(const struct delivery *d, const struct spool_result *sr)
 {
 	char user[SPOOL_USER_MAX + 1], from[SMTP_PATH_MAX + 1], renamed[32] = "";
+	char session[32] = "";
 
+	/* Like the relay's line for the message: the session and the client. */
+	if (d->msg->session != NULL && d->msg->session[0] != '\0')
+		snprintf(session, sizeof(session), "%s: ", d->msg->session);
 	if (strcmp(sr->id, d->msg->id) != 0)
 		snprintf(renamed, sizeof(renamed), " queue_id=%s", sr->id);
-	log_info("id=%s user=%s from=<%s> nrcpt=%zu size=%llu status=queued mode=%s%s batch=%u",
-	    d->msg->id, log_sanitize(user, sizeof(user), d->user->email, strlen(d->user->email)),
+	log_info("%sid=%s client=[%s] user=%s from=<%s> nrcpt=%zu size=%llu status=queued "
+	    "mode=%s%s batch=%u", session, d->msg->id, d->client,
+	    log_sanitize(user, sizeof(user), d->user->email, strlen(d->user->email)),
 	    log_sanitize(from, sizeof(from), d->msg->mail_from, strlen(d->msg->mail_from)),
 	    d->msg->n_rcpts, (unsigned long long)d->size, d->mode, renamed, sr->batch);
 }

@@ -115,7 +115,7 @@ class BackPressureTest(HostileTestCase):
 
     def test_pipelining_client_that_never_reads_costs_bounded_memory(self):
         d = self.start()
-        [worker] = d.children()
+        [worker] = d.workers()
         warm = self.client(d.port)
         self.assertTrue(warm.line().startswith("220 "))
         self.assertTrue(warm.cmd("EHLO warm.test").startswith("250-"))
@@ -203,7 +203,7 @@ class TwoWorkersTestCase(HostileTestCase):
         # or it would count in the limits below.
         wait_until(lambda: d.log_text().count(": connect from [") ==
                    d.log_text().count(": disconnect from ["), what="idle daemon")
-        pids = d.children()
+        pids = d.workers()
         self.assertEqual(len(pids), 2)
         for pid in pids:
             self.addCleanup(self.resume, pid)

@@ -115,9 +115,10 @@ class QueueTest(DaemonTestCase):
         self.assertIn(b"delivery deferred", text)
         qid = queue_id(text)
         self.assertEqual(self.queued_ids(d), [qid])     # on disk when the client heard 250
-        d.wait_log("id=%s user=%s" % (qid, USER))
+        self.assertRegex(d.log_text(), r"\w+: id=%s client=\[127\.0\.0\.1\] user=%s .*"
+                                       r"status=queued mode=fallback" % (qid, USER))
         a.start()
-        d.wait_log("id=%s user=%s" % (qid, USER), count=2)
+        d.wait_log("queue: id=%s user=%s" % (qid, USER))
         self.wait_empty(d)
         self.assertEqual(a.handler.count(), 1)
         self.assertEqual(body_after_received(a.messages[0]["data"]), msg)

@@ -98,7 +98,8 @@ class RepliesTest(UpstreamTestCase):
 
     def unsolicited_case(self, fake, downstream):
         fake.replies["MAIL"] = b"550 5.7.1 sender refused\r\n"
-        d = self.daemon(config([downstream]))
+        # The relay's own verdict: without the queue, which would take it.
+        d = self.daemon(config([downstream], queue={"enabled": False}))
         code, text = send(d.port, USER, PASSWORD)
         self.assertEqual(code, 451, text)
         self.assertNotIn("RCPT", fake.verbs())
@@ -153,7 +154,7 @@ class DeadlineTest(UpstreamTestCase):
         a = self.fake(greeting=None)       # accepts, never greets
         b = self.downstream()
         d = self.daemon(config([plain_downstream(a, name="A"), plain_downstream(b, name="B")],
-                               limits={"relay_deadline": 1}))
+                               limits={"relay_deadline": 1}, queue={"enabled": False}))
         code, text = send(d.port, USER, PASSWORD)
         self.assertEqual(code, 451, text)
         self.assertEqual(b.handler.count(), 0)
@@ -241,7 +242,9 @@ class StopAfterDotTest(UpstreamTestCase):
         a = self.fake()
         a.hold["RCPT"] = threading.Event()
         self.addCleanup(a.hold["RCPT"].set)
-        d = self.daemon(config([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1}))
+        # Without the queue (with it, test_queue.py: the message is queued).
+        d = self.daemon(config([plain_downstream(a, name="A")], limits={"shutdown_timeout": 1},
+                               queue={"enabled": False}))
         s, f = open_transaction(d.port)
         send_data(s, f, make_message("before the dot"))
         wait_until(a.seen["RCPT"].is_set, what="the relay to reach the downstream")
