@@ -20,6 +20,7 @@
 #include "helper_dns.h"
 #include "queue_sched.h"
 #include "runner_int.h"
+#include "sender_match.h"
 #include "spool_writer.h"
 #include "upstream.h"
 
@@ -159,6 +160,29 @@ load_failed(struct runner *rn, const char *name, const char *why, int err)
 		log_err("id=%s cannot move it aside: %s", name, strerror(errno));
 }
 
+const struct user_cfg *
+runner_owner(struct runner *rn, const char *id, const struct spool_env *env)
+{
+	const struct user_cfg *u = config_find_user(rn->cfg, env->user);
+	char user[SPOOL_USER_MAX + 1], from[SMTP_PATH_MAX + 1];
+
+	log_sanitize(user, sizeof(user), env->user, strlen(env->user));
+	if (u == NULL) {
+		log_warn("id=%s user=%s is not in the configuration: kept in the queue until it is",
+		    id, user);
+		return NULL;
+	}
+	/* What the session checked at MAIL FROM, checked again: the
+	 * configuration may have changed, and the file came from a worker. */
+	if (!sender_allowed(u->allowed_senders, u->n_allowed_senders, env->from)) {
+		log_warn("id=%s user=%s from=<%s> is not in the user's allowed_senders: kept in the "
+		    "queue until it is", id, user,
+		    log_sanitize(from, sizeof(from), env->from, strlen(env->from)));
+		return NULL;
+	}
+	return u;
+}
+
 void
 runner_load(struct runner *rn, const char *id)
 {
@@ -183,13 +207,8 @@ runner_load(struct runner *rn, const char *id)
 		return;
 	}
 	e->held = spool_is_held(rn->spool, id);
-	if (config_find_user(rn->cfg, env.user) == NULL) {
-		char user[SPOOL_USER_MAX + 1];
-
-		log_warn("id=%s user=%s is not in the configuration: kept in the queue until it is",
-		    id, log_sanitize(user, sizeof(user), env.user, strlen(env.user)));
+	if (runner_owner(rn, id, &env) == NULL)
 		e->parked = true;
-	}
 	runner_schedule(rn, e, first_due(rn, &env));
 	spool_env_clear(&env);
 }

@@ -49,6 +49,11 @@ void runner_job_ended(struct runner *);
 void runner_forget(struct runner *, struct qentry *e);
 /* Reads msg/<id> into the index when it is not there yet. */
 void runner_load(struct runner *, const char *id);
+/* The configured user a message may be relayed for now, or NULL (logged):
+ * its user is gone or its sender is no longer in the user's
+ * allowed_senders. The message is then kept, parked until a reload. */
+const struct user_cfg *runner_owner(struct runner *, const char *id,
+    const struct spool_env *env);
 
 /* runner_job.c */
 /* Starts delivering e. false when it could not start (e is then handled). */

@@ -434,11 +434,7 @@ runner_job_start(struct runner *rn, struct qentry *e)
 		job_discard(j);
 		return false;
 	}
-	if ((j->user = config_find_user(rn->cfg, j->env.user)) == NULL) {
-		char user[SPOOL_USER_MAX + 1];
-
-		log_warn("id=%s user=%s is not in the configuration: kept in the queue until "
-		    "it is", e->id, log_sanitize(user, sizeof(user), j->env.user, strlen(j->env.user)));
+	if ((j->user = runner_owner(rn, e->id, &j->env)) == NULL) {
 		e->parked = true;
 		job_discard(j);
 		return false;

@@ -447,28 +447,75 @@ class QueueTest(DaemonTestCase):
 
     # --- the user's configuration changes ---------------------------------
 
-    def test_message_of_a_removed_user_is_kept(self):
+    def queue_one_for_an_hour(self):
+        """A message queued by a refusing downstream, its next try an hour away."""
         a = self.ds()
         a.handler.refuse["*"] = "451 4.3.0 Try again later"
         d = self.make([plain_downstream(a, name="A")], queue={"min_backoff": 3600, "max_backoff": 3600})
         code, text = send(d.port, USER, PASSWORD)
-        qid = queue_id(text)
+        self.assertEqual(code, 250, text)
+        return a, d, queue_id(text), json.loads(json.dumps(d.config))
+
+    def reload_then_flush(self, d, config, qid):
+        """Reloads; once the next runner has read the spool, flushes qid."""
         runner = d.runner()
-        config = json.loads(json.dumps(d.config))
+        self.assertTrue(d.reload(config))
+        wait_until(lambda: d.runner() not in (None, runner), what="the next queue runner")
+        d.wait_log(" octets in %s" % d.config["queue"]["dir"], count=3)   # it has read the spool
+        code, out = self.tool(d, "-s", "flush", qid)
+        self.assertEqual(code, 0, out)
+
+    def test_message_of_a_removed_user_is_kept(self):
+        a, d, qid, config = self.queue_one_for_an_hour()
+        runner = d.runner()
         config["users"][0]["email"] = "other@example.com"
         self.assertTrue(d.reload(config))
         d.wait_log("id=%s user=%s is not in the configuration: kept" % (qid, USER))
         self.assertNotEqual(d.runner(), runner)        # restarted with the new settings
         self.assertEqual(self.queued_ids(d), [qid])
-        runner = d.runner()
         a.handler.refuse.clear()
         config["users"][0]["email"] = USER
-        self.assertTrue(d.reload(config))
-        wait_until(lambda: d.runner() not in (None, runner), what="the next queue runner")
-        d.wait_log(" octets in %s" % d.config["queue"]["dir"], count=3)   # it has read the spool
-        code, out = self.tool(d, "-s", "flush", qid)          # its next attempt is an hour away
-        self.assertEqual(code, 0, out)
+        self.reload_then_flush(d, config, qid)
         wait_until(lambda: a.handler.count() == 1, what="the kept message")
+        self.wait_empty(d)
+
+    def test_message_whose_sender_is_no_longer_allowed_is_kept(self):
+        # The runner checks allowed_senders again: the configuration may
+        # have changed since MAIL FROM, and the file came from a worker.
+        a, d, qid, config = self.queue_one_for_an_hour()
+        a.handler.refuse.clear()
+        config["users"][0]["allowed_senders"] = ["*@elsewhere.example"]
+        self.assertTrue(d.reload(config))
+        d.wait_log("id=%s user=%s from=<%s> is not in the user's allowed_senders: kept"
+                   % (qid, USER, SENDER))
+        code, out = self.tool(d, "-s", "flush")
+        self.assertEqual(code, 0, out)
+        config["users"][0]["allowed_senders"] = ["*@example.com"]
+        self.reload_then_flush(d, config, qid)
+        wait_until(lambda: a.handler.count() == 1, what="the kept message")
+        self.wait_empty(d)
+        self.assertEqual(a.handler.count(), 1)        # once: the first flush did not send it
+
+    def test_rewrite_from_applies_to_a_queued_message(self):
+        # The queue keeps what the app sent; the downstream that finally
+        # takes it rewrites, as it would have without the queue.
+        a = self.ds()
+        a.handler.refuse["*"] = "451 4.3.0 Try again later"
+        d = self.make([plain_downstream(a, name="A", rewrite_from="relay@provider.example")])
+        msg = (b"Subject: queued\r\nFrom: Alice <alice@corp.example>\r\nTo: <rcpt@example.org>\r\n"
+               b"\r\nbody\r\n")
+        code, text = send(d.port, USER, PASSWORD, msg=msg, sender="alice@corp.example")
+        self.assertEqual(code, 250, text)
+        qid = queue_id(text)
+        with open(os.path.join(d.config["queue"]["dir"], "msg", qid), "rb") as f:
+            self.assertIn(b"From: Alice <alice@corp.example>\r\n", f.read())
+        a.handler.refuse.clear()
+        wait_until(lambda: a.handler.count() == 1, what="delivery from the queue")
+        got = a.messages[0]
+        self.assertEqual(got["from"], "relay@provider.example")
+        self.assertEqual(got["data"][got["data"].index(b"\r\nSubject: ") + 2:],
+                         b"Subject: queued\r\nFrom: Alice <relay@provider.example>\r\n"
+                         b"To: <rcpt@example.org>\r\nReply-To: Alice <alice@corp.example>\r\n\r\nbody\r\n")
         self.wait_empty(d)
 
     # --- giving up ---------------------------------------------------------
