@@ -23,6 +23,7 @@
 #include "sender_match.h"
 #include "spool_writer.h"
 #include "upstream.h"
+#include "upstream_cache.h"
 
 /*
  * The runner's loop: it learns of messages by scanning the spool (at
@@ -433,6 +434,7 @@ on_term(evutil_socket_t sig, short what, void *arg)
 		return;
 	rn->stopping = true;
 	evtimer_del(rn->ev_due);
+	upstream_close_idle(&rn->rt);    /* QUIT to idle downstream sessions */
 	log_info("signal %d: stopping after %u delivery(ies) under way", (int)sig, rn->busy);
 	if (rn->busy == 0)
 		event_base_loopexit(rn->rt.base, NULL);
@@ -478,6 +480,13 @@ runner_setup(struct runner *rn, const struct runner_params *p)
 		log_err("cannot set up the event loop");
 		return -1;
 	}
+	/* As a worker's: draining a backlog to one provider is one session
+	 * that carries message after message, not a login per message. */
+	if (p->cfg->connection_cache.enabled &&
+	    (rn->rt.cache = upstream_cache_new(&p->cfg->connection_cache)) == NULL) {
+		log_err("cannot set up the connection cache: out of memory");
+		return -1;
+	}
 	if (spool_prepare(p->cfg->queue.dir, false, 0, 0, err, sizeof(err)) < 0 ||
 	    (rn->spool = spool_open(p->cfg->queue.dir, err, sizeof(err))) == NULL ||
 	    (rn->rt.spool = spool_writer_new(rn->rt.base, p->cfg->queue.dir, p->stats, 0, err,
@@ -514,6 +523,7 @@ runner_cleanup(struct runner *rn)
 		close(rn->lock_fd);
 	spool_close(rn->spool);
 	upstream_free_lingering(&rn->rt);
+	upstream_cache_free(rn->rt.cache);
 	if (rn->rt.dns != NULL)
 		evdns_base_free(rn->rt.dns, 0);
 	if (rn->rt.base != NULL)

@@ -30,6 +30,13 @@ class QueueHandler(RecordingHandler):
         self.arrivals = []
         self.rcpt_delay = 0.0            # seconds before answering RCPT (before the dot)
         self.rcpt_started = threading.Event()
+        self.sessions = 0                # EHLOs: one per session
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        with self.lock:
+            self.sessions += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.rcpt_started.set()
@@ -126,6 +133,19 @@ class QueueTest(DaemonTestCase):
         self.assertRegex(d.log_text(), r"id=%s .*status=queued mode=fallback" % qid)
         self.assertRegex(d.log_text(), r"queue: id=%s user=.* status=sent queued=yes" % qid)
         self.assertEqual(a.handler.count(), 1)
+
+    def test_runner_reuses_its_downstream_sessions(self):
+        # One delivery at a time: each after the first goes over the
+        # session the one before left logged in, as a worker's would.
+        a = self.ds(start=False)
+        d = self.make([plain_downstream(a, name="A")], queue={"max_concurrency": 1})
+        for i in range(4):
+            self.assertEqual(send(d.port, USER, PASSWORD, msg=make_message("reuse %d" % i))[0], 250)
+        self.assertEqual(len(self.queued_ids(d)), 4)
+        a.start()
+        wait_until(lambda: a.handler.count() == 4, what="the four deliveries")
+        self.wait_empty(d)
+        self.assertEqual(a.handler.sessions, 1)
 
     def test_disabled_queue_keeps_451(self):
         a = self.ds()
