@@ -10,7 +10,7 @@
 #include <unistd.h>
 
 #include "queue_sched.h"
-#include "spool.h"
+#include "spool_int.h"
 
 /*
  * Every operation goes through folder descriptors opened once, with
@@ -25,12 +25,8 @@
 #define STATE_SUFFIX ".state"
 #define PUBLISH_TRIES 8
 
-static const char *const sub_names[SPOOL_NSUB] = { "tmp", "msg", "hold", "ctl", "corrupt" };
-
-struct spool {
-	char *path;
-	int dirfd;
-	int fd[SPOOL_NSUB];
+static const char *const sub_names[SPOOL_NSUB] = {
+	"tmp", "msg", "hold", "ctl", "corrupt", "free"
 };
 
 const char *
@@ -213,8 +209,10 @@ open_locked(int dir, const char *name, int flags, bool unlink_on_failure)
 int
 spool_tmp_create(struct spool *sp, const char *name)
 {
+	int fd = spool_reuse_take(sp, name);
+
 	/* The lock says "being written" to spool_clean_tmp(). */
-	return open_locked(sp->fd[SPOOL_TMP], name, O_WRONLY | O_EXCL, true);
+	return fd >= 0 ? fd : open_locked(sp->fd[SPOOL_TMP], name, O_WRONLY | O_EXCL, true);
 }
 
 void
@@ -224,10 +222,10 @@ spool_new_id(char id[SPOOL_ID_LEN + 1], uint64_t *rng)
 	    (unsigned long long)(queue_rand64(rng) & 0xffffffffffffULL));
 }
 
-/* rename() that never replaces: the kernel's RENAME_NOREPLACE, or link()
- * and unlink() where the filesystem lacks it. */
-static int
-rename_noreplace(int from_dir, const char *from, int to_dir, const char *to)
+/* The kernel's RENAME_NOREPLACE, or link() and unlink() where the
+ * filesystem lacks it. */
+int
+spool_rename_noreplace(int from_dir, const char *from, int to_dir, const char *to)
 {
 	if (renameat2(from_dir, from, to_dir, to, RENAME_NOREPLACE) == 0)
 		return 0;
@@ -243,7 +241,7 @@ int
 spool_publish(struct spool *sp, const char *tmpname, char id[SPOOL_ID_LEN + 1], uint64_t *rng)
 {
 	for (int i = 0; i < PUBLISH_TRIES; i++) {
-		if (rename_noreplace(sp->fd[SPOOL_TMP], tmpname, sp->fd[SPOOL_MSG], id) == 0)
+		if (spool_rename_noreplace(sp->fd[SPOOL_TMP], tmpname, sp->fd[SPOOL_MSG], id) == 0)
 			return 0;
 		if (errno != EEXIST)
 			return -1;
@@ -388,9 +386,8 @@ fail:
 	return -1;
 }
 
-/* Calls fn(name) for every entry of folder sub but "." and "..". */
-static int
-each_entry(struct spool *sp, enum spool_sub sub, void (*fn)(const char *name, void *arg),
+int
+spool_each_entry(struct spool *sp, enum spool_sub sub, void (*fn)(const char *name, void *arg),
     void *arg)
 {
 	int fd = openat(sp->fd[sub], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -439,7 +436,7 @@ spool_scan(struct spool *sp, void (*fn)(const char *name, bool bad, void *arg), 
 {
 	struct scan_ctx sc = { fn, arg };
 
-	return each_entry(sp, SPOOL_MSG, scan_one, &sc);
+	return spool_each_entry(sp, SPOOL_MSG, scan_one, &sc);
 }
 
 /* --- the runner's updates */
@@ -502,15 +499,22 @@ spool_write_state(struct spool *sp, const char *id, const struct spool_env *env)
 	return rc;
 }
 
-int
-spool_remove(struct spool *sp, const char *id)
+void
+spool_remove_marks(struct spool *sp, const char *id)
 {
 	char name[SPOOL_ID_LEN + sizeof(STATE_SUFFIX)];
-	int rc = unlinkat(sp->fd[SPOOL_MSG], id, 0), saved = errno;
 
 	snprintf(name, sizeof(name), "%s" STATE_SUFFIX, id);
 	unlinkat(sp->fd[SPOOL_MSG], name, 0);
 	unlinkat(sp->fd[SPOOL_HOLD], id, 0);
+}
+
+int
+spool_remove(struct spool *sp, const char *id)
+{
+	int rc = unlinkat(sp->fd[SPOOL_MSG], id, 0), saved = errno;
+
+	spool_remove_marks(sp, id);
 	errno = saved;
 	return rc;
 }
@@ -568,7 +572,7 @@ spool_clean_tmp(struct spool *sp, time_t now, unsigned min_age)
 {
 	struct clean_ctx cc = { sp, now, min_age, 0 };
 
-	each_entry(sp, SPOOL_TMP, clean_tmp_one, &cc);
+	spool_each_entry(sp, SPOOL_TMP, clean_tmp_one, &cc);
 	return cc.removed;
 }
 
@@ -592,7 +596,7 @@ spool_clean_states(struct spool *sp)
 {
 	struct clean_ctx cc = { sp, 0, 0, 0 };
 
-	each_entry(sp, SPOOL_MSG, clean_state_one, &cc);
+	spool_each_entry(sp, SPOOL_MSG, clean_state_one, &cc);
 	return cc.removed;
 }
 
@@ -687,7 +691,7 @@ spool_take_requests(struct spool *sp,
 {
 	struct take_ctx tc = { sp, fn, arg };
 
-	each_entry(sp, SPOOL_CTL, take_one, &tc);
+	spool_each_entry(sp, SPOOL_CTL, take_one, &tc);
 }
 
 int

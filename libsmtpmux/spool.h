@@ -22,6 +22,8 @@
  *               "delete.<ID>", "delete.all"; the runner removes each once
  *               done
  *   corrupt/    files the runner could not read, moved aside
+ *   free/<ID>   emptied files of messages that left the queue, for writers
+ *               to reuse (spool_reuse.c)
  *   runner.lock flock()ed by the one queue runner that owns the spool
  *
  * A message is committed by writing it under tmp/, fsync()ing it,
@@ -31,6 +33,10 @@
  */
 
 struct spool;
+
+/* Files kept in free/ at most: a burst of this many messages reuses
+ * files instead of creating them. */
+#define SPOOL_FREE_MAX 4096
 
 /* Opens the folder and its subfolders (which must exist). NULL with a
  * message in err. */
@@ -50,7 +56,8 @@ int spool_prepare(const char *dir, bool set_owner, uid_t uid, gid_t gid,
 
 /* --- committing (spool_writer.c's thread) --- */
 
-/* Creates tmp/<name>, mode 0600, locked; returns the fd or -1 (errno). */
+/* Creates tmp/<name>, mode 0600, locked, empty - or takes a file from
+ * free/ for it; returns the fd or -1 (errno). */
 int spool_tmp_create(struct spool *, const char *name);
 /* Renames tmp/<name> to msg/<id>; when <id> is taken, draws another id
  * (rng) and writes it back into id. 0 or -1 (errno). */
@@ -93,6 +100,12 @@ int spool_write_state(struct spool *, const char *id, const struct spool_env *en
 /* Removes the message, its state and its hold mark. 0, or -1 (errno;
  * ENOENT when it was already gone). */
 int spool_remove(struct spool *, const char *id);
+/* The same for a message that was delivered or given up, keeping its file
+ * (emptied) in free/ for a writer to reuse, up to SPOOL_FREE_MAX files. */
+int spool_recycle(struct spool *, const char *id);
+/* At the runner's start: removes from free/ what a crash left unemptied and
+ * what passes SPOOL_FREE_MAX. Returns how many files it keeps. */
+unsigned spool_clean_free(struct spool *);
 /* Moves msg/<name> (and its state file) to corrupt/. 0 or -1. */
 int spool_move_aside(struct spool *, const char *name);
 /* Removes what writers that are gone left in tmp/: unlocked files older
@@ -122,7 +135,9 @@ int spool_lock_runner(struct spool *);
 bool spool_runner_active(struct spool *);
 
 /* Folder fds for inotify watches and the like. */
-enum spool_sub { SPOOL_TMP, SPOOL_MSG, SPOOL_HOLD, SPOOL_CTL, SPOOL_CORRUPT, SPOOL_NSUB };
+enum spool_sub {
+	SPOOL_TMP, SPOOL_MSG, SPOOL_HOLD, SPOOL_CTL, SPOOL_CORRUPT, SPOOL_FREE, SPOOL_NSUB
+};
 /* "tmp", "msg", ... */
 const char *spool_sub_name(enum spool_sub);
 

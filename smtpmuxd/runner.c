@@ -386,6 +386,7 @@ take_spool(struct runner *rn)
 		log_err("cannot watch %s (%s): new messages are found by the scan every "
 		    "%d s", spool_path(rn->spool), strerror(errno), RESCAN_SECONDS);
 	scan(rn);
+	spool_clean_free(rn->spool);
 	spool_take_requests(rn->spool, request, rn);
 	evtimer_add(rn->ev_rescan, &tv);
 	rn->started = true;

@@ -81,11 +81,15 @@ job_end(struct rjob *j)
 	runner_job_ended(rn);
 }
 
-/* The message leaves the queue. */
+/* The message leaves the queue: delivered or given up (its file is kept
+ * for reuse), or deleted (it is removed). */
 static void
-job_remove(struct rjob *j)
+job_remove(struct rjob *j, bool deleted)
 {
-	if (spool_remove(j->rn->spool, j->e->id) < 0 && errno != ENOENT)
+	struct spool *sp = j->rn->spool;
+
+	if ((deleted ? spool_remove(sp, j->e->id) : spool_recycle(sp, j->e->id)) < 0 &&
+	    errno != ENOENT)
 		log_err("id=%s cannot remove the queue file: %s", j->e->id, strerror(errno));
 	runner_forget(j->rn, j->e);
 	j->e = NULL;
@@ -97,7 +101,7 @@ job_deleted(struct rjob *j)
 {
 	log_info("id=%s status=deleted (smtpmuxd -s delete)", j->e->id);
 	queue_stats_count(j->rn->stats, QUEUE_DELETED);
-	job_remove(j);
+	job_remove(j, true);
 }
 
 /* Back in the queue until next; why goes to the log once the state is
@@ -226,7 +230,7 @@ dsn_committed(void *arg, const struct spool_result *sr)
 	if (j->e->delete_pending)
 		job_deleted(j);
 	else if (j->after_dsn == AFTER_DSN_REMOVE)
-		job_remove(j);
+		job_remove(j, false);
 	else {
 		j->env.warned = true;
 		job_defer(j, j->next_attempt, j->why);
@@ -286,7 +290,7 @@ job_give_up(struct rjob *j, const struct relay_result *res, bool expired, int64_
 	if (!wants_dsn(j)) {
 		log_info("id=%s no notification: %s", j->e->id,
 		    j->env.from[0] == '\0' ? "the sender is <>" : "queue.bounce is off");
-		job_remove(j);
+		job_remove(j, false);
 		return;
 	}
 	report_init(&rep, j, DSN_FAILED, now);
@@ -340,7 +344,7 @@ relayed(void *arg, const struct relay_result *res)
 	j->relay = NULL;
 	if (res->ok) {
 		queue_stats_count(j->rn->stats, QUEUE_DELIVERED);
-		job_remove(j);
+		job_remove(j, false);
 	} else if (j->e->delete_pending)
 		job_deleted(j);
 	else if (!res->temporary)

@@ -867,6 +867,108 @@ START_TEST(test_recovery)
 }
 END_TEST
 
+static ino_t
+inode_of(const char *sub, const char *name)
+{
+	char path[256];
+	struct stat st;
+
+	snprintf(path, sizeof(path), "%s/%s/%s", dir, sub, name);
+	ck_assert_int_eq(stat(path, &st), 0);
+	return st.st_ino;
+}
+
+START_TEST(test_reuse)
+{
+	char err[160], path[256], id[SPOOL_ID_LEN + 1] = "0000000000D9";
+	uint64_t rng = 1;
+	struct spool *runner, *writer;
+	struct stat st;
+	ino_t ino;
+	int fd, locked;
+
+	ck_assert_ptr_nonnull(runner = spool_open(dir, err, sizeof(err)));
+	ck_assert_ptr_nonnull(writer = spool_open(dir, err, sizeof(err)));
+	/* Delivered: the file goes to free/, emptied, with its state and mark. */
+	write_message("0000000000D1", "delivered\r\n", 0);
+	snprintf(path, sizeof(path), "%s/msg/0000000000D1.state", dir);
+	spit(path, "SMTPMUX-STATE 1\nattempts 1\n\n", 28);
+	ck_assert_int_eq(spool_set_held(runner, "0000000000D1", true), 0);
+	ino = inode_of("msg", "0000000000D1");
+	ck_assert_int_eq(spool_recycle(runner, "0000000000D1"), 0);
+	ck_assert_int_eq(count_in("msg"), 0);
+	ck_assert_int_eq(count_in("hold"), 0);
+	ck_assert_int_eq(inode_of("free", "0000000000D1"), ino);
+	snprintf(path, sizeof(path), "%s/free/0000000000D1", dir);
+	ck_assert_int_eq(stat(path, &st), 0);
+	ck_assert_int_eq(st.st_size, 0);
+	ck_assert_int_eq(spool_recycle(runner, "0000000000D1"), -1);     /* gone */
+	ck_assert_int_eq(errno, ENOENT);
+
+	/* The next write takes that very file, locked, and publishes it. */
+	ck_assert_int_ge(fd = spool_tmp_create(writer, "w1-0"), 0);
+	ck_assert_int_eq(count_in("free"), 0);
+	ck_assert_int_eq(inode_of("tmp", "w1-0"), ino);
+	snprintf(path, sizeof(path), "%s/tmp/w1-0", dir);
+	ck_assert_int_ge(locked = open(path, O_RDONLY), 0);
+	ck_assert_int_eq(flock(locked, LOCK_EX | LOCK_NB), -1);           /* the writer's */
+	close(locked);
+	ck_assert_int_eq(spool_write_all(fd, "new", 3), 0);
+	ck_assert_int_eq(spool_publish(writer, "w1-0", id, &rng), 0);
+	close(fd);
+	ck_assert_int_eq(inode_of("msg", id), ino);
+
+	/* A file of free/ that another holds locked is left to it. */
+	snprintf(path, sizeof(path), "%s/free/0000000000D2", dir);
+	spit(path, "", 0);
+	ck_assert_int_ge(locked = open(path, O_RDONLY), 0);
+	ck_assert_int_eq(flock(locked, LOCK_EX), 0);
+	ck_assert_int_ge(fd = spool_tmp_create(writer, "w1-1"), 0);
+	close(fd);
+	ck_assert_int_eq(count_in("free"), 1);
+	ck_assert_int_ne(inode_of("tmp", "w1-1"), inode_of("free", "0000000000D2"));
+	ino = inode_of("free", "0000000000D2");
+	close(locked);
+	ck_assert_int_ge(fd = spool_tmp_create(writer, "w1-2"), 0);
+	close(fd);
+	ck_assert_int_eq(inode_of("tmp", "w1-2"), ino);
+
+	/* At the runner's start: what a crash left unemptied goes; so do
+	 * names that are no ids. */
+	snprintf(path, sizeof(path), "%s/free/0000000000D3", dir);
+	spit(path, "old message", 11);
+	snprintf(path, sizeof(path), "%s/free/0000000000D4", dir);
+	spit(path, "", 0);
+	snprintf(path, sizeof(path), "%s/free/junk", dir);
+	spit(path, "", 0);
+	ck_assert_uint_eq(spool_clean_free(runner), 1);
+	ck_assert_int_eq(count_in("free"), 1);
+	ck_assert_int_ge(inode_of("free", "0000000000D4"), 1);
+	spool_close(writer);
+	spool_close(runner);
+}
+END_TEST
+
+START_TEST(test_reuse_is_bounded)
+{
+	char err[160], path[256];
+	struct spool *sp;
+
+	ck_assert_ptr_nonnull(sp = spool_open(dir, err, sizeof(err)));
+	for (unsigned i = 0; i < SPOOL_FREE_MAX; i++) {
+		snprintf(path, sizeof(path), "%s/free/%012X", dir, i + 1);
+		spit(path, "", 0);
+	}
+	ck_assert_uint_eq(spool_clean_free(sp), SPOOL_FREE_MAX);
+	/* free/ is full: a delivered message's file is removed. */
+	write_message("0000000000E1", "delivered\r\n", 0);
+	ck_assert_int_eq(spool_recycle(sp, "0000000000E1"), 0);
+	ck_assert_int_eq(count_in("msg"), 0);
+	ck_assert_int_eq(count_in("free"), SPOOL_FREE_MAX);
+	spool_close(sp);
+}
+END_TEST
+
 START_TEST(test_state_overrides_message)
 {
 	char err[160];
@@ -1083,6 +1185,8 @@ queue_suite(void)
 	tcase_add_test(writer, test_writer_forgotten_job_is_committed);
 	tcase_add_test(spool, test_prepare);
 	tcase_add_test(spool, test_recovery);
+	tcase_add_test(spool, test_reuse);
+	tcase_add_test(spool, test_reuse_is_bounded);
 	tcase_add_test(spool, test_state_overrides_message);
 	tcase_add_test(spool, test_holds_requests_and_lock);
 	tcase_add_test(spool, test_stats);
