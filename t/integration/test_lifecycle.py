@@ -90,14 +90,14 @@ class SharedStateTest(DaemonTestCase):
         evil["selector"] = {"path": hostile}
         config["users"].append(evil)
         d = self.daemon(config)
-        [worker] = d.children()
+        [worker] = d.workers()
         # The worker writes 0xff over all it can reach of the shared state,
         # tries to make the rest writable, and aborts.
         with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError)):
             send(d.port, "evil@example.com", PASSWORD)
         d.wait_log("killed by signal 6")
         wait_until(lambda: d.proc.poll() is not None or
-                   (len(d.children()) == 1 and worker not in d.children()),
+                   (len(d.workers()) == 1 and worker not in d.workers()),
                    what="the worker to be respawned")
         self.assertIsNone(d.proc.poll(), d.log_text())
         self.assertIsNotNone(d.status_cell("A", "STATE"))
@@ -151,10 +151,10 @@ class SharedStateTest(DaemonTestCase):
         t.start()
         self.assertTrue(a.handler.rcpt_started.wait(30))
         self.assertEqual(d.status_cell("A", "MINUTE"), "1/100")
-        [worker] = d.children()
+        [worker] = d.workers()
         os.kill(worker, signal.SIGKILL)
         t.join(60)
-        wait_until(lambda: worker not in d.children() and len(d.children()) == 1,
+        wait_until(lambda: worker not in d.workers() and len(d.workers()) == 1,
                    what="the worker to be respawned")
         self.assertEqual((d.status_cell("A", "MINUTE"), d.status_cell("A", "FLIGHT")),
                          ("0/100", "0"))
@@ -176,7 +176,7 @@ class SharedStateTest(DaemonTestCase):
         config_copy = os.path.join(readable, "smtpmux.yaml")
         shutil.copy(d.config_path, config_copy)
         os.chmod(config_copy, 0o644)
-        workers_gid = proc_ids(d.children()[0], "Gid")
+        workers_gid = proc_ids(d.workers()[0], "Gid")
         if workers_gid == 0:
             self.skipTest("workers run as root")
 
@@ -260,7 +260,7 @@ class HardeningTest(DaemonTestCase):
         d = self.nobody_daemon(a, ["-D"])
         self.assertEqual(send(d.port, USER, PASSWORD)[0], 250)
         self.assertEqual(proc_owner(d.proc.pid), 0)          # the master never
-        [worker] = d.children()
+        [worker] = d.workers()
         self.assertEqual(proc_owner(worker), NOBODY)
         self.assertEqual(core_limit(worker), [str(1 << 30)] * 2)
 
@@ -320,7 +320,7 @@ class LifecycleTest(DaemonTestCase):
         self.assertArrived(a, first, second)
         client.quit()
         d.wait_log("worker pid=")                           # it leaves with its last client
-        wait_until(lambda: len(d.children()) == 1, what="the old worker to exit")
+        wait_until(lambda: len(d.workers()) == 1, what="the old worker to exit")
 
     def test_sigterm_during_a_transaction_still_answers_it(self):
         a = self.downstream()

@@ -212,37 +212,37 @@ class QueueTest(DaemonTestCase):
     # --- quota-aware deferral --------------------------------------------
 
     def test_quota_burst_drains_at_the_quota_rate(self):
+        # Two a minute, rolling (the default): no 60 s ever sees a third.
         a = self.ds()
         d = self.make([plain_downstream(a, name="A", max_per_minute=2)],
                       queue={"max_concurrency": 1})
-        # The burst must fit in one quota window (they start at whole minutes).
-        wait_until(lambda: time.time() % 60 < 45, timeout=20, what="the first 45 s of a minute")
-        window = int(time.time() // 60)
         replies = [send(d.port, USER, PASSWORD, msg=make_message("burst %d" % i)) for i in range(5)]
-        self.assertEqual(int(time.time() // 60), window, "the burst crossed a minute")
         self.assertEqual([c for c, _ in replies], [250] * 5)
         deferred = [b"deferred" in t for _, t in replies]
         self.assertEqual(deferred, [False] * 2 + [True] * 3)
         last = queue_id(replies[4][1])
-        # Two more as soon as the next minute starts, oldest first; the last
-        # one waits for the minute after: the configured rate, exactly.
-        wait_until(lambda: a.handler.count() == 4, timeout=90, what="the next quota window")
+        # Each of the next two as soon as a delivery of the burst leaves the
+        # window, oldest first; the last one waits for the first of those:
+        # the configured rate, exactly.
+        wait_until(lambda: a.handler.count() == 4, timeout=90, what="the quota window to roll")
         d.wait_log("id=%s deferred: next attempt in" % last)
         self.assertEqual(self.queued_ids(d), [last])
         got = [subject_of(m["data"]) for m in a.messages]
         self.assertEqual(got, ["burst %d" % i for i in range(4)])
-        windows = [int(t // 60) - window for t in a.handler.arrivals]
-        self.assertEqual(windows, [0, 0, 1, 1])
-        for t in a.handler.arrivals[2:]:
-            self.assertLess(t - (window + 1) * 60, 5)      # at the reopening, not later
+        t = a.handler.arrivals
+        for i in (0, 1):
+            # quota cells hold whole seconds: a second's slack below
+            self.assertGreater(t[i + 2] - t[i], 59, t)
+            self.assertLess(t[i + 2] - t[i], 60 + 5, t)    # at the reopening, not later
         code, out = self.tool(d, "-s", "queue")
         self.assertEqual(code, 0, out)
         due_in = int(out.split(last)[1].split(" in ")[1].split("s")[0])
-        self.assertAlmostEqual(time.time() + due_in, (window + 2) * 60, delta=2)
-        # Woken by the window, not by blind retries every second (min_backoff 1).
+        self.assertAlmostEqual(time.time() + due_in, t[2] + 60, delta=2)
+        # Woken by the window, not by blind retries every second (min_backoff
+        # 1): a skip at most when a window reopens for one message, not two.
         runner_skips = [line for line in d.log_text().splitlines()
                         if "queue: id=" in line and "status=skipped" in line]
-        self.assertEqual(len(runner_skips), 1, runner_skips)   # the last one, at the reopening
+        self.assertLessEqual(len(runner_skips), 3, runner_skips)
         self.assertEqual(self.queued_ids(d), [last])
         self.assertEqual(a.handler.count(), 4)
 
