@@ -24,73 +24,9 @@
 #include <unistd.h>
 
 #include "health_layout.h"
+#include "sealed_memfd.h"
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1 */
-#endif
-
-#define SEALS_FIXED_SIZE (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 #define SEALS_CONTROL (SEALS_FIXED_SIZE | F_SEAL_FUTURE_WRITE)
-
-static void
-close_keep_errno(int fd)
-{
-	int saved = errno;
-
-	if (fd >= 0)
-		close(fd);
-	errno = saved;
-}
-
-static void
-unmap_keep_errno(void *p, size_t size)
-{
-	int saved = errno;
-
-	if (p != NULL && p != MAP_FAILED)
-		munmap(p, size);
-	errno = saved;
-}
-
-/* A second open file description of fd, read-only: what can be handed out. */
-static int
-reopen_readonly(int fd)
-{
-	char path[64];
-
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-	return open(path, O_RDONLY | O_CLOEXEC);
-}
-
-/*
- * A sealed memfd of size bytes mapped writable at *rw and read-only (from
- * the read-only descriptor) at *ro. Returns that read-only descriptor; the
- * writable one is closed. -1 with errno.
- */
-static int
-segment_make(const char *name, size_t size, unsigned seals, void **rw, void **ro)
-{
-	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING), rofd = -1;
-	void *w = MAP_FAILED, *r = MAP_FAILED;
-
-	if (fd < 0)
-		return -1;
-	if (ftruncate(fd, (off_t)size) < 0 ||
-	    (w = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED ||
-	    (rofd = reopen_readonly(fd)) < 0 ||
-	    (r = mmap(NULL, size, PROT_READ, MAP_SHARED, rofd, 0)) == MAP_FAILED ||
-	    fchmod(fd, 0400) < 0 || fcntl(fd, F_ADD_SEALS, seals) < 0) {
-		unmap_keep_errno(w, size);
-		unmap_keep_errno(r, size);
-		close_keep_errno(rofd);
-		close_keep_errno(fd);
-		return -1;
-	}
-	close(fd);
-	*rw = w;
-	*ro = r;
-	return rofd;
-}
 
 static struct health *
 health_alloc(void)
@@ -117,14 +53,14 @@ health_segment_new(void)
 
 	if (h == NULL)
 		return NULL;
-	h->ctl_fd = segment_make("smtpmux-control", h->ctl_size, SEALS_CONTROL,
+	h->ctl_fd = sealed_memfd_make("smtpmux-control", h->ctl_size, SEALS_CONTROL,
 	    (void **)&h->ctl, &ro);
 	if (h->ctl_fd < 0) {
 		free(h);
 		return NULL;
 	}
 	h->ro = ro;
-	h->live_fd = segment_make("smtpmux-live", h->live_size, SEALS_FIXED_SIZE,
+	h->live_fd = sealed_memfd_make("smtpmux-live", h->live_size, SEALS_FIXED_SIZE,
 	    (void **)&h->live, &live_ro);
 	if (h->live_fd < 0) {
 		health_destroy(h);
@@ -194,37 +130,14 @@ health_export(const struct health *h, int *ctl_fd, int *live_fd)
 	*live_fd = h->live_fd;
 }
 
-/*
- * A descriptor handed over by whoever answered on the state socket: it must
- * be a segment of exactly this build's size that can never shrink (or
- * reading it could end in SIGBUS).
- */
-static void *
-map_foreign(int fd, size_t size)
-{
-	struct stat st;
-	int seals = fcntl(fd, F_GET_SEALS);
-	void *p;
-
-	if (fstat(fd, &st) < 0)
-		return NULL;
-	if (!S_ISREG(st.st_mode) || st.st_size != (off_t)size || seals < 0 ||
-	    !(seals & F_SEAL_SHRINK)) {
-		errno = EPROTO;
-		return NULL;
-	}
-	p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-	return p == MAP_FAILED ? NULL : p;
-}
-
 struct health *
 health_attach(int ctl_fd, int live_fd)
 {
 	struct health *h = health_alloc();
 	const struct health_ctl *ctl = NULL;
 
-	if (h == NULL || (ctl = map_foreign(ctl_fd, h->ctl_size)) == NULL ||
-	    (h->live = map_foreign(live_fd, h->live_size)) == NULL)
+	if (h == NULL || (ctl = sealed_memfd_map_foreign(ctl_fd, h->ctl_size)) == NULL ||
+	    (h->live = sealed_memfd_map_foreign(live_fd, h->live_size)) == NULL)
 		goto fail;
 	if (!health_hdr_matches(&ctl->hdr)) {
 		errno = EPROTO;
