@@ -7,16 +7,18 @@
 
 /*
  * Queue figures shared by the workers, the queue runner and the status
- * readers: a small file mapped MAP_SHARED by the master before it forks
- * (next to the state file: "<state_file>.queue"), so that `smtpmuxd -s
- * status` and /metrics can read it, and so that every spool writer can see
- * how many octets are queued (queue.max_size). Only C11 atomics: a process
- * killed at any instruction leaves nothing locked.
+ * readers: one page of a sealed memfd that the master makes before it
+ * forks (sealed_memfd.h: no path, cannot be truncated), whose read-only
+ * descriptor `smtpmuxd -s status` is handed with the health segments
+ * (smtpmuxd/instance.c); /metrics reads it in the prober, and every spool
+ * writer sees how many octets are queued (queue.max_size). Only C11
+ * atomics: a process killed at any instruction leaves nothing locked.
  *
  * Writers add a message once it is committed; the runner takes it off when
  * it leaves the queue, and resets the gauges from what it finds when it
  * scans the spool, which also corrects any drift left by a writer killed
- * between its commit and its update.
+ * between its commit and its update. The counters count since the master
+ * started.
  */
 
 struct queue_stats;
@@ -39,14 +41,18 @@ struct queue_stats_view {
 	uint64_t counter[QUEUE_NCOUNTERS];
 };
 
-/* Master: creates (or reuses, keeping its counters) the file at path. */
-struct queue_stats *queue_stats_create(const char *path);
-/* Readers: maps an existing file read-only; NULL (errno) if there is none. */
-struct queue_stats *queue_stats_open_readonly(const char *path);
+/* Master, before it forks: the figures, all zero. NULL (errno). */
+struct queue_stats *queue_stats_create(void);
+/* The read-only descriptor for status readers (the master's; do not close
+ * it); -1 when there is none. */
+int queue_stats_fd(const struct queue_stats *);
+/* In every child: closes that descriptor. */
+void queue_stats_after_fork(struct queue_stats *);
+/* A status reader: maps what queue_stats_fd() gave, read-only, after
+ * checking that it is this build's layout; takes fd. NULL (errno EPROTO:
+ * not such a segment). */
+struct queue_stats *queue_stats_attach(int fd);
 void queue_stats_destroy(struct queue_stats *);
-
-/* "<state_file>.queue" into buf. */
-void queue_stats_path(const char *state_file, char *buf, size_t len);
 
 void queue_stats_added(struct queue_stats *, uint64_t bytes);
 void queue_stats_removed(struct queue_stats *, uint64_t bytes);

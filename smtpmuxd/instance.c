@@ -21,6 +21,7 @@
 #define SERVE_BATCH 16                 /* readers answered per wakeup */
 #define FETCH_TIMEOUT_MS 5000
 #define REPLY_SEGMENTS 'S'
+#define SEGMENTS_MAX 3                 /* health control, health live, queue figures */
 #define REPLY_REFUSED 'P'
 
 struct instance {
@@ -167,11 +168,11 @@ reader_allowed(int fd, const struct instance_access *access)
 	    in_groups(fd, access->service_gid);
 }
 
-/* One byte, and with REPLY_SEGMENTS the two descriptors. */
+/* One byte, and with REPLY_SEGMENTS the n descriptors (2 or 3). */
 static void
-reply(int fd, char what, const int fds[2])
+reply(int fd, char what, const int *fds, size_t n)
 {
-	char cbuf[CMSG_SPACE(2 * sizeof(int))];
+	char cbuf[CMSG_SPACE(SEGMENTS_MAX * sizeof(int))];
 	struct iovec iov = { &what, 1 };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
 	struct cmsghdr *cm;
@@ -179,22 +180,22 @@ reply(int fd, char what, const int fds[2])
 	memset(cbuf, 0, sizeof(cbuf));
 	if (fds != NULL) {
 		msg.msg_control = cbuf;
-		msg.msg_controllen = sizeof(cbuf);
+		msg.msg_controllen = CMSG_SPACE(n * sizeof(int));
 		cm = CMSG_FIRSTHDR(&msg);
 		cm->cmsg_level = SOL_SOCKET;
 		cm->cmsg_type = SCM_RIGHTS;
-		cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
-		memcpy(CMSG_DATA(cm), fds, 2 * sizeof(int));
+		cm->cmsg_len = CMSG_LEN(n * sizeof(int));
+		memcpy(CMSG_DATA(cm), fds, n * sizeof(int));
 	}
 	/* A fresh socket's buffer always has room for this: never waits. */
 	(void)sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
 void
-instance_serve(struct instance *in, const struct health *h,
+instance_serve(struct instance *in, const struct health *h, int queue_fd,
     const struct instance_access *access)
 {
-	int fds[2];
+	int fds[SEGMENTS_MAX] = { -1, -1, queue_fd };
 
 	health_export(h, &fds[0], &fds[1]);
 	for (int i = 0; i < SERVE_BATCH; i++) {
@@ -203,9 +204,9 @@ instance_serve(struct instance *in, const struct health *h,
 		if (fd < 0)
 			return;
 		if (fds[0] >= 0 && fds[1] >= 0 && reader_allowed(fd, access))
-			reply(fd, REPLY_SEGMENTS, fds);
+			reply(fd, REPLY_SEGMENTS, fds, queue_fd >= 0 ? 3 : 2);
 		else
-			reply(fd, REPLY_REFUSED, NULL);
+			reply(fd, REPLY_REFUSED, NULL, 0);
 		close(fd);
 	}
 }
@@ -231,11 +232,11 @@ server_trusted(int fd, uid_t service_uid, struct ucred *cred)
 	return cred->uid == 0 || cred->uid == geteuid() || cred->uid == service_uid;
 }
 
-/* Waits for the reply and takes the descriptors it carries. */
+/* Waits for the reply and takes the descriptors it carries (2 or 3). */
 static int
-fetch_reply(int fd, char *what, int fds[2])
+fetch_reply(int fd, char *what, int fds[SEGMENTS_MAX])
 {
-	char cbuf[CMSG_SPACE(2 * sizeof(int))];
+	char cbuf[CMSG_SPACE(SEGMENTS_MAX * sizeof(int))];
 	struct iovec iov = { what, 1 };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
 		.msg_controllen = sizeof(cbuf) };
@@ -250,8 +251,9 @@ fetch_reply(int fd, char *what, int fds[2])
 		return -1;
 	for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
 		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
-		    cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
-			memcpy(fds, CMSG_DATA(cm), 2 * sizeof(int));
+		    (cm->cmsg_len == CMSG_LEN(2 * sizeof(int)) ||
+		    cm->cmsg_len == CMSG_LEN(3 * sizeof(int))))
+			memcpy(fds, CMSG_DATA(cm), cm->cmsg_len - CMSG_LEN(0));
 		else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
 			/* not what we asked for: close whatever came */
 			size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -265,7 +267,7 @@ fetch_reply(int fd, char *what, int fds[2])
 
 /* The descriptors of a REPLY_SEGMENTS answer, after the server was checked. */
 static int
-fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[2],
+fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[SEGMENTS_MAX],
     char *err, size_t errlen)
 {
 	struct ucred cred;
@@ -292,15 +294,18 @@ fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[2],
 
 int
 instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live_fd,
-    char *err, size_t errlen)
+    int *queue_fd, char *err, size_t errlen)
 {
 	struct sockaddr_un sun;
 	socklen_t len = name_addr(state_file, &sun);
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), fds[2] = { -1, -1 }, rc, saved;
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), rc, saved;
+	int fds[SEGMENTS_MAX] = { -1, -1, -1 };
 
 	struct timeval tv = { FETCH_TIMEOUT_MS / 1000, 0 };
 
 	*ctl_fd = *live_fd = -1;
+	if (queue_fd != NULL)
+		*queue_fd = -1;
 	if (fd < 0) {
 		snprintf(err, errlen, "socket: %s", strerror(errno));
 		return -1;
@@ -319,14 +324,17 @@ instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live
 	saved = errno;
 	close(fd);
 	if (rc < 0) {
-		if (fds[0] >= 0)
-			close(fds[0]);
-		if (fds[1] >= 0)
-			close(fds[1]);
+		for (int i = 0; i < SEGMENTS_MAX; i++)
+			if (fds[i] >= 0)
+				close(fds[i]);
 		errno = saved;
 		return -1;
 	}
 	*ctl_fd = fds[0];
 	*live_fd = fds[1];
+	if (queue_fd != NULL)
+		*queue_fd = fds[2];
+	else if (fds[2] >= 0)
+		close(fds[2]);
 	return 0;
 }

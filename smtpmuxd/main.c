@@ -178,16 +178,18 @@ service_uid(const struct config *cfg)
 	return pw != NULL ? pw->pw_uid : (uid_t)-1;
 }
 
-/* Only when the daemon keeps them (its queue is or was enabled). */
+/* Only when the daemon handed them over; takes fd. */
 static void
-show_queue_figures(const struct config *cfg)
+show_queue_figures(int fd)
 {
-	char path[4200];
 	struct queue_stats *qs;
 
-	queue_stats_path(cfg->state_file, path, sizeof(path));
-	if ((qs = queue_stats_open_readonly(path)) == NULL)
+	if (fd < 0)
 		return;
+	if ((qs = queue_stats_attach(fd)) == NULL) {
+		fprintf(stderr, "smtpmuxd: the queue figures: %s\n", strerror(errno));
+		return;
+	}
 	status_queue_print(stdout, qs, time(NULL));
 	queue_stats_destroy(qs);
 }
@@ -200,17 +202,19 @@ show_status(const char *path)
 	struct config *cfg = config_load(path, err, sizeof(err));
 	struct token_table *tokens;
 	struct health *h = NULL;
-	int ctl_fd, live_fd;
+	int ctl_fd, live_fd, queue_fd = -1;
 
 	if (cfg == NULL) {
 		fprintf(stderr, "%s\n", err);
 		return SMTPMUXD_EXIT_CONFIG;
 	}
-	if (instance_fetch(cfg->state_file, service_uid(cfg), &ctl_fd, &live_fd, err,
+	if (instance_fetch(cfg->state_file, service_uid(cfg), &ctl_fd, &live_fd, &queue_fd, err,
 	    sizeof(err)) == 0 && (h = health_attach(ctl_fd, live_fd)) == NULL)
 		snprintf(err, sizeof(err), "the shared state of state file %s: %s",
 		    cfg->state_file, strerror(errno));
 	if (h == NULL) {
+		if (queue_fd >= 0)
+			close(queue_fd);
 		fprintf(stderr, "smtpmuxd: %s\n", err);
 		config_free(cfg);
 		return SMTPMUXD_EXIT_RUNTIME;
@@ -222,7 +226,7 @@ show_status(const char *path)
 	status_oauth_print(stdout, tokens, time(NULL));
 	token_table_destroy(tokens);
 	health_destroy(h);
-	show_queue_figures(cfg);
+	show_queue_figures(queue_fd);
 	config_free(cfg);
 	return SMTPMUXD_EXIT_OK;
 }

@@ -473,6 +473,7 @@ master_spawn(struct master *m, enum child_kind kind)
 	if (pid == 0) {
 		/* Before anything else: no child keeps the master's writable view. */
 		health_after_fork(m->health);
+		queue_stats_after_fork(m->qstats);
 		child_reset_signals();
 		exit(run_child(m, kind, (unsigned)slot));
 	}
@@ -709,12 +710,9 @@ queue_prepare(const struct config *cfg, const struct privdrop *priv, char *err, 
 static void
 queue_stats_open(struct master *m)
 {
-	char path[4200];
-
-	queue_stats_path(m->cfg->state_file, path, sizeof(path));
-	m->qstats = queue_stats_create(path);
+	m->qstats = queue_stats_create();
 	if (m->qstats == NULL)
-		log_warn("cannot create %s: %s (queue figures will not be shown)", path,
+		log_warn("cannot map the queue figures: %s (they will not be shown)",
 		    strerror(errno));
 }
 
@@ -922,7 +920,7 @@ master_serve_readers(const struct master *m)
 		.service_gid = m->priv.enabled ? m->priv.gid : getegid(),
 	};
 
-	instance_serve(m->instance, m->health, &access);
+	instance_serve(m->instance, m->health, queue_stats_fd(m->qstats), &access);
 }
 
 static void

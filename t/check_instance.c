@@ -9,6 +9,7 @@
 #include <grp.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include "health.h"
+#include "queue_stats.h"
 #include "../smtpmuxd/instance.h"
 
 #ifndef F_SEAL_FUTURE_WRITE
@@ -166,21 +168,43 @@ writable(int fd, size_t size)
 	return ftruncate(fd, 0) == 0;
 }
 
-/* A reader of uid as, group gid, and supplementary group supp unless -1. */
+/* The queue figures: with them, a reader must get them, read-only. */
 static int
-reader(uid_t as, gid_t gid, gid_t supp)
+queue_figures(int fd, bool expected)
+{
+	struct queue_stats *qs;
+	struct stat st;
+
+	if ((fd >= 0) != expected)
+		return READER_OTHER;
+	if (fd < 0)
+		return READER_OK;
+	if (fstat(fd, &st) < 0 || (geteuid() != 0 && writable(fd, (size_t)st.st_size)))
+		return READER_WRITABLE;
+	if ((qs = queue_stats_attach(fd)) == NULL)
+		return READER_OTHER;
+	queue_stats_destroy(qs);
+	return READER_OK;
+}
+
+/* A reader of uid as, group gid, and supplementary group supp unless -1,
+ * that expects the queue figures or not. */
+static int
+reader(uid_t as, gid_t gid, gid_t supp, bool queue)
 {
 	char err[512];
-	int ctl, live;
+	int ctl, live, qfd, rc;
 	struct health *h;
 	struct stat st;
 
 	if (as != (uid_t)-1 && (setgroups(supp != (gid_t)-1, &supp) < 0 || setgid(gid) < 0 ||
 	    setuid(as) < 0))
 		return READER_OTHER;
-	if (instance_fetch(path, (uid_t)-1, &ctl, &live, err, sizeof(err)) < 0)
+	if (instance_fetch(path, (uid_t)-1, &ctl, &live, &qfd, err, sizeof(err)) < 0)
 		return errno == EACCES ? READER_REFUSED :
 		    errno == ECONNREFUSED ? READER_NO_DAEMON : READER_OTHER;
+	if ((rc = queue_figures(qfd, queue)) != READER_OK)
+		return rc;
 	/* The control segment is sealed: not even root maps it writable. The
 	 * live one, which workers write anyway, only root could reopen. */
 	if (fstat(ctl, &st) < 0 || writable(ctl, (size_t)st.st_size) ||
@@ -195,22 +219,22 @@ reader(uid_t as, gid_t gid, gid_t supp)
 
 /* Runs a reader in a child while this process answers as the master. */
 static int
-read_from(struct instance *in, const struct health *h, const struct instance_access *access,
-    uid_t as, gid_t gid, gid_t supp)
+read_from(struct instance *in, const struct health *h, const struct queue_stats *qs,
+    const struct instance_access *access, uid_t as, gid_t gid, gid_t supp)
 {
 	pid_t pid = fork();
 	int status;
 
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0)
-		_exit(reader(as, gid, supp));
+		_exit(reader(as, gid, supp, qs != NULL));
 	for (;;) {
 		struct pollfd p = { in ? instance_fd(in) : -1, POLLIN, 0 };
 
 		if (waitpid(pid, &status, WNOHANG) == pid)
 			break;
 		if (poll(&p, 1, 50) > 0)
-			instance_serve(in, h, access);
+			instance_serve(in, h, queue_stats_fd(qs), access);
 	}
 	ck_assert(WIFEXITED(status));
 	return WEXITSTATUS(status);
@@ -220,22 +244,26 @@ START_TEST(test_status_readers)
 {
 	char err[512];
 	struct health *h = health_create(NULL);
+	struct queue_stats *qs = queue_stats_create();
 	struct instance *in;
 	struct instance_access access = { 4242, 4243, 4244 };
 
 	ck_assert_ptr_nonnull(h);
-	ck_assert_int_eq(read_from(NULL, h, &access, (uid_t)-1, 0, 0), READER_NO_DAEMON);
+	ck_assert_ptr_nonnull(qs);
+	ck_assert_int_eq(read_from(NULL, h, NULL, &access, (uid_t)-1, 0, 0), READER_NO_DAEMON);
 	in = instance_claim(path, err, sizeof(err));
 	ck_assert_ptr_nonnull(in);
-	ck_assert_int_eq(read_from(in, h, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, NULL, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, qs, &access, (uid_t)-1, 0, 0), READER_OK);
 	if (geteuid() == 0) {
 		/* the workers' user, members of their group, and anyone else */
-		ck_assert_int_eq(read_from(in, h, &access, 4243, 5000, -1), READER_OK);
-		ck_assert_int_eq(read_from(in, h, &access, 5000, 4244, -1), READER_OK);
-		ck_assert_int_eq(read_from(in, h, &access, 5000, 5000, 4244), READER_OK);
-		ck_assert_int_eq(read_from(in, h, &access, 5000, 5000, 5001), READER_REFUSED);
+		ck_assert_int_eq(read_from(in, h, qs, &access, 4243, 5000, -1), READER_OK);
+		ck_assert_int_eq(read_from(in, h, NULL, &access, 5000, 4244, -1), READER_OK);
+		ck_assert_int_eq(read_from(in, h, qs, &access, 5000, 5000, 4244), READER_OK);
+		ck_assert_int_eq(read_from(in, h, qs, &access, 5000, 5000, 5001), READER_REFUSED);
 	}
 	instance_close(in);
+	queue_stats_destroy(qs);
 	health_destroy(h);
 }
 END_TEST

@@ -663,8 +663,7 @@ START_TEST(test_writer_max_size_and_collision)
 	struct spool_env env;
 	struct msgbody *b;
 
-	snprintf(path, sizeof(path), "%s/stats", dir);
-	ck_assert_ptr_nonnull(qs = queue_stats_create(path));
+	ck_assert_ptr_nonnull(qs = queue_stats_create());
 	queue_stats_added(qs, 100);
 	env_sample(&env);
 	/* An id already taken: committed under another one, the first kept. */
@@ -1072,11 +1071,10 @@ START_TEST(test_stats)
 {
 	struct queue_stats_view v;
 	struct queue_stats *qs, *ro;
-	char path[256];
+	char junk[] = "/tmp/check_queue.junk.XXXXXX";
+	int fd;
 
-	snprintf(path, sizeof(path), "%s/state.queue", dir);
-	ck_assert_ptr_null(queue_stats_open_readonly(path));
-	ck_assert_ptr_nonnull(qs = queue_stats_create(path));
+	ck_assert_ptr_nonnull(qs = queue_stats_create());
 	queue_stats_added(qs, 1000);
 	queue_stats_added(qs, 500);
 	queue_stats_count(qs, QUEUE_DELIVERED);
@@ -1084,23 +1082,36 @@ START_TEST(test_stats)
 	queue_stats_removed(qs, 9999);           /* drift: floored, not wrapped */
 	queue_stats_removed(qs, 1);
 	queue_stats_set_oldest(qs, 1700000000);
-	ck_assert_ptr_nonnull(ro = queue_stats_open_readonly(path));
+	/* what a status reader is handed: read-only, sealed */
+	ck_assert_int_ge(fd = dup(queue_stats_fd(qs)), 0);
+	ck_assert_int_eq(fcntl(fd, F_GETFL) & O_ACCMODE, O_RDONLY);
+	ck_assert_ptr_nonnull(ro = queue_stats_attach(fd));
 	queue_stats_read(ro, &v);
 	ck_assert_uint_eq(v.messages, 0);
 	ck_assert_uint_eq(v.bytes, 0);
 	ck_assert_int_eq(v.oldest, 1700000000);
 	ck_assert_uint_eq(v.counter[QUEUE_QUEUED], 2);
 	ck_assert_uint_eq(v.counter[QUEUE_DELIVERED], 1);
-	queue_stats_destroy(qs);
-	/* Reused across a restart: the counters stay; the runner resets gauges. */
-	ck_assert_ptr_nonnull(qs = queue_stats_create(path));
+	/* the runner's scan resets the gauges, never the counters */
 	queue_stats_reset(qs, 3, 300, 1);
 	queue_stats_read(ro, &v);
 	ck_assert_uint_eq(v.counter[QUEUE_QUEUED], 2);
 	ck_assert_uint_eq(v.messages, 3);
 	ck_assert_str_eq(queue_counter_name(QUEUE_DSN), "dsn");
+	/* a child keeps its mapping, not the descriptor */
+	queue_stats_after_fork(qs);
+	ck_assert_int_eq(queue_stats_fd(qs), -1);
+	queue_stats_added(qs, 1);
+	queue_stats_read(ro, &v);
+	ck_assert_uint_eq(v.messages, 4);
 	queue_stats_destroy(qs);
 	queue_stats_destroy(ro);
+	/* anything else handed over is refused: a file that could shrink */
+	ck_assert_int_ge(fd = mkstemp(junk), 0);
+	unlink(junk);
+	ck_assert_int_eq(ftruncate(fd, 4096), 0);
+	ck_assert_ptr_null(queue_stats_attach(fd));
+	ck_assert_int_eq(errno, EPROTO);
 }
 END_TEST
 
