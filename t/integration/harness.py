@@ -218,12 +218,24 @@ class Daemon:
         cmd = [SMTPMUXD, "-f", "-c", self.config_path] + self.args
         if os.environ.get("SMTPMUX_VALGRIND"):
             # Children that exec a system program (a token_command) are not ours to check.
-            cmd = ["valgrind", "--quiet", "--trace-children=yes",
+            # --vgdb=no: no FIFOs in /tmp, where one a process of a reused pid
+            # left behind (another user's) makes valgrind exit 1 at once.
+            cmd = ["valgrind", "--quiet", "--vgdb=no", "--trace-children=yes",
                    "--trace-children-skip=/bin/*,/usr/bin/*,/usr/local/bin/*", "--leak-check=full",
                    "--suppressions=%s" % os.path.join(SRCDIR, "t", "valgrind.supp"),
                    "--errors-for-leak-kinds=definite", "--error-exitcode=99",
                    "--log-file=%s.vg.%%p" % self.log_path] + cmd
         return cmd
+
+    def valgrind_reports(self):
+        """What valgrind said about the processes of this daemon, if it ran them."""
+        folder, prefix = os.path.split(self.log_path + ".vg.")
+        text = ""
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(prefix):
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    text += "\n%s:\n%s" % (name, f.read())
+        return text
 
     def start(self):
         self.log = open(self.log_path, "ab")
@@ -234,7 +246,8 @@ class Daemon:
                    (read_banner(self.port) or "").startswith("220"),
                    what="smtpmuxd to greet on port %d" % self.port)
         if self.proc.poll() is not None:
-            raise AssertionError("smtpmuxd exited with %s:\n%s" % (self.proc.returncode, self.log_text()))
+            raise AssertionError("smtpmuxd exited with %s:\n%s%s" % (self.proc.returncode, self.log_text(),
+                                                                      self.valgrind_reports()))
         # Until the queue runner has named itself it looks like a worker.
         if self.config.get("queue", {}).get("enabled", True) and self.config.get("users"):
             wait_until(lambda: self.proc.poll() is not None or self.runner() is not None,

@@ -106,7 +106,7 @@ class SharedStateTest(DaemonTestCase):
         self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
         self.assertArrived(a, msg)
         self.assertIsNone(d.proc.poll())
-        self.forget_aborted_reports()
+        self.forget_aborted_reports(d)
 
     def test_a_truncated_state_file_harms_nobody(self):
         a = self.downstream()
