@@ -16,8 +16,9 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 
-#include "log.h"
+#include "cluster.h"
 #include "helper_dns.h"
+#include "log.h"
 #include "queue_sched.h"
 #include "runner_int.h"
 #include "sender_match.h"
@@ -488,6 +489,12 @@ runner_setup(struct runner *rn, const struct runner_params *p)
 		log_err("cannot set up the connection cache: out of memory");
 		return -1;
 	}
+	/* A retry counts in the cluster's quotas, circuits and rotation as a
+	 * worker's delivery does: the same link, on this loop. */
+	if (p->cfg->cluster.enabled && (rn->rt.cluster = cluster_new(&rn->rt)) == NULL) {
+		log_err("cannot set up the link to the cluster: out of memory");
+		return -1;
+	}
 	if (spool_prepare(p->cfg->queue.dir, false, 0, 0, err, sizeof(err)) < 0 ||
 	    (rn->spool = spool_open(p->cfg->queue.dir, err, sizeof(err))) == NULL ||
 	    (rn->rt.spool = spool_writer_new(rn->rt.base, p->cfg->queue.dir, p->stats, 0, err,
@@ -525,6 +532,9 @@ runner_cleanup(struct runner *rn)
 	spool_close(rn->spool);
 	upstream_free_lingering(&rn->rt);
 	upstream_cache_free(rn->rt.cache);
+	/* The last ENDs go out before the link does. */
+	cluster_flush(rn->rt.cluster);
+	cluster_free(rn->rt.cluster);
 	if (rn->rt.dns != NULL)
 		evdns_base_free(rn->rt.dns, 0);
 	if (rn->rt.base != NULL)
