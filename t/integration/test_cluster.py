@@ -6,6 +6,7 @@ their own ports, state files and logs, the downstreams real aiosmtpd
 servers; what arrives there is what is checked.
 """
 
+import copy
 import os
 import re
 import signal
@@ -33,6 +34,8 @@ class ClusterTestCase(DaemonTestCase):
         """One smtpmuxd of the cluster, in a folder of its own."""
         folder = os.path.join(self.tmpdir, name)
         os.makedirs(folder, exist_ok=True)
+        # Its queue is in there: the workers' user must get through.
+        os.chmod(self.tmpdir, 0o711)
         d = Daemon(folder, config)
         self.addCleanup(self._stop_instance, d, folder)
         return d.start()
@@ -55,8 +58,8 @@ class ClusterTestCase(DaemonTestCase):
         base = {"allow_insecure_auth": True, "workers": 2, "users": users,
                 "cluster": self.cluster(redis)}
         base.update(cfg)
-        a = self.instance("a", dict(base))
-        b = self.instance("b", dict(base))
+        a = self.instance("a", copy.deepcopy(base))
+        b = self.instance("b", copy.deepcopy(base))
         self.wait_linked(a, b)
         return a, b
 
@@ -70,7 +73,9 @@ class TestSharedQuota(ClusterTestCase):
         downstream receives exactly 10 (each instance alone would let 10 through)."""
         redis = self.redis()
         ds = self.downstream()
-        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])])
+        # Without the queue: the quota's verdict is the reply itself.
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])],
+                         queue={"enabled": False})
         codes = [self.send_to(a if i % 2 == 0 else b, i)[0] for i in range(30)]
         self.assertEqual(codes.count(250), 10, codes)
         self.assertEqual(codes.count(451), 20, codes)
@@ -78,6 +83,26 @@ class TestSharedQuota(ClusterTestCase):
         # The cluster's window holds them; each instance's own holds its share.
         key = "smtpmux:ds:{%s}:hour" % ds.addr
         self.assertEqual(redis.command("ZCARD", key), 10)
+
+    def test_the_queue_runner_keeps_to_the_cluster_quota(self):
+        """A message one instance queued because the cluster's window is full
+        is not delivered by its queue runner's retries either: the runner
+        asks the cluster as the workers do (its own window is empty)."""
+        redis = self.redis()
+        ds = self.downstream()
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=1)])],
+                         queue={"min_backoff": 1, "max_backoff": 1})
+        self.assertEqual(self.send_to(a, 0)[0], 250)
+        self.assertEqual(ds.handler.count(), 1)
+        code, text = self.send_to(b, 1)
+        self.assertEqual(code, 250)
+        self.assertIn(b"queued as", text)
+        # Two retries by b's runner, each refused by the cluster's window.
+        b.wait_log("deferred: next attempt in", count=2)
+        self.assertEqual(ds.handler.count(), 1)
+        self.assertEqual(redis.command("ZCARD", "smtpmux:ds:{%s}:hour" % ds.addr), 1)
+        spooled = os.listdir(os.path.join(b.config["queue"]["dir"], "msg"))
+        self.assertEqual(len([n for n in spooled if not n.endswith(".state")]), 1, spooled)
 
 
 class TestSharedHealth(ClusterTestCase):
@@ -121,7 +146,8 @@ class TestRedisDown(ClusterTestCase):
     def test_killing_redis_loses_nothing_and_restarting_restores_sharing(self):
         redis = self.redis()
         ds = self.downstream()
-        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])])
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=10)])],
+                         queue={"enabled": False})
         n = 0
         for _ in range(4):
             self.assertEqual(self.send_to(a if n % 2 == 0 else b, n)[0], 250)
