@@ -161,13 +161,18 @@ put_queue(struct page *p, const struct status_queue_summary *q)
 		return;
 	putf(p, "<section id=\"queue\">\n<h2>Queue</h2>\n<dl>\n"
 	    "<dt>Messages waiting</dt><dd class=\"num\" data-field=\"messages\">%" PRIu64 "</dd>\n"
-	    "<dt>Waiting for a retry</dt><dd class=\"num\" data-field=\"deferred\">%" PRIu64 "</dd>\n"
-	    "<dt>Oldest</dt><dd data-field=\"oldest\">", q->messages, q->deferred);
+	    "<dt>Their size</dt><dd class=\"num\" data-field=\"bytes\">%" PRIu64 " octets</dd>\n"
+	    "<dt>Oldest</dt><dd data-field=\"oldest\">", q->messages, q->bytes);
 	if (q->messages > 0)
 		put_age(p, q->oldest_age);
 	else
 		put(p, "<span class=\"none\">none</span>");
-	put(p, "</dd>\n</dl>\n</section>\n");
+	putf(p, "</dd>\n</dl>\n<p>Since the start:</p>\n<dl>\n"
+	    "<dt>Delivered from the queue</dt><dd class=\"num\" data-field=\"delivered\">%" PRIu64
+	    "</dd>\n<dt>Bounced (refused by every downstream)</dt>"
+	    "<dd class=\"num\" data-field=\"bounced\">%" PRIu64 "</dd>\n"
+	    "<dt>Expired</dt><dd class=\"num\" data-field=\"expired\">%" PRIu64 "</dd>\n"
+	    "</dl>\n</section>\n", q->delivered, q->bounced, q->expired);
 }
 
 /* Shown only with a `cluster:` section (struct status_cluster_summary). */

@@ -26,7 +26,6 @@ status_queue_print(FILE *out, const struct queue_stats *qs, time_t now)
 	    v.counter[QUEUE_DSN]);
 }
 
-/* Every queued message waits for its next attempt: all are "deferred". */
 void
 status_queue_summary(const struct queue_stats *qs, time_t now, struct status_queue_summary *out)
 {
@@ -35,8 +34,11 @@ status_queue_summary(const struct queue_stats *qs, time_t now, struct status_que
 	queue_stats_read(qs, &v);
 	out->present = true;
 	out->messages = v.messages;
-	out->deferred = v.messages;
+	out->bytes = v.bytes;
 	out->oldest_age = (uint64_t)oldest_age(&v, now);
+	out->delivered = v.counter[QUEUE_DELIVERED];
+	out->bounced = v.counter[QUEUE_BOUNCED];
+	out->expired = v.counter[QUEUE_EXPIRED];
 }
 
 static const char *const counter_help[QUEUE_NCOUNTERS] = {

@@ -36,8 +36,12 @@ struct status_user {
 struct status_queue_summary {
 	bool present;
 	uint64_t messages;               /* waiting in the queue, all users */
-	uint64_t deferred;               /* of which waiting for a retry */
+	uint64_t bytes;                  /* their size */
 	uint64_t oldest_age;             /* seconds since the oldest was accepted */
+	/* Since the daemon started: */
+	uint64_t delivered;              /* by the queue runner */
+	uint64_t bounced;                /* refused by every downstream during a retry */
+	uint64_t expired;                /* given up after queue.max_lifetime */
 };
 
 /*

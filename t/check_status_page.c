@@ -215,12 +215,15 @@ START_TEST(test_queue_summary_when_present)
 	struct status_snapshot s = { .now = NOW, .hostname = "h" };
 	char *page, text[64];
 
-	s.queue = (struct status_queue_summary){ .present = true, .messages = 12, .deferred = 5,
-		.oldest_age = 7500 };
+	s.queue = (struct status_queue_summary){ .present = true, .messages = 12, .bytes = 34567,
+		.oldest_age = 7500, .delivered = 8, .bounced = 3, .expired = 2 };
 	page = render(&s);
 	ck_has(page, "<section id=\"queue\">\n<h2>Queue</h2>");
 	ck_assert_str_eq(text_after(page, "data-field=\"messages\"", text, sizeof(text)), "12");
-	ck_assert_str_eq(text_after(page, "data-field=\"deferred\"", text, sizeof(text)), "5");
+	ck_assert_str_eq(text_after(page, "data-field=\"bytes\"", text, sizeof(text)), "34567 octets");
+	ck_assert_str_eq(text_after(page, "data-field=\"delivered\"", text, sizeof(text)), "8");
+	ck_assert_str_eq(text_after(page, "data-field=\"bounced\"", text, sizeof(text)), "3");
+	ck_assert_str_eq(text_after(page, "data-field=\"expired\"", text, sizeof(text)), "2");
 	ck_assert_str_eq(text_after(page, "data-field=\"oldest\"", text, sizeof(text)), "2 h");
 	/* before the users */
 	ck_before(page, "id=\"queue\"", "<main>");

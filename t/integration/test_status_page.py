@@ -21,8 +21,8 @@ import unittest
 import urllib.request
 import xml.etree.ElementTree as ET
 
-from harness import READY_TIMEOUT, DaemonTestCase, free_port, plain_downstream, send, \
-    user_entry, wait_until
+from harness import READY_TIMEOUT, DaemonTestCase, free_port, make_message, plain_downstream, \
+    send, user_entry, wait_until
 
 CHROMIUM = shutil.which("chromium")
 SECRETS = ("app-secret-1", "app-secret-2", "ds-secret-3", "ds-login-4")
@@ -218,6 +218,47 @@ class StatusPageTest(DaemonTestCase):
         # Another user's view of the same provider account: same counters.
         self.assertEqual(shared["name"], "shared <good>")
         self.assertAlmostEqual(shared["day"], 1 / 5, places=2)
+
+
+class QueueSectionTest(DaemonTestCase):
+    """The page's queue section shows the queue's figures as they are."""
+
+    def queue_figures(self, url):
+        def get():
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    return r.read()
+            except OSError:
+                return None
+        root = ET.fromstring(wait_until(get, what="the status page"))
+        section = root.find(".//section[@id='queue']")
+        self.assertIsNotNone(section)
+        return {dd.get("data-field"): "".join(dd.itertext()) for dd in section.iter("dd")}
+
+    def test_queued_then_delivered(self):
+        ds = self.downstream(fault="rcpt_451")           # refuses for now, temporarily
+        status_port = free_port()
+        d = self.daemon({"allow_insecure_auth": True,
+                         "status_listen": "127.0.0.1:%d" % status_port,
+                         "queue": {"min_backoff": 1, "max_backoff": 1},
+                         "users": [user_entry("app@example.com", "app-secret-1",
+                                              [plain_downstream(ds)])]})
+        url = "http://127.0.0.1:%d/" % status_port
+        msg = make_message(subject="waits")
+        code, text = send(d.port, "app@example.com", "app-secret-1", msg=msg)
+        self.assertEqual(code, 250)
+        self.assertIn(b"queued as", text)
+        got = self.queue_figures(url)
+        self.assertEqual(got["messages"], "1")
+        self.assertGreaterEqual(int(got["bytes"].split()[0]), len(msg))
+        self.assertNotEqual(got["oldest"], "none")
+        self.assertEqual((got["delivered"], got["bounced"], got["expired"]), ("0", "0", "0"))
+        ds.handler.fault = None
+        wait_until(lambda: self.queue_figures(url)["delivered"] == "1",
+                   what="the page to count the delivery from the queue")
+        got = self.queue_figures(url)
+        self.assertEqual((got["messages"], got["bytes"], got["oldest"]), ("0", "0 octets", "none"))
+        self.assertEqual(ds.handler.count(), 1)
 
 
 if __name__ == "__main__":
