@@ -170,6 +170,24 @@ class MechanismTest(OAuthTestCase):
         self.assertEqual(ds.handler.protocol_errors, [])
         self.assert_no_secrets(d, authority)
 
+    def test_the_queue_runner_logs_in_with_the_token(self):
+        """A message delivered from the queue (mode: always) logs in with the
+        token the helper obtained, as a worker's delivery does."""
+        authority = TokenAuthority()
+        ep = self.endpoint(authority)
+        ds = self.oauth_downstream(authority)
+        d = self.start([self.oauth2_entry(ds, ep, auth="xoauth2")],
+                       queue={"mode": "always", "min_backoff": 1, "max_backoff": 1})
+        d.wait_log("oauth downstream=oauth: new token")
+        code, msg = self.send_one(d, "from the queue")
+        self.assertEqual(code, 250)
+        wait_until(lambda: ds.messages, what="delivery from the queue")
+        self.assertEqual(self.arrived(ds), [msg])
+        self.assertEqual([(a["mech"], a["user"], a["token"]) for a in ds.handler.attempts],
+                         [("XOAUTH2", MAILBOX, authority.latest())])
+        d.wait_log("status=sent queued=yes")       # the runner logs it once it has the 250
+        self.assert_no_secrets(d, authority)
+
     def test_oauthbearer_with_client_credentials(self):
         authority = TokenAuthority()
         ep = self.endpoint(authority)
