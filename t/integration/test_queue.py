@@ -199,12 +199,16 @@ class QueueTest(DaemonTestCase):
     def test_write_failure_answers_452(self):
         a = self.ds()
         a.handler.refuse["*"] = "451 4.3.0 Try again later"
-        d = self.make([plain_downstream(a, name="A")])
+        # One worker, which greets only once it has prepared the spool, and
+        # the runner's first scan, which follows its own preparing: neither
+        # may set the folder's mode back after the chmod below.
+        d = self.make([plain_downstream(a, name="A")], workers=1)
+        d.wait_log(" octets in %s" % d.config["queue"]["dir"])
         tmp = os.path.join(d.config["queue"]["dir"], "tmp")
         os.chmod(tmp, 0o500)                 # the workers (nobody) can no longer write
         self.addCleanup(os.chmod, tmp, 0o750)
         code, text = send(d.port, USER, PASSWORD)
-        self.assertEqual(code, 452)
+        self.assertEqual(code, 452, d.log_text())
         self.assertIn(b"4.3.1", text)
         self.assertEqual(self.queued_ids(d), [])
         self.assertRegex(d.log_text(), r"cannot queue the message: create: Permission denied")
