@@ -217,8 +217,22 @@ cache_use(struct passwd_cache *c, const char *given, const char *stored, bool re
 	return hit;
 }
 
-static bool
-crypt_matches(const char *given, const char *stored)
+enum passwd_quick
+passwd_verify_quick(struct passwd_cache *cache, const char *given, const char *stored)
+{
+	if (given == NULL || stored == NULL)
+		return PASSWD_MISMATCH;
+	if (!passwd_is_hash(stored))
+		return auth_password_equal(given, stored) ? PASSWD_MATCH : PASSWD_MISMATCH;
+	if (cache != NULL && cache_use(cache, given, stored, false)) {
+		cache->hits++;
+		return PASSWD_MATCH;
+	}
+	return PASSWD_NEEDS_HASH;
+}
+
+bool
+passwd_hash_matches(const char *given, const char *stored)
 {
 	char out[CRYPT_OUTPUT_SIZE];
 	bool ok = crypt_with(given, stored, out, sizeof(out)) != NULL &&
@@ -228,24 +242,25 @@ crypt_matches(const char *given, const char *stored)
 	return ok;
 }
 
+void
+passwd_cache_note(struct passwd_cache *cache, const char *given, const char *stored, bool ok)
+{
+	if (cache == NULL)
+		return;
+	cache->computed++;
+	if (ok)
+		cache_use(cache, given, stored, true);
+}
+
 bool
 passwd_verify(struct passwd_cache *cache, const char *given, const char *stored)
 {
+	enum passwd_quick q = passwd_verify_quick(cache, given, stored);
 	bool ok;
 
-	if (given == NULL || stored == NULL)
-		return false;
-	if (!passwd_is_hash(stored))
-		return auth_password_equal(given, stored);
-	if (cache != NULL && cache_use(cache, given, stored, false)) {
-		cache->hits++;
-		return true;
-	}
-	ok = crypt_matches(given, stored);
-	if (cache != NULL) {
-		cache->computed++;
-		if (ok)
-			cache_use(cache, given, stored, true);
-	}
+	if (q != PASSWD_NEEDS_HASH)
+		return q == PASSWD_MATCH;
+	ok = passwd_hash_matches(given, stored);
+	passwd_cache_note(cache, given, stored, ok);
 	return ok;
 }

@@ -43,8 +43,29 @@ void passwd_cache_stats(const struct passwd_cache *, unsigned long *hits,
 
 /*
  * True when given is the password that stored describes (plaintext,
- * compared in constant time; or a hash). cache may be NULL.
+ * compared in constant time; or a hash). cache may be NULL. May run a
+ * full hash on the calling thread: a worker's event loop uses the three
+ * steps below instead (passwd_offload.h).
  */
 bool passwd_verify(struct passwd_cache *cache, const char *given, const char *stored);
+
+/*
+ * The steps of passwd_verify. The cheap ones, for the event loop:
+ * plaintext is compared, a hash the cache knows matches; anything else
+ * needs the hash computed.
+ */
+enum passwd_quick { PASSWD_MISMATCH, PASSWD_MATCH, PASSWD_NEEDS_HASH };
+enum passwd_quick passwd_verify_quick(struct passwd_cache *cache, const char *given,
+    const char *stored);
+
+/* The costly one: crypt(3) of given with stored's setting, compared in
+ * constant time. Touches nothing but its arguments and memory of its own,
+ * so any thread may run it. */
+bool passwd_hash_matches(const char *given, const char *stored);
+
+/* Counts a computed hash and, when it matched, remembers the pair. On the
+ * thread that owns the cache. */
+void passwd_cache_note(struct passwd_cache *cache, const char *given, const char *stored,
+    bool ok);
 
 #endif

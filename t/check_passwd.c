@@ -11,7 +11,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 #include "passwd.h"
+#include "passwd_offload.h"
 #include "secret_file.h"
 #include "tls.h"
 
@@ -272,6 +275,115 @@ START_TEST(test_secret_file)
 }
 END_TEST
 
+/* ---- checks off the event loop (passwd_offload) ---- */
+
+struct verdicts {
+	struct event_base *base;
+	unsigned n;
+	uint64_t ticket[4];
+	bool match[4];
+	unsigned wanted;                 /* the loop stops at this many */
+};
+
+static void
+on_verdict(void *arg, uint64_t ticket, bool match)
+{
+	struct verdicts *v = arg;
+
+	ck_assert_uint_lt(v->n, 4);
+	v->ticket[v->n] = ticket;
+	v->match[v->n++] = match;
+	if (v->n == v->wanted)
+		event_base_loopbreak(v->base);
+}
+
+/* Verdicts come back on the loop, by ticket; a match is remembered by the
+ * cache, so the next check of it never leaves the loop. */
+START_TEST(test_offload_verdicts)
+{
+	struct verdicts v = { .wanted = 2 };
+	struct passwd_cache *c = passwd_cache_new();
+	struct passwd_offload *o;
+	unsigned long hits, computed;
+	uint64_t good, bad;
+
+	v.base = event_base_new();
+	ck_assert_ptr_nonnull(v.base);
+	o = passwd_offload_new(v.base, c);
+	ck_assert_ptr_nonnull(o);
+	ck_assert_int_eq(passwd_verify_quick(c, "correct horse", yescrypt), PASSWD_NEEDS_HASH);
+	good = passwd_offload_submit(o, "correct horse", yescrypt, on_verdict, &v);
+	bad = passwd_offload_submit(o, "wrong horse", sha512, on_verdict, &v);
+	ck_assert_uint_ne(good, 0);
+	ck_assert_uint_ne(bad, 0);
+	ck_assert_uint_ne(good, bad);
+	ck_assert_uint_eq(passwd_offload_pending(o), 2);
+	ck_assert_uint_eq(v.n, 0);                       /* never from submit itself */
+	ck_assert_int_eq(event_base_dispatch(v.base), 0);
+	ck_assert_uint_eq(v.n, 2);
+	for (unsigned i = 0; i < 2; i++)
+		ck_assert(v.match[i] == (v.ticket[i] == good));
+	ck_assert_uint_eq(passwd_offload_pending(o), 0);
+	passwd_cache_stats(c, &hits, &computed);
+	ck_assert_uint_eq(computed, 2);
+	ck_assert_int_eq(passwd_verify_quick(c, "correct horse", yescrypt), PASSWD_MATCH);
+	ck_assert_int_eq(passwd_verify_quick(c, "wrong horse", sha512), PASSWD_NEEDS_HASH);
+	passwd_offload_free(o);
+	passwd_cache_free(c);
+	event_base_free(v.base);
+}
+END_TEST
+
+/* A cancelled ticket gets no verdict however far its job got, and
+ * freeing with checks still pending joins the threads and frees the jobs
+ * (ASan and valgrind see the rest). */
+START_TEST(test_offload_cancel_and_free)
+{
+	struct verdicts v = { .wanted = 1 };
+	struct passwd_offload *o;
+	uint64_t gone, kept;
+
+	v.base = event_base_new();
+	o = passwd_offload_new(v.base, NULL);
+	ck_assert_ptr_nonnull(o);
+	gone = passwd_offload_submit(o, "correct horse", yescrypt, on_verdict, &v);
+	kept = passwd_offload_submit(o, "correct horse", bcrypt, on_verdict, &v);
+	passwd_offload_cancel(o, gone);
+	passwd_offload_cancel(o, gone);                  /* twice: ignored */
+	passwd_offload_cancel(o, 12345);                 /* unknown: ignored */
+	ck_assert_uint_eq(passwd_offload_pending(o), 1);
+	ck_assert_int_eq(event_base_dispatch(v.base), 0);
+	ck_assert_uint_eq(v.n, 1);
+	ck_assert_uint_eq(v.ticket[0], kept);
+	ck_assert(v.match[0]);
+	/* Pending at the end: no verdict, nothing leaks. */
+	ck_assert_uint_ne(passwd_offload_submit(o, "x", yescrypt, on_verdict, &v), 0);
+	ck_assert_uint_ne(passwd_offload_submit(o, "y", sha512, on_verdict, &v), 0);
+	ck_assert_uint_ne(passwd_offload_submit(o, "z", bcrypt, on_verdict, &v), 0);
+	passwd_offload_free(o);
+	ck_assert_uint_eq(v.n, 1);
+	event_base_free(v.base);
+}
+END_TEST
+
+/* The pending checks are bounded: one more is refused, not queued. */
+START_TEST(test_offload_bounded)
+{
+	struct event_base *base = event_base_new();
+	struct passwd_offload *o = passwd_offload_new(base, NULL);
+	struct verdicts v = { .base = base };
+
+	ck_assert_ptr_nonnull(o);
+	for (unsigned i = 0; i < PASSWD_OFFLOAD_MAX_PENDING; i++)
+		ck_assert_uint_ne(passwd_offload_submit(o, "p", sha512, on_verdict, &v), 0);
+	ck_assert_uint_eq(passwd_offload_submit(o, "p", sha512, on_verdict, &v), 0);
+	ck_assert_uint_eq(passwd_offload_pending(o), PASSWD_OFFLOAD_MAX_PENDING);
+	passwd_offload_free(o);
+	ck_assert_uint_eq(v.n, 0);
+	event_base_free(base);
+}
+END_TEST
+
 static Suite *
 passwd_suite(void)
 {
@@ -286,6 +398,9 @@ passwd_suite(void)
 	tcase_add_test(tc, test_verify);
 	tcase_add_test(tc, test_cache);
 	tcase_add_test(tc, test_cache_holds_no_password);
+	tcase_add_test(tc, test_offload_verdicts);
+	tcase_add_test(tc, test_offload_cancel_and_free);
+	tcase_add_test(tc, test_offload_bounded);
 	suite_add_tcase(s, tc);
 	tcase_add_test(files, test_secret_file);
 	suite_add_tcase(s, files);
