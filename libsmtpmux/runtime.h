@@ -14,6 +14,7 @@ struct cluster;
 struct config;
 struct health;
 struct passwd_cache;
+struct passwd_offload;
 struct token_table;
 struct spool_writer;
 struct upstream;
@@ -38,6 +39,7 @@ struct runtime {
 	struct upstream *lingering;      /* finished attempts saying QUIT (upstream.c) */
 	struct upstream_cache *cache;    /* idle downstream sessions; NULL: no reuse */
 	struct passwd_cache *pwcache;    /* verified password hashes; may be NULL */
+	struct passwd_offload *pwcheck;  /* hashes checked off the loop; may be NULL */
 	struct cluster *cluster;         /* `cluster:` (cluster.h); NULL without one */
 	struct spool_writer *spool;      /* commits to the queue; NULL without one */
 };

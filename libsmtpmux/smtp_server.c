@@ -44,6 +44,7 @@ enum sess_state {
 	SESS_AUTH_PLAIN,         /* sent "334 ", waiting for the PLAIN response */
 	SESS_AUTH_LOGIN_USER,    /* sent "334 VXNlcm5hbWU6" */
 	SESS_AUTH_LOGIN_PASS,    /* sent "334 UGFzc3dvcmQ6" */
+	SESS_AUTH_CHECK,         /* a password hash is checked off the loop; input paused */
 	SESS_AUTH_WAIT,          /* AUTH failed: 535 after a delay; input paused */
 	SESS_MAIL,               /* MAIL accepted, no recipient yet */
 	SESS_RCPT,               /* at least one recipient */
@@ -88,6 +89,18 @@ struct txn {
 	struct relay_result early;
 };
 
+/* A login whose password hash is checked off the loop (SESS_AUTH_CHECK). */
+struct auth_pending {
+	uint64_t ticket;                 /* io->check_password's; 0: none */
+	const struct user_cfg *user;     /* NULL: unknown name, or no password */
+	char name[AUTH_FIELD_MAX + 1];   /* as given, for the failure's log line */
+	const char *mech;
+	bool starting;                   /* inside io->check_password */
+	bool early;                      /* the verdict came before it returned */
+	uint64_t early_ticket;
+	bool early_match;
+};
+
 struct smtp_session {
 	struct runtime *rt;
 	const struct config *cfg;
@@ -108,6 +121,7 @@ struct smtp_session {
 	const struct user_cfg *user;     /* NULL until AUTH succeeds */
 	const struct client_cfg *net_client;  /* `clients:` entry of the address, or NULL */
 	char login_user[AUTH_FIELD_MAX + 1];
+	struct auth_pending check;
 
 	bool started;
 	bool discarding;                 /* dropping the rest of an overlong line */
@@ -437,8 +451,9 @@ auth_failed(struct smtp_session *s, const char *name)
 		reply_error(s, 535, "5.7.8", "Authentication credentials invalid");
 		return;
 	}
+	if (s->state != SESS_AUTH_CHECK)     /* else paused already */
+		s->io->pause(s->ctx, true);
 	set_state(s, SESS_AUTH_WAIT);
-	s->io->pause(s->ctx, true);
 	timer_start(s, TIMER_AUTH, delay);
 }
 
@@ -462,21 +477,100 @@ auth_locked_out(const struct smtp_session *s)
 	    client_table_auth_locked(s->rt->clients, s->client, client_table_now(), NULL);
 }
 
+static void
+auth_verdict(struct smtp_session *s, const struct user_cfg *u, const char *name,
+    const char *mech, bool equal)
+{
+	if (u != NULL && u->password != NULL && equal)
+		auth_succeeded(s, u, mech);
+	else
+		auth_failed(s, name);
+}
+
+/* Forgets a pending check; its verdict, if it still comes, is dropped. */
+static void
+auth_check_forget(struct smtp_session *s)
+{
+	if (s->check.ticket != 0 && s->io->check_password_cancel != NULL)
+		s->io->check_password_cancel(s->ctx, s->check.ticket);
+	auth_wipe(&s->check, sizeof(s->check));
+}
+
+/* The verdict of a check made off the loop. */
+static void
+auth_check_done(struct smtp_session *s, bool match)
+{
+	const struct user_cfg *u = s->check.user;
+	char name[AUTH_FIELD_MAX + 1];
+	const char *mech = s->check.mech;
+
+	memcpy(name, s->check.name, sizeof(name));
+	s->check.ticket = 0;
+	auth_check_forget(s);
+	auth_verdict(s, u, name, mech, match);
+	auth_wipe(name, sizeof(name));
+	if (s->state != SESS_AUTH_CHECK)     /* the 535's delay, or closing */
+		return;
+	set_state(s, SESS_GREETED);
+	s->io->pause(s->ctx, false);
+	if (s->shutdown_pending)
+		reply_close(s, "4.3.2", "Service shutting down");
+}
+
+/*
+ * Hands a hash check to the owner (io->check_password) so the event loop
+ * goes on serving the worker's other sessions; this one reads nothing
+ * until the verdict. A full queue is a temporary failure, not a wait.
+ */
+static void
+auth_check_start(struct smtp_session *s, const struct user_cfg *u, const char *name,
+    const char *pass, const char *expected, const char *mech)
+{
+	uint64_t ticket;
+
+	s->check.user = u != NULL && u->password != NULL ? u : NULL;
+	snprintf(s->check.name, sizeof(s->check.name), "%s", name);
+	s->check.mech = mech;
+	set_state(s, SESS_AUTH_CHECK);
+	s->io->pause(s->ctx, true);
+	s->check.starting = true;
+	ticket = s->io->check_password(s->ctx, pass, expected);
+	s->check.starting = false;
+	if (ticket == 0) {
+		log_warn("%s: auth deferred: too many password checks pending client=[%s]", s->id,
+		    s->client);
+		auth_check_forget(s);
+		set_state(s, SESS_GREETED);
+		s->io->pause(s->ctx, false);
+		reply(s, 454, "4.7.0", "Temporary authentication failure");
+		return;
+	}
+	s->check.ticket = ticket;
+	if (s->check.early && s->check.early_ticket == ticket)
+		auth_check_done(s, s->check.early_match);
+}
+
 /* Checks a user name and password. An unknown user still costs one
  * password check (a hash when the configuration has hashes), so timing
- * does not reveal which users exist. */
+ * does not reveal which users exist. A hash not in the worker's cache is
+ * checked off the loop when the owner offers that. */
 static void
 auth_check(struct smtp_session *s, const char *name, const char *pass, const char *mech)
 {
 	const struct user_cfg *u = config_find_user(s->cfg, name);
 	const char *unknown = s->cfg->unknown_user_hash != NULL ? s->cfg->unknown_user_hash : "";
 	const char *expected = u != NULL && u->password != NULL ? u->password : unknown;
-	bool equal = passwd_verify(s->rt->pwcache, pass, expected);
+	enum passwd_quick q = passwd_verify_quick(s->rt->pwcache, pass, expected);
 
-	if (u != NULL && u->password != NULL && equal)
-		auth_succeeded(s, u, mech);
-	else
-		auth_failed(s, name);
+	if (q == PASSWD_NEEDS_HASH && s->io->check_password != NULL) {
+		auth_check_start(s, u, name, pass, expected, mech);
+		return;
+	}
+	if (q == PASSWD_NEEDS_HASH) {
+		q = passwd_hash_matches(pass, expected) ? PASSWD_MATCH : PASSWD_MISMATCH;
+		passwd_cache_note(s->rt->pwcache, pass, expected, q == PASSWD_MATCH);
+	}
+	auth_verdict(s, u, name, mech, q == PASSWD_MATCH);
 }
 
 static void
@@ -1259,6 +1353,7 @@ accepts_input(const struct smtp_session *s)
 	case SESS_CONNECTED:
 	case SESS_RELAYING:
 	case SESS_TLS_WAIT:
+	case SESS_AUTH_CHECK:
 	case SESS_AUTH_WAIT:
 	case SESS_CLOSING:
 		return false;
@@ -1427,6 +1522,22 @@ smtp_session_tls_ready(struct smtp_session *s, const char *tls_desc)
 }
 
 void
+smtp_session_password_checked(struct smtp_session *s, uint64_t ticket, bool match)
+{
+	if (s->check.starting) {             /* answered inside io->check_password */
+		s->check.early = true;
+		s->check.early_ticket = ticket;
+		s->check.early_match = match;
+		return;
+	}
+	if (s->state != SESS_AUTH_CHECK || ticket == 0 || ticket != s->check.ticket)
+		return;
+	auth_check_done(s, match);
+	/* Commands pipelined after the AUTH waited in `in` until now. */
+	smtp_session_process(s);
+}
+
+void
 smtp_session_timeout(struct smtp_session *s)
 {
 	switch (s->state) {
@@ -1443,6 +1554,7 @@ smtp_session_timeout(struct smtp_session *s)
 	}
 	log_info("%s: timeout after %s from [%s]", s->id,
 	    s->state == SESS_DATA ? "DATA" : "command", s->client);
+	auth_check_forget(s);
 	txn_reset(s);
 	reply_close(s, "4.4.2", "Timeout");
 }
@@ -1488,7 +1600,7 @@ smtp_session_shutdown(struct smtp_session *s)
 	if (s->state == SESS_CLOSING)
 		return;
 	if (smtp_session_busy(s) || in_transaction(s) || s->state == SESS_TLS_WAIT ||
-	    s->state == SESS_AUTH_WAIT) {
+	    s->state == SESS_AUTH_CHECK || s->state == SESS_AUTH_WAIT) {
 		/* Answered after the current transaction, or after the handshake. */
 		s->shutdown_pending = true;
 		return;
@@ -1519,6 +1631,7 @@ smtp_session_abort(struct smtp_session *s)
 	} else if (s->state == SESS_DATA) {
 		log_info("%s: lost connection after DATA from [%s]", s->id, s->client);
 	}
+	auth_check_forget(s);
 	txn_reset(s);
 	s->state = SESS_CLOSING;
 }
@@ -1577,6 +1690,7 @@ smtp_session_deadline(struct smtp_session *s)
 	} else if (s->state == SESS_DATA) {
 		log_info("%s: shutdown timeout during DATA from [%s]", s->id, s->client);
 	}
+	auth_check_forget(s);
 	txn_reset(s);
 	reply_close(s, "4.3.2", "Service shutting down");
 	return false;
@@ -1639,6 +1753,7 @@ smtp_session_free(struct smtp_session *s)
 	if (s->started)
 		log_disconnect(s);
 	txn_reset(s);
+	auth_check_forget(s);
 	auth_wipe(s->login_user, sizeof(s->login_user));
 	evbuffer_free(s->scratch);
 	free(s);

@@ -3,6 +3,7 @@
 #define SMTPMUX_SMTP_SERVER_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <event2/buffer.h>
 
@@ -56,6 +57,14 @@ struct smtp_session_io {
 	bool (*relay_dot_sent)(void *ctx, const struct delivery *);
 	/* Optional (NULL: never): delivery_defer_now() at the shutdown deadline. */
 	bool (*relay_defer)(void *ctx, struct delivery *);
+	/* Optional (NULL: a hash is checked right here, blocking). Checks a
+	 * password against a crypt(3) hash off the event loop
+	 * (passwd_offload.h); returns a ticket (never 0), or 0 when too many
+	 * checks are pending (the client hears 454 4.7.0). The verdict comes
+	 * through smtp_session_password_checked(), possibly before this
+	 * returns. check_password_cancel: the verdict is no longer wanted. */
+	uint64_t (*check_password)(void *ctx, const char *given, const char *stored);
+	void (*check_password_cancel)(void *ctx, uint64_t ticket);
 };
 
 struct smtp_session_params {
@@ -78,6 +87,10 @@ void smtp_session_input(struct smtp_session *);
 
 /* The STARTTLS handshake finished: forget EHLO/AUTH state (RFC 3207 4.2). */
 void smtp_session_tls_ready(struct smtp_session *, const char *tls_desc);
+
+/* The verdict of io->check_password for ticket (stale tickets are
+ * ignored): 235, or the failure path of a wrong password. */
+void smtp_session_password_checked(struct smtp_session *, uint64_t ticket, bool match);
 
 /* The read timeout expired: 421 4.4.2 and close. */
 void smtp_session_timeout(struct smtp_session *);

@@ -22,6 +22,7 @@
 #include "idle_trim.h"
 #include "log.h"
 #include "passwd.h"
+#include "passwd_offload.h"
 #include "relay.h"
 #include "runtime.h"
 #include "smtp_server.h"
@@ -466,6 +467,33 @@ io_relay_defer(void *ctx, struct delivery *d)
 	return delivery_defer_now(d);
 }
 
+/* The verdict of a hash check; a client being torn down ignores it (its
+ * session cancels the ticket when it is freed). */
+static void
+client_password_checked(void *arg, uint64_t ticket, bool match)
+{
+	struct client *c = arg;
+
+	if (!c->dead && !c->close_pending && c->session != NULL)
+		smtp_session_password_checked(c->session, ticket, match);
+}
+
+static uint64_t
+io_check_password(void *ctx, const char *given, const char *stored)
+{
+	struct client *c = ctx;
+
+	return passwd_offload_submit(c->w->rt.pwcheck, given, stored, client_password_checked, c);
+}
+
+static void
+io_check_password_cancel(void *ctx, uint64_t ticket)
+{
+	struct client *c = ctx;
+
+	passwd_offload_cancel(c->w->rt.pwcheck, ticket);
+}
+
 static const struct smtp_session_io client_session_io = {
 	.flush = io_flush,
 	.starttls = io_starttls,
@@ -479,6 +507,8 @@ static const struct smtp_session_io client_session_io = {
 	.relay_begin = io_relay_begin,
 	.relay_dot_sent = io_relay_dot_sent,
 	.relay_defer = io_relay_defer,
+	.check_password = io_check_password,
+	.check_password_cancel = io_check_password_cancel,
 };
 
 /* --- accepting ---------------------------------------------------------- */
@@ -970,6 +1000,9 @@ worker_setup(struct worker *w, const struct worker_params *p)
 	/* Each worker its own: the cache's key never leaves the process. */
 	if ((w->rt.pwcache = passwd_cache_new()) == NULL)
 		return -1;
+	/* Threads started after the fork and the privilege drop. */
+	if ((w->rt.pwcheck = passwd_offload_new(w->rt.base, w->rt.pwcache)) == NULL)
+		return -1;
 	w->ev_stop = evsignal_new(w->rt.base, WORKER_STOP_SIGNAL, worker_shut_down_cb, w);
 	w->ev_retire = evsignal_new(w->rt.base, WORKER_RETIRE_SIGNAL, worker_retire_cb, w);
 	w->ev_retire_end = evtimer_new(w->rt.base, worker_shut_down_cb, w);
@@ -1055,6 +1088,9 @@ worker_cleanup(struct worker *w)
 	/* The last ENDs go out before the link does. */
 	cluster_flush(w->rt.cluster);
 	cluster_free(w->rt.cluster);
+	/* After the sessions: they cancelled their checks; the threads are
+	 * joined here. */
+	passwd_offload_free(w->rt.pwcheck);
 	log_password_cache(w->rt.pwcache);
 	passwd_cache_free(w->rt.pwcache);
 	/* Waits for the writes under way: a message the thread has begun is

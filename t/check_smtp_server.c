@@ -81,6 +81,16 @@ struct harness {
 	unsigned prepares, begins;
 	size_t prepared_rcpts;           /* recipients known at relay_prepare */
 	bool dot_sent;                   /* what relay_dot_sent says */
+
+	/* the fake off-loop password check (offload_io) */
+	bool offload;                    /* h_start() offers io->check_password */
+	unsigned checks, check_cancels;
+	uint64_t check_ticket;           /* the last one handed out */
+	uint64_t cancelled_ticket;
+	char check_given[64], check_stored[128];
+	bool check_full;                 /* check_password returns 0 */
+	bool check_at_once;              /* the verdict inside check_password */
+	bool at_once_match;
 };
 
 static struct harness H;
@@ -241,6 +251,31 @@ static const struct smtp_session_io test_io = {
 	.relay_dot_sent = io_relay_dot_sent,
 };
 
+static uint64_t
+io_check_password(void *ctx, const char *given, const char *stored)
+{
+	struct harness *h = ctx;
+
+	h->checks++;
+	snprintf(h->check_given, sizeof(h->check_given), "%s", given);
+	snprintf(h->check_stored, sizeof(h->check_stored), "%s", stored);
+	if (h->check_full)
+		return 0;
+	h->check_ticket = 1000 + h->checks;
+	if (h->check_at_once)
+		smtp_session_password_checked(h->s, h->check_ticket, h->at_once_match);
+	return h->check_ticket;
+}
+
+static void
+io_check_password_cancel(void *ctx, uint64_t ticket)
+{
+	struct harness *h = ctx;
+
+	h->check_cancels++;
+	h->cancelled_ticket = ticket;
+}
+
 /* ---------------------------------------------------------------- fixture */
 
 static void
@@ -326,7 +361,13 @@ send_str(const char *text)
 static void
 h_start(void)
 {
-	H.s = smtp_session_new(&H.params, H.in, H.out, &test_io, &H);
+	/* The daemon's io: hashes are checked off the loop; the test answers. */
+	static struct smtp_session_io offload_io;
+
+	offload_io = test_io;
+	offload_io.check_password = io_check_password;
+	offload_io.check_password_cancel = io_check_password_cancel;
+	H.s = smtp_session_new(&H.params, H.in, H.out, H.offload ? &offload_io : &test_io, &H);
 	ck_assert_ptr_nonnull(H.s);
 	smtp_session_start(H.s);
 	ck_assert_str_eq(take(), GREETING);
@@ -2168,6 +2209,173 @@ START_TEST(test_auth_hashed_password)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- hashes off the loop */
+
+/* Only the prefix matters to the session: the fake io gives the verdict. */
+#define FAKE_HASH "$y$j9T$fakesalt$fakehash"
+
+static void
+h_offload(void)
+{
+	H.offload = true;
+	H.users[0].password = (char *)FAKE_HASH;
+	H.cfg.unknown_user_hash = FAKE_HASH;
+	h_start();
+	ck_exchange("EHLO client.example\r\n", EHLO_AUTH);
+	calls_reset();
+}
+
+/*
+ * A hash is checked through io->check_password: the session reads
+ * nothing meanwhile (pipelined commands wait in `in`) and answers when the
+ * verdict comes, then takes the waiting commands.
+ */
+START_TEST(test_auth_check_pending_then_ok)
+{
+	h_offload();
+	h_auth_as(PASS);
+	send_str("MAIL FROM:<sender@example.com>\r\n");
+	ck_assert_str_eq(take(), "");
+	ck_assert_str_eq(calls(), "P");
+	ck_assert_uint_eq(H.checks, 1);
+	ck_assert_str_eq(H.check_given, PASS);
+	ck_assert_str_eq(H.check_stored, FAKE_HASH);
+	/* a stale ticket is not this check's verdict */
+	smtp_session_password_checked(H.s, H.check_ticket + 1, false);
+	ck_assert_str_eq(take(), "");
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	ck_assert_str_eq(take(), AUTH_OK MAIL_OK);
+	ck_assert_str_eq(calls(), "PUF");
+	ck_assert_uint_eq(H.check_cancels, 0);
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth ok user=" USER " mech=PLAIN"));
+	/* a second verdict for the same ticket changes nothing */
+	smtp_session_password_checked(H.s, H.check_ticket, false);
+	ck_assert_str_eq(take(), "");
+}
+END_TEST
+
+/* A wrong password takes the usual failure path once its verdict is in:
+ * the failure is counted and the 535 comes after its delay. The names of
+ * unknown users are checked against a hash too, off the loop. */
+START_TEST(test_auth_check_wrong_then_delay)
+{
+	char line[512], enc[400];
+
+	h_auth_limits();
+	h_offload();
+	h_auth_as("wrong-1");
+	ck_assert_str_eq(take(), "");
+	ck_assert_uint_eq(H.timer_starts, 0);
+	smtp_session_password_checked(H.s, H.check_ticket, false);
+	ck_assert_str_eq(take(), "");                   /* the delay runs now */
+	ck_assert_uint_eq(H.timer_ms, 1000);
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth failed user=" USER));
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), AUTH_BAD);
+	ck_assert_str_eq(calls(), "PUF");
+
+	snprintf(line, sizeof(line), "AUTH LOGIN %s\r\n", b64(enc, sizeof(enc), "nobody@example.com"));
+	ck_exchange(line, "334 UGFzc3dvcmQ6\r\n");
+	snprintf(line, sizeof(line), "%s\r\n", b64(enc, sizeof(enc), PASS));
+	send_str(line);
+	ck_assert_uint_eq(H.checks, 2);
+	ck_assert_str_eq(H.check_stored, FAKE_HASH);
+	/* even a "match" does not let an unknown name in */
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	smtp_session_timer(H.s);
+	ck_assert_str_eq(take(), AUTH_BAD);
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth failed user=nobody@example.com"));
+}
+END_TEST
+
+/* The owner may give the verdict before check_password returns. */
+START_TEST(test_auth_check_answered_at_once)
+{
+	H.check_at_once = true;
+	H.at_once_match = true;
+	h_offload();
+	h_auth_as(PASS);
+	ck_assert_str_eq(take(), AUTH_OK);
+	ck_assert_str_eq(calls(), "PUF");
+	send_str("MAIL FROM:<sender@example.com>\r\n");
+	ck_assert_str_eq(take(), MAIL_OK);
+}
+END_TEST
+
+/* Too many checks pending in the worker: 454, and the session goes on. */
+START_TEST(test_auth_check_queue_full)
+{
+	H.check_full = true;
+	h_offload();
+	h_auth_as(PASS);
+	ck_assert_str_eq(take(), "454 4.7.0 Temporary authentication failure\r\n");
+	ck_assert_str_eq(calls(), "PUF");
+	ck_assert_ptr_nonnull(strstr(log_text(), "auth deferred: too many password checks pending"));
+	H.check_full = false;
+	h_auth_as(PASS);
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	ck_assert_str_eq(take(), AUTH_OK);
+}
+END_TEST
+
+/* The client goes away while its check is pending: the ticket is
+ * cancelled, and a verdict that comes anyway is dropped. */
+START_TEST(test_auth_check_then_session_closed)
+{
+	h_offload();
+	h_auth_as(PASS);
+	smtp_session_abort(H.s);
+	ck_assert_uint_eq(H.check_cancels, 1);
+	ck_assert_uint_eq(H.cancelled_ticket, H.check_ticket);
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	ck_assert_str_eq(take(), "");
+	ck_assert_ptr_null(strstr(log_text(), "auth ok"));
+	smtp_session_free(H.s);                          /* no second cancel */
+	H.s = NULL;
+	ck_assert_uint_eq(H.check_cancels, 1);
+
+	/* Freed with the check pending (the connection failed). */
+	h_offload();
+	h_auth_as(PASS);
+	smtp_session_free(H.s);
+	H.s = NULL;
+	ck_assert_uint_eq(H.check_cancels, 2);
+	ck_assert_uint_eq(H.cancelled_ticket, H.check_ticket);
+}
+END_TEST
+
+/* A timeout cancels the check; a stop waits for its verdict, then 421;
+ * the shutdown deadline does not wait. */
+START_TEST(test_auth_check_timeout_and_shutdown)
+{
+	h_offload();
+	h_auth_as(PASS);
+	smtp_session_timeout(H.s);
+	ck_assert_str_eq(take(), "421 4.4.2 " HOST " Timeout\r\n");
+	ck_assert_uint_eq(H.check_cancels, 1);
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	ck_assert_str_eq(take(), "");
+
+	smtp_session_free(H.s);
+	H.s = NULL;
+	h_offload();
+	h_auth_as(PASS);
+	smtp_session_shutdown(H.s);
+	ck_assert_str_eq(take(), "");
+	smtp_session_password_checked(H.s, H.check_ticket, true);
+	ck_assert_str_eq(take(), AUTH_OK "421 4.3.2 " HOST " Service shutting down\r\n");
+
+	smtp_session_free(H.s);
+	H.s = NULL;
+	h_offload();
+	h_auth_as(PASS);
+	smtp_session_shutdown(H.s);
+	ck_assert(!smtp_session_deadline(H.s));
+	ck_assert_str_eq(take(), "421 4.3.2 " HOST " Service shutting down\r\n");
+	ck_assert_uint_eq(H.check_cancels, 2);
+}
+END_TEST
+
 static Suite *
 server_suite(void)
 {
@@ -2302,6 +2510,12 @@ server_suite(void)
 	tcase_add_test(tc, test_allowed_senders);
 	tcase_add_test(tc, test_allowed_senders_network_client);
 	tcase_add_test(tc, test_auth_hashed_password);
+	tcase_add_test(tc, test_auth_check_pending_then_ok);
+	tcase_add_test(tc, test_auth_check_wrong_then_delay);
+	tcase_add_test(tc, test_auth_check_answered_at_once);
+	tcase_add_test(tc, test_auth_check_queue_full);
+	tcase_add_test(tc, test_auth_check_then_session_closed);
+	tcase_add_test(tc, test_auth_check_timeout_and_shutdown);
 	suite_add_tcase(s, tc);
 	return s;
 }
