@@ -2,11 +2,13 @@
 """Issue 10: the prototype's USE_INSECURE_AUTH and `tls: may`, From rewriting,
 clients by network, allowed senders, hashed passwords and secret files."""
 
+import base64
 import json
 import os
 import pty
 import select
 import smtplib
+import socket
 import subprocess
 import unittest
 import warnings
@@ -555,6 +557,49 @@ class SecretsTest(PolicyTestCase):
         self.assertEqual(res.returncode, 1, res.stderr)
         self.assertEqual(res.stderr, "%s:7: users[0].downstreams[0].pass_file: cannot read "
                          "%s/folder.pass: Is a directory\n" % (path, self.tmpdir))
+
+
+# sha512crypt with a million rounds: about half a second of CPU per check
+# here (a yescrypt with raised cost does the same), so a check in progress
+# is easy to be inside of.
+SLOW_ROUNDS = 1000000
+
+
+class SlowHashTest(PolicyTestCase):
+    """A password hash is checked off the worker's event loop: while one
+    client's check runs, the worker's other sessions go on."""
+
+    def test_slow_check_holds_up_only_its_own_session(self):
+        slow_user = "slow@example.com"
+        slow_hash = crypt.crypt("the-right-one", crypt.mksalt(crypt.METHOD_SHA512, rounds=SLOW_ROUNDS))
+        ds = self.recording_downstream()
+        d = self.daemon({
+            "allow_insecure_auth": True, "workers": 1,
+            "auth": {"failure_delay": 0},          # the 535 as soon as the verdict is in
+            "users": [user_entry(USER, PASSWORD, [plain_downstream(ds)]),
+                      user_entry(slow_user, slow_hash, [plain_downstream(ds)])],
+        })
+        with socket.create_connection(("127.0.0.1", d.port), timeout=60) as a:
+            replies = a.makefile("rb")
+            self.assertTrue(replies.readline().startswith(b"220 "))
+            a.sendall(b"EHLO a.test\r\n")
+            while not replies.readline().startswith(b"250 "):
+                pass
+            a.sendall(b"AUTH PLAIN %s\r\n" % base64.b64encode(b"\0%s\0wrong" % slow_user.encode()))
+            # The same worker greets, authenticates and relays for another
+            # client meanwhile; on the loop, the hash would hold all of it.
+            msg = make_message("while a hash is checked")
+            self.assertEqual(send(d.port, USER, PASSWORD, msg=msg)[0], 250)
+            self.assertArrived(ds, msg)
+            ready, _, _ = select.select([a], [], [], 0)
+            self.assertEqual(ready, [], "the slow check was answered before the other client was served")
+            self.assertEqual(replies.readline(), b"535 5.7.8 Authentication credentials invalid\r\n")
+            a.sendall(b"QUIT\r\n")
+            self.assertTrue(replies.readline().startswith(b"221 "))
+        self.assertEqual(d.stop(), 0)
+        log = d.log_text()
+        self.assertIn("auth failed user=%s" % slow_user, log)
+        self.assertIn("password hashes: computed=1 cached=0", log)
 
 
 if __name__ == "__main__":
