@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include "auth.h"
-#include "log.h"
 #include "passwd.h"
 #include "passwd_offload.h"
 
@@ -126,10 +125,11 @@ hash_thread(void *arg)
 		pthread_mutex_lock(&o->mu);
 		j->next = o->done;
 		o->done = j;
-		/* One byte per batch: the loop takes the whole list. A full pipe
-		 * already holds a wake-up. */
-		if (j->next == NULL && write(o->wake[1], "d", 1) < 0 && errno != EAGAIN)
-			log_err("password check: cannot wake the worker: %s", strerror(errno));
+		/* One byte per batch: the loop takes the whole list. A failed
+		 * write is a full pipe, which already holds a wake-up (nothing
+		 * is logged here: the threads touch nothing of the loop's). */
+		if (j->next == NULL && write(o->wake[1], "d", 1) < 0)
+			continue;
 	}
 	pthread_mutex_unlock(&o->mu);
 	return NULL;
