@@ -237,21 +237,23 @@ class Daemon:
                     text += "\n%s:\n%s" % (name, f.read())
         return text
 
-    def start(self):
+    def start(self, timeout=READY_TIMEOUT):
+        """timeout: for a configuration that is slow to check (a costly
+        password hash is computed once at load, slower still under valgrind)."""
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      **self.popen)
         wait_until(lambda: self.proc.poll() is not None or
                    (read_banner(self.port) or "").startswith("220"),
-                   what="smtpmuxd to greet on port %d" % self.port)
+                   timeout, what="smtpmuxd to greet on port %d" % self.port)
         if self.proc.poll() is not None:
             raise AssertionError("smtpmuxd exited with %s:\n%s%s" % (self.proc.returncode, self.log_text(),
                                                                       self.valgrind_reports()))
         # Until the queue runner has named itself it looks like a worker.
         if self.config.get("queue", {}).get("enabled", True) and self.config.get("users"):
             wait_until(lambda: self.proc.poll() is not None or self.runner() is not None,
-                       what="the queue runner to start")
+                       timeout, what="the queue runner to start")
         return self
 
     def log_text(self):
