@@ -5,6 +5,7 @@ drips, connection floods, password guessing, BDAT. Raw sockets on
 
 import base64
 import os
+import re
 import select
 import signal
 import socket
@@ -207,7 +208,38 @@ class TwoWorkersTestCase(HostileTestCase):
         self.assertEqual(len(pids), 2)
         for pid in pids:
             self.addCleanup(self.resume, pid)
+        # A worker still setting up has not said whether it has room: the
+        # other would take it for full and refuse instead of leaving.
+        for pid in pids:
+            wait_until(lambda: self.listening(pid, d.port), what="worker %d to listen" % pid)
         return pids
+
+    @staticmethod
+    def listening(pid, port):
+        """Whether the worker's event loop watches the listening socket of
+        127.0.0.1:port (an epoll entry for it, in /proc/PID/fdinfo)."""
+        inodes = set()
+        with open("/proc/net/tcp") as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if fields[1] == "0100007F:%04X" % port and fields[3] == "0A":
+                    inodes.add(fields[9])
+        fds = set()
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in {"socket:[%s]" % i for i in inodes}:
+                    fds.add(fd)
+            except OSError:
+                pass
+        for fd in os.listdir("/proc/%d/fdinfo" % pid):
+            try:
+                with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                    info = f.read()
+            except OSError:
+                continue
+            if any(re.search(r"(?m)^tfd:\s+%s\s" % n, info) for n in fds):
+                return True
+        return False
 
     @staticmethod
     def stopped(pid):
