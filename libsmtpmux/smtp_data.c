@@ -137,14 +137,28 @@ feed_byte(struct smtp_data_reader *r, char c, struct evbuffer *out)
 	}
 }
 
+/* Octets text_run() looks at per memchr() pass: bounded, so that input with
+ * one kind of line end but not the other costs linear time, not a scan to
+ * the end of the buffer per line. */
+#define TEXT_WINDOW 256
+
 /* Length of the run of ordinary octets at the start of p. */
 static size_t
 text_run(const char *p, size_t len)
 {
 	size_t n = 0;
 
-	while (n < len && p[n] != '\r' && p[n] != '\n')
-		n++;
+	while (n < len) {
+		size_t w = len - n < TEXT_WINDOW ? len - n : TEXT_WINDOW;
+		const char *cr = memchr(p + n, '\r', w);
+		const char *lf = memchr(p + n, '\n', cr != NULL ? (size_t)(cr - (p + n)) : w);
+
+		if (lf != NULL)
+			return (size_t)(lf - p);
+		if (cr != NULL)
+			return (size_t)(cr - p);
+		n += w;
+	}
 	return n;
 }
 
@@ -155,13 +169,27 @@ smtp_data_read(struct smtp_data_reader *r, const char *in, size_t len,
 	size_t i = 0;
 
 	while (i < len && r->state != RD_DONE) {
+		/* At a line start anything but a dot is what it is inside a
+		 * line (text_byte()): the run below takes it. */
+		if ((r->state == RD_LINE_START || r->state == RD_SOFT_START) && in[i] != '.')
+			r->state = RD_TEXT;
 		if (r->state == RD_TEXT) {
 			size_t n = text_run(in + i, len - i);
 
 			if (n > 0) {
 				count_line(r, n);
-				emit(r, in + i, n, out);
-				i += n;
+				/* A line's CRLF goes out with its text: one append
+				 * per line rather than two (emit() stores the same
+				 * octets either way). */
+				if (i + n + 1 < len && in[i + n] == '\r' && in[i + n + 1] == '\n') {
+					emit(r, in + i, n + 2, out);
+					r->line_len = 0;
+					r->state = RD_LINE_START;
+					i += n + 2;
+				} else {
+					emit(r, in + i, n, out);
+					i += n;
+				}
 				continue;
 			}
 		}
@@ -180,27 +208,37 @@ smtp_data_writer_init(struct smtp_data_writer *w)
 	w->ends_crlf = false;
 }
 
+/* True when the dot at p (inside in[0..]) begins a line. */
+static bool
+dot_at_line_start(const struct smtp_data_writer *w, const char *in, const char *p)
+{
+	return p == in ? w->at_line_start : p[-1] == '\r' || p[-1] == '\n';
+}
+
 void
 smtp_data_write(struct smtp_data_writer *w, const char *in, size_t len,
     struct evbuffer *out)
 {
-	size_t start = 0;
+	const char *end = in + len, *start = in, *p = in;
+	char last;
 
-	for (size_t i = 0; i < len; i++) {
-		char c = in[i];
-
-		if (c == '.' && w->at_line_start) {
-			evbuffer_add(out, in + start, i - start);
+	if (len == 0)
+		return;
+	/* Only dots need looking at: memchr() skips the rest of the chunk. */
+	while ((p = memchr(p, '.', (size_t)(end - p))) != NULL) {
+		if (dot_at_line_start(w, in, p)) {
+			evbuffer_add(out, start, (size_t)(p - start));
 			evbuffer_add(out, ".", 1);
-			start = i;
+			start = p;
 		}
-		w->ends_crlf = c == '\n' && w->last_cr;
-		w->last_cr = c == '\r';
-		w->at_line_start = c == '\r' || c == '\n';
+		p++;
 	}
-	evbuffer_add(out, in + start, len - start);
-	if (len > 0)
-		w->empty = false;
+	evbuffer_add(out, start, (size_t)(end - start));
+	last = end[-1];
+	w->ends_crlf = last == '\n' && (len >= 2 ? end[-2] == '\r' : w->last_cr);
+	w->last_cr = last == '\r';
+	w->at_line_start = last == '\r' || last == '\n';
+	w->empty = false;
 }
 
 void
