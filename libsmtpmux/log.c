@@ -36,6 +36,11 @@ static struct {
 	char syslog_ident[48];           /* "ident[pid]"; openlog keeps the pointer */
 	time_t stamp_sec;                /* the second stamp[] was formatted for */
 	char stamp[32];
+	/* "ident[pid]: role: ", built when the pid or the role changed; 0 in
+	 * prefix_pid: to be built. */
+	pid_t prefix_pid;
+	size_t prefix_len;
+	char prefix[96];
 } log_state = { .target = LOG_TO_STDERR, .level = LOG_LEVEL_INFO, .ident = "smtpmuxd" };
 
 /* The pid for this line; a syslog identity of another process is renewed. */
@@ -58,6 +63,7 @@ int
 log_open(const char *ident, enum log_target target, const char *file)
 {
 	snprintf(log_state.ident, sizeof(log_state.ident), "%s", ident);
+	log_state.prefix_pid = 0;
 	log_state.target = target;
 	log_state.ident_pid = 0;
 	if (target == LOG_TO_SYSLOG)
@@ -150,6 +156,7 @@ void
 log_set_role(const char *role)
 {
 	snprintf(log_state.role, sizeof(log_state.role), "%s", role);
+	log_state.prefix_pid = 0;
 }
 
 void
@@ -164,21 +171,74 @@ log_close(void)
 	log_state.file = NULL;
 }
 
+/* The line's prefix after the time stamp; formatted again only after a
+ * fork or a change of identity or role. */
+static const char *
+log_prefix(size_t *len)
+{
+	pid_t pid = log_pid();
+
+	if (pid != log_state.prefix_pid) {
+		int n = snprintf(log_state.prefix, sizeof(log_state.prefix), "%s[%ld]: %s%s",
+		    log_state.ident, (long)pid, log_state.role, log_state.role[0] ? ": " : "");
+
+		log_state.prefix_len = n < 0 ? 0 : (size_t)n < sizeof(log_state.prefix) ?
+		    (size_t)n : sizeof(log_state.prefix) - 1;
+		log_state.prefix_pid = pid;
+	}
+	*len = log_state.prefix_len;
+	return log_state.prefix;
+}
+
+/* "YYYY-mm-ddTHH:MM:SS.mmm " into p (LOG_STAMP_LEN octets, no NUL). */
+#define LOG_STAMP_LEN 24
+
+static void
+log_stamp(char *p)
+{
+	struct timespec ts;
+	struct tm tm;
+	long ms;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	/* A busy worker logs many lines a second: one strftime per second. */
+	if (ts.tv_sec != log_state.stamp_sec || log_state.stamp[0] == '\0') {
+		localtime_r(&ts.tv_sec, &tm);
+		if (strftime(log_state.stamp, sizeof(log_state.stamp), "%Y-%m-%dT%H:%M:%S",
+		    &tm) != LOG_STAMP_LEN - 5)
+			snprintf(log_state.stamp, sizeof(log_state.stamp), "%019lld",
+			    (long long)ts.tv_sec);
+		log_state.stamp_sec = ts.tv_sec;
+	}
+	ms = ts.tv_nsec / 1000000L;
+	memcpy(p, log_state.stamp, LOG_STAMP_LEN - 5);
+	p[LOG_STAMP_LEN - 5] = '.';
+	p[LOG_STAMP_LEN - 4] = (char)('0' + ms / 100);
+	p[LOG_STAMP_LEN - 3] = (char)('0' + ms / 10 % 10);
+	p[LOG_STAMP_LEN - 2] = (char)('0' + ms % 10);
+	p[LOG_STAMP_LEN - 1] = ' ';
+}
+
+/* The text of a line: what the caller formatted, cut as before at 2047. */
+#define LOG_MSG_MAX 2048
+
 static void __attribute__((format(printf, 2, 0)))
 log_vwrite(enum log_level level, const char *fmt, va_list ap)
 {
 	static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
 	static const char *const tag[] = { "error: ", "warning: ", "", "debug: " };
-	char msg[2048];
-	struct timespec ts;
-	struct tm tm;
+	char line[LOG_STAMP_LEN + sizeof(log_state.prefix) + 16 + LOG_MSG_MAX];
+	const char *prefix;
+	size_t len, n;
 	FILE *out;
-	int saved = errno;
+	int saved = errno, m;
 
 	if (level > log_state.level)
 		return;
-	vsnprintf(msg, sizeof(msg), fmt, ap);
 	if (log_state.target == LOG_TO_SYSLOG) {
+		char msg[LOG_MSG_MAX];
+
+		vsnprintf(msg, sizeof(msg), fmt, ap);
 		log_pid();                   /* after a fork: the child's identity */
 		syslog(prio[level], "%s%s%s%s", log_state.role,
 		    log_state.role[0] ? ": " : "", tag[level], msg);
@@ -186,16 +246,21 @@ log_vwrite(enum log_level level, const char *fmt, va_list ap)
 		return;
 	}
 	out = log_state.target == LOG_TO_FILE && log_state.fp ? log_state.fp : stderr;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	/* A busy worker logs many lines a second: one strftime per second. */
-	if (ts.tv_sec != log_state.stamp_sec || log_state.stamp[0] == '\0') {
-		localtime_r(&ts.tv_sec, &tm);
-		strftime(log_state.stamp, sizeof(log_state.stamp), "%Y-%m-%dT%H:%M:%S", &tm);
-		log_state.stamp_sec = ts.tv_sec;
-	}
-	fprintf(out, "%s.%03ld %s[%ld]: %s%s%s%s\n", log_state.stamp, ts.tv_nsec / 1000000L,
-	    log_state.ident, (long)log_pid(), log_state.role,
-	    log_state.role[0] ? ": " : "", tag[level], msg);
+	/* The line is put together in one buffer and handed over in one call:
+	 * the caller's format is the only one parsed. */
+	log_stamp(line);
+	len = LOG_STAMP_LEN;
+	prefix = log_prefix(&n);
+	memcpy(line + len, prefix, n);
+	len += n;
+	n = strlen(tag[level]);
+	memcpy(line + len, tag[level], n);
+	len += n;
+	m = vsnprintf(line + len, LOG_MSG_MAX, fmt, ap);
+	if (m > 0)
+		len += (size_t)m < LOG_MSG_MAX ? (size_t)m : LOG_MSG_MAX - 1;
+	line[len++] = '\n';
+	fwrite(line, 1, len, out);
 	errno = saved;
 }
 
