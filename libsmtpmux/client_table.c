@@ -6,6 +6,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <netinet/in.h>
+
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
@@ -47,6 +49,16 @@ struct client_entry {
 	_Atomic uint32_t sessions[];     /* one count per worker slot */
 };
 
+/* A few addresses' keys, remembered per process: an HMAC costs more than
+ * the rest of a session's bookkeeping, and the same clients come back
+ * session after session. Only a memo: a miss computes the key again. */
+#define CT_MEMO 32
+
+struct key_memo {
+	uint64_t key;                    /* 0: empty */
+	char addr[INET6_ADDRSTRLEN];
+};
+
 struct client_table {
 	unsigned entries;
 	unsigned slots;
@@ -54,6 +66,7 @@ struct client_table {
 	size_t size;                     /* of the shared mapping */
 	unsigned char seed[CT_SEED_LEN]; /* so that nobody can aim at a probe sequence */
 	unsigned char *map;              /* the entries, shared */
+	struct key_memo memo[CT_MEMO];   /* this process's own */
 };
 
 static size_t
@@ -115,17 +128,36 @@ client_table_now(void)
 	return (int64_t)ts.tv_sec;
 }
 
-static uint64_t
-key_of(const struct client_table *t, const char *addr)
+/* FNV-1a: picks the memo slot only; the key itself is the keyed hash. */
+static unsigned
+memo_slot(const char *addr, size_t len)
 {
+	uint32_t h = 2166136261u;
+
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ (unsigned char)addr[i]) * 16777619u;
+	return h % CT_MEMO;
+}
+
+static uint64_t
+key_of(struct client_table *t, const char *addr)
+{
+	size_t len = strlen(addr);
+	struct key_memo *m = &t->memo[memo_slot(addr, len)];
 	unsigned char mac[32];
 	uint64_t key = 0;
 
-	if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, t->seed, sizeof(t->seed), addr, strlen(addr),
-	    mac) < 0)
+	if (m->key != 0 && strcmp(m->addr, addr) == 0)
+		return m->key;
+	if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, t->seed, sizeof(t->seed), addr, len, mac) < 0)
 		return 0;
 	memcpy(&key, mac, sizeof(key));
-	return key != 0 ? key : 1;
+	key = key != 0 ? key : 1;
+	if (len < sizeof(m->addr)) {
+		memcpy(m->addr, addr, len + 1);
+		m->key = key;
+	}
+	return key;
 }
 
 static unsigned
