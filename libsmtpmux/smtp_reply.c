@@ -196,8 +196,12 @@ smtp_reply_parse(const char *buf, size_t len, bool ehlo, struct smtp_reply *r)
 		tlen = n > 3 ? n - 4 : 0;
 		/* The enhanced code repeats on every line: keep it once. */
 		skip = enhanced_len(text, tlen, r->code);
-		if (first && skip > 0)
-			snprintf(r->enhanced, sizeof(r->enhanced), "%.*s", (int)skip, text);
+		if (first && skip > 0) {
+			size_t k = skip < sizeof(r->enhanced) ? skip : sizeof(r->enhanced) - 1;
+
+			memcpy(r->enhanced, text, k);
+			r->enhanced[k] = '\0';
+		}
 		if (skip > 0) {
 			if (skip < tlen)
 				skip++;         /* and the space after it */

@@ -155,6 +155,16 @@ hostname(const struct smtp_session *s)
 	return s->cfg->hostname != NULL ? s->cfg->hostname : "localhost";
 }
 
+/* src into dst, cut to fit (snprintf's "%s" without parsing a format). */
+static void
+copy_str(char *dst, size_t size, const char *src)
+{
+	size_t n = strnlen(src, size - 1);
+
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 static const char *
 clean(char *dst, size_t dstlen, const char *src)
 {
@@ -242,16 +252,70 @@ count_outcome(struct smtp_session *s, int code)
 	s->verb_pending = false;
 }
 
+/* The longest enhanced status code ("5.7.11" and the like are far shorter). */
+#define REPLY_ENHANCED_MAX 16
+
+/* Appends src, cut to what is left of cap, to line at *len. */
+static void
+line_put(char *line, size_t *len, size_t cap, const char *src, size_t n)
+{
+	if (*len >= cap)
+		return;
+	if (n > cap - *len)
+		n = cap - *len;
+	memcpy(line + *len, src, n);
+	*len += n;
+}
+
+/* "CODE " or "CODE ENHANCED " at the start of line; its length. */
+static size_t
+reply_head(char *line, int code, const char *enhanced)
+{
+	size_t len;
+
+	if (code >= 100 && code <= 999) {
+		line[0] = (char)('0' + code / 100);
+		line[1] = (char)('0' + code / 10 % 10);
+		line[2] = (char)('0' + code % 10);
+		line[3] = ' ';
+		len = 4;
+	} else
+		len = (size_t)snprintf(line, 16, "%d ", code % 100000);
+	if (enhanced != NULL) {
+		line_put(line, &len, len + REPLY_ENHANCED_MAX,
+		    enhanced, strnlen(enhanced, REPLY_ENHANCED_MAX));
+		line[len++] = ' ';
+	}
+	return len;
+}
+
+/*
+ * One reply line, put together in one buffer and appended at once: most
+ * replies are fixed text or one "%s", which need no printf (replies are
+ * the bulk of what a session formats).
+ */
 static void
 vreply(struct smtp_session *s, int code, const char *enhanced, const char *fmt, va_list ap)
 {
-	char text[SMTP_REPLY_TEXT_MAX];
+	char line[16 + REPLY_ENHANCED_MAX + SMTP_REPLY_TEXT_MAX + 2];
+	size_t len = reply_head(line, code, enhanced);
+	const size_t text_cap = len + SMTP_REPLY_TEXT_MAX - 1;
 
-	vsnprintf(text, sizeof(text), fmt, ap);
-	if (enhanced != NULL)
-		evbuffer_add_printf(s->out, "%d %s %s\r\n", code, enhanced, text);
-	else
-		evbuffer_add_printf(s->out, "%d %s\r\n", code, text);
+	if (strchr(fmt, '%') == NULL)
+		line_put(line, &len, text_cap, fmt, strlen(fmt));
+	else if (strcmp(fmt, "%s") == 0) {
+		const char *arg = va_arg(ap, const char *);
+
+		line_put(line, &len, text_cap, arg, strlen(arg));
+	} else {
+		int n = vsnprintf(line + len, SMTP_REPLY_TEXT_MAX, fmt, ap);
+
+		if (n > 0)
+			len += (size_t)n < SMTP_REPLY_TEXT_MAX ? (size_t)n : SMTP_REPLY_TEXT_MAX - 1;
+	}
+	line[len++] = '\r';
+	line[len++] = '\n';
+	evbuffer_add(s->out, line, len);
 	s->need_flush = true;
 	count_outcome(s, code);
 }
@@ -364,7 +428,7 @@ remember_helo(struct smtp_session *s, const struct smtp_cmd *cmd, enum helo_kind
 	/* RFC 5321 4.1.4: HELO/EHLO resets a transaction like RSET. */
 	txn_reset(s);
 	s->helo = kind;
-	snprintf(s->helo_name, sizeof(s->helo_name), "%s", cmd->domain);
+	copy_str(s->helo_name, sizeof(s->helo_name), cmd->domain);
 }
 
 static void
@@ -380,9 +444,12 @@ cmd_ehlo(struct smtp_session *s, const struct smtp_cmd *cmd)
 	const char *ext[8];
 	size_t n = 0;
 	char size[32];
+	char lines[SMTP_REPLY_TEXT_MAX + 256];
+	size_t len = 0;
 
 	remember_helo(s, cmd, HELO_EHLO);
 	snprintf(size, sizeof(size), "SIZE %" PRIu64, s->cfg->limits.max_message_size);
+	ext[n++] = hostname(s);
 	ext[n++] = "PIPELINING";
 	ext[n++] = size;
 	ext[n++] = "8BITMIME";
@@ -391,10 +458,16 @@ cmd_ehlo(struct smtp_session *s, const struct smtp_cmd *cmd)
 		ext[n++] = "STARTTLS";
 	if (auth_offered(s))
 		ext[n++] = "AUTH PLAIN LOGIN";
-	/* RFC 2034: no enhanced codes in the EHLO reply. */
-	evbuffer_add_printf(s->out, "250-%s\r\n", hostname(s));
-	for (size_t i = 0; i + 1 < n; i++)
-		evbuffer_add_printf(s->out, "250-%s\r\n", ext[i]);
+	/* RFC 2034: no enhanced codes in the EHLO reply. All lines but the
+	 * last in one append; the last is the reply proper. */
+	for (size_t i = 0; i + 1 < n; i++) {
+		line_put(lines, &len, sizeof(lines) - 2, "250-", 4);
+		line_put(lines, &len, sizeof(lines) - 2, ext[i],
+		    strnlen(ext[i], SMTP_REPLY_TEXT_MAX - 1));
+		lines[len++] = '\r';
+		lines[len++] = '\n';
+	}
+	evbuffer_add(s->out, lines, len);
 	reply(s, 250, NULL, "%s", ext[n - 1]);
 }
 
@@ -1463,8 +1536,8 @@ smtp_session_new(const struct smtp_session_params *p, struct evbuffer *in,
 	s->io = io;
 	s->ctx = ctx;
 	s->tls_active = p->tls_active;
-	snprintf(s->client, sizeof(s->client), "%s", p->client_addr != NULL ? p->client_addr : "");
-	snprintf(s->tls_desc, sizeof(s->tls_desc), "%s",
+	copy_str(s->client, sizeof(s->client), p->client_addr != NULL ? p->client_addr : "");
+	copy_str(s->tls_desc, sizeof(s->tls_desc),
 	    p->tls_active && p->tls_desc != NULL ? p->tls_desc : "");
 	set_id(s->rt, s->id);
 	s->net_client = config_find_client(s->cfg, s->client);
@@ -1505,7 +1578,7 @@ smtp_session_tls_ready(struct smtp_session *s, const char *tls_desc)
 	if (s->state != SESS_TLS_WAIT)
 		return;
 	s->tls_active = true;
-	snprintf(s->tls_desc, sizeof(s->tls_desc), "%s", tls_desc != NULL ? tls_desc : "");
+	copy_str(s->tls_desc, sizeof(s->tls_desc), tls_desc != NULL ? tls_desc : "");
 	log_info("%s: starttls client=[%s] %s", s->id, s->client, s->tls_desc);
 	/* RFC 3207 4.2: forget everything learnt before TLS. */
 	txn_reset(s);
