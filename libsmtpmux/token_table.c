@@ -2,20 +2,25 @@
 /*
  * The token table (see token_table.h).
  *
- *   status file state_file.oauth (0640)      tokens (anonymous, shared)
- *   offset  size                             64 x secret record:
- *   0       64     header: magic               seq, len, use_until_ms, gen,
- *                  "SMTPMUXO", layout,         source_id, reject_gen,
- *                  sizes, slots in use,        token[TOKEN_MAX] as words
- *                  bind generation
- *   64      64 x 448  status records:
- *                  key[160] (master, before the slot is published),
- *                  generation of the last bind that used it, seq,
- *                  struct token_status as words (the helper)
+ *   status segment (sealed memfd)            tokens (anonymous, shared)
+ *   keys part (master writes):               64 x secret record:
+ *     header: magic "SMTPMUXO", layout,        seq, len, use_until_ms, gen,
+ *     sizes, slots in use, bind generation     source_id, reject_gen,
+ *     64 x key[160] + generation of the        token[TOKEN_MAX] as words
+ *     last bind that used it
+ *   records part (token helper writes),
+ *   from the next page boundary:
+ *     64 x seq + struct token_status as words
+ *
+ * The master maps the whole segment writable once, before sealing it
+ * against any new writable mapping; every child unmaps the keys part of
+ * that view, and every child but the token helper the records part too
+ * (token_table_after_fork), so that a worker, the prober or the queue
+ * runner can only read the status, through a mapping made from a read-only
+ * descriptor that no mprotect() makes writable.
  *
  * Only the token helper writes a slot's token and status, and the master
  * never runs two helpers at once, so each sequence lock has one writer.
- * The master writes keys and bind generations only.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -25,20 +30,20 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "auth.h"
+#include "sealed_memfd.h"
 #include "shared_anon.h"
 #include "token_table.h"
 
 #define STATUS_MAGIC 0x4f584d55504d5453ULL   /* "SMTPMUXO" little-endian */
-#define STATUS_LAYOUT_VERSION 1
+#define STATUS_LAYOUT_VERSION 2
 #define KEY_MAX 160
 #define STATUS_WORDS ((sizeof(struct token_status) + 7) / 8)
 #define TOKEN_WORDS (TOKEN_MAX / 8)
 #define READ_TRIES 16                        /* then the reader gives up for now */
+#define SEALS_STATUS (SEALS_FIXED_SIZE | F_SEAL_FUTURE_WRITE)
 
 _Static_assert(TOKEN_MAX % 8 == 0, "tokens are stored as whole words");
 
@@ -46,21 +51,32 @@ struct status_hdr {
 	alignas(64) uint64_t magic;
 	uint32_t layout_version;
 	uint32_t hdr_size;
+	uint32_t key_size;
 	uint32_t rec_size;
 	uint32_t max_slots;
+	uint32_t recs_offset;                /* where the records part starts */
 	_Atomic uint32_t n_slots;
 	_Atomic uint32_t generation;
 };
 
-struct status_rec {
+struct key_rec {
 	alignas(64) char key[KEY_MAX];
 	_Atomic uint32_t generation;
-	_Atomic uint32_t seq;
+};
+
+struct status_rec {
+	alignas(64) _Atomic uint32_t seq;
 	_Atomic uint64_t body[STATUS_WORDS];
 };
 
-struct status_file {
+/* What only the master writes. */
+struct status_keys {
 	struct status_hdr hdr;
+	struct key_rec key[TOKEN_TABLE_SLOTS];
+};
+
+/* What only the token helper writes. */
+struct status_recs {
 	struct status_rec rec[TOKEN_TABLE_SLOTS];
 };
 
@@ -79,13 +95,18 @@ struct secrets {
 };
 
 _Static_assert(sizeof(struct status_hdr) == 64, "header is one cache line");
-_Static_assert(sizeof(struct status_rec) == 448, "status record: 7 cache lines");
+_Static_assert(sizeof(struct key_rec) == 192, "key record: 3 cache lines");
+_Static_assert(sizeof(struct status_rec) == 320, "status record: 5 cache lines");
 
 struct token_table {
-	char *status_path;                   /* the daemon's only */
-	struct status_file *status;
+	const struct status_keys *keys;      /* read-only views of the segment */
+	const struct status_recs *recs;
+	void *ro;                            /* ... as mapped */
+	struct status_keys *keys_rw;         /* the master's only */
+	struct status_recs *recs_rw;         /* the master's and the token helper's */
+	void *rw;                            /* the writable view as mapped */
+	int fd;                              /* read-only, for status readers (master); -1 */
 	struct secrets *secrets;             /* NULL for a status reader */
-	bool writable;
 	int wake[2];
 };
 
@@ -168,107 +189,109 @@ token_table_needed(const struct config *cfg)
 	return false;
 }
 
-static void
-status_init(struct status_file *f)
+/* The records part starts on a page of its own, so that the token
+ * helper's writable view of it can exclude the keys. */
+static size_t
+recs_offset(void)
 {
-	memset(f, 0, sizeof(*f));
-	f->hdr.layout_version = STATUS_LAYOUT_VERSION;
-	f->hdr.hdr_size = sizeof(struct status_hdr);
-	f->hdr.rec_size = sizeof(struct status_rec);
-	f->hdr.max_slots = TOKEN_TABLE_SLOTS;
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+	return (sizeof(struct status_keys) + page - 1) / page * page;
+}
+
+static size_t
+segment_size(void)
+{
+	return recs_offset() + sizeof(struct status_recs);
+}
+
+static void
+status_init(struct status_keys *k)
+{
+	k->hdr.layout_version = STATUS_LAYOUT_VERSION;
+	k->hdr.hdr_size = sizeof(struct status_hdr);
+	k->hdr.key_size = sizeof(struct key_rec);
+	k->hdr.rec_size = sizeof(struct status_rec);
+	k->hdr.max_slots = TOKEN_TABLE_SLOTS;
+	k->hdr.recs_offset = (uint32_t)recs_offset();
 	atomic_thread_fence(memory_order_seq_cst);
-	f->hdr.magic = STATUS_MAGIC;
+	k->hdr.magic = STATUS_MAGIC;
 }
 
 static bool
-status_valid(const struct status_file *f)
+status_valid(const struct status_keys *k)
 {
-	return f->hdr.magic == STATUS_MAGIC && f->hdr.layout_version == STATUS_LAYOUT_VERSION &&
-	    f->hdr.hdr_size == sizeof(struct status_hdr) &&
-	    f->hdr.rec_size == sizeof(struct status_rec) &&
-	    f->hdr.max_slots == TOKEN_TABLE_SLOTS &&
-	    atomic_load(&f->hdr.n_slots) <= TOKEN_TABLE_SLOTS;
-}
-
-static void
-status_path(const char *state_file, char *path, size_t len)
-{
-	snprintf(path, len, "%s.oauth", state_file);
-}
-
-/*
- * Tokens do not survive the daemon, so their status starts afresh too: a
- * new file of our own (a name nobody can guess, renamed over the old one),
- * never one that someone else put there.
- */
-static struct status_file *
-status_create(const char *path)
-{
-	struct status_file *f = MAP_FAILED;
-	char tmp[4096];
-	int fd, saved;
-
-	if (snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path) >= (int)sizeof(tmp)) {
-		errno = ENAMETOOLONG;
-		return NULL;
-	}
-	if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0)
-		return NULL;
-	if (fchmod(fd, 0640) == 0 && ftruncate(fd, sizeof(*f)) == 0)
-		f = mmap(NULL, sizeof(*f), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	saved = errno;
-	close(fd);
-	if (f != MAP_FAILED && rename(tmp, path) == 0) {
-		status_init(f);
-		return f;
-	}
-	saved = f != MAP_FAILED ? errno : saved;
-	if (f != MAP_FAILED)
-		munmap(f, sizeof(*f));
-	unlink(tmp);
-	errno = saved;
-	return NULL;
+	return k->hdr.magic == STATUS_MAGIC && k->hdr.layout_version == STATUS_LAYOUT_VERSION &&
+	    k->hdr.hdr_size == sizeof(struct status_hdr) &&
+	    k->hdr.key_size == sizeof(struct key_rec) &&
+	    k->hdr.rec_size == sizeof(struct status_rec) &&
+	    k->hdr.max_slots == TOKEN_TABLE_SLOTS &&
+	    k->hdr.recs_offset == recs_offset() &&
+	    atomic_load(&k->hdr.n_slots) <= TOKEN_TABLE_SLOTS;
 }
 
 static struct token_table *
-table_create(const char *state_file, char *err, size_t errlen)
+table_alloc(void)
 {
 	struct token_table *tt = calloc(1, sizeof(*tt));
-	char path[4096];
 
-	status_path(state_file, path, sizeof(path));
+	if (tt != NULL)
+		tt->fd = tt->wake[0] = tt->wake[1] = -1;
+	return tt;
+}
+
+/* Both views of a segment mapped at base. */
+static void
+views_set(struct token_table *tt, void *ro, void *rw)
+{
+	tt->ro = ro;
+	tt->keys = ro;
+	tt->recs = ro != NULL ? (const void *)((const char *)ro + recs_offset()) : NULL;
+	tt->rw = rw;
+	tt->keys_rw = rw;
+	tt->recs_rw = rw != NULL ? (void *)((char *)rw + recs_offset()) : NULL;
+}
+
+/*
+ * Tokens do not survive the daemon, so their status starts afresh too, in
+ * a sealed memfd: no path that anyone could truncate (killing whoever maps
+ * it with SIGBUS), replace or read behind the daemon's back.
+ */
+static struct token_table *
+table_create(char *err, size_t errlen)
+{
+	struct token_table *tt = table_alloc();
+	void *rw = NULL, *ro = NULL;
+
 	if (tt == NULL) {
 		snprintf(err, errlen, "token table: out of memory");
 		return NULL;
 	}
-	tt->wake[0] = tt->wake[1] = -1;
-	tt->writable = true;
-	if ((tt->status_path = strdup(path)) == NULL || (tt->status = status_create(path)) == NULL) {
-		snprintf(err, errlen, "cannot create %s: %s", path, strerror(errno));
-		token_table_destroy(tt);
-		return NULL;
-	}
-	if ((tt->secrets = shared_anon_map(sizeof(struct secrets))) == NULL ||
+	if ((tt->fd = sealed_memfd_make("smtpmux-oauth", segment_size(), SEALS_STATUS, &rw,
+	    &ro)) < 0 || (tt->secrets = shared_anon_map(sizeof(struct secrets))) == NULL ||
 	    pipe2(tt->wake, O_NONBLOCK | O_CLOEXEC) < 0) {
 		snprintf(err, errlen, "token table: %s", strerror(errno));
+		views_set(tt, ro, rw);
 		token_table_destroy(tt);
 		return NULL;
 	}
+	views_set(tt, ro, rw);
+	status_init(tt->keys_rw);
 	return tt;
 }
 
 static int
-slot_find_or_add(struct status_file *f, const char *key)
+slot_find_or_add(struct status_keys *k, const char *key)
 {
-	uint32_t n = atomic_load_explicit(&f->hdr.n_slots, memory_order_acquire);
+	uint32_t n = atomic_load_explicit(&k->hdr.n_slots, memory_order_acquire);
 
 	for (uint32_t i = 0; i < n; i++)
-		if (strcmp(f->rec[i].key, key) == 0)
+		if (strcmp(k->key[i].key, key) == 0)
 			return (int)i;
 	if (n == TOKEN_TABLE_SLOTS)
 		return -1;
-	snprintf(f->rec[n].key, sizeof(f->rec[n].key), "%s", key);
-	atomic_store_explicit(&f->hdr.n_slots, n + 1, memory_order_release);
+	snprintf(k->key[n].key, sizeof(k->key[n].key), "%s", key);
+	atomic_store_explicit(&k->hdr.n_slots, n + 1, memory_order_release);
 	return (int)n;
 }
 
@@ -284,12 +307,12 @@ bind_downstream(struct token_table *tt, struct downstream_cfg *ds, uint32_t gen,
 		    ds->name, KEY_MAX - 2);
 		return -1;
 	}
-	if ((slot = slot_find_or_add(tt->status, key)) < 0) {
+	if ((slot = slot_find_or_add(tt->keys_rw, key)) < 0) {
 		snprintf(err, errlen, "more than %d downstream accounts with OAuth tokens",
 		    TOKEN_TABLE_SLOTS);
 		return -1;
 	}
-	atomic_store(&tt->status->rec[slot].generation, gen);
+	atomic_store(&tt->keys_rw->key[slot].generation, gen);
 	ds->token_slot = slot;
 	return 0;
 }
@@ -297,18 +320,13 @@ bind_downstream(struct token_table *tt, struct downstream_cfg *ds, uint32_t gen,
 int
 token_table_bind(struct token_table **ttp, struct config *cfg, char *err, size_t errlen)
 {
-	char path[4096];
 	uint32_t gen;
 
-	if (*ttp == NULL && !token_table_needed(cfg)) {
-		/* One left by an earlier run would show its tokens as current. */
-		status_path(cfg->state_file, path, sizeof(path));
-		unlink(path);
+	if (*ttp == NULL && !token_table_needed(cfg))
 		return 0;
-	}
-	if (*ttp == NULL && (*ttp = table_create(cfg->state_file, err, errlen)) == NULL)
+	if (*ttp == NULL && (*ttp = table_create(err, errlen)) == NULL)
 		return -1;
-	gen = atomic_fetch_add(&(*ttp)->status->hdr.generation, 1) + 1;
+	gen = atomic_fetch_add(&(*ttp)->keys_rw->hdr.generation, 1) + 1;
 	for (size_t i = 0; i < cfg->n_users; i++) {
 		for (size_t j = 0; j < cfg->users[i].n_downstreams; j++) {
 			struct downstream_cfg *ds = &cfg->users[i].downstreams[j];
@@ -321,11 +339,44 @@ token_table_bind(struct token_table **ttp, struct config *cfg, char *err, size_t
 }
 
 int
-token_table_share_status(const struct token_table *tt, gid_t group)
+token_table_fd(const struct token_table *tt)
 {
-	if (tt == NULL || tt->status_path == NULL)
-		return 0;
-	return chown(tt->status_path, (uid_t)-1, group);
+	return tt != NULL ? tt->fd : -1;
+}
+
+/* The master's writable view of [from, to) of the segment goes away. */
+static void
+rw_drop(struct token_table *tt, size_t from, size_t to)
+{
+	if (tt->rw != NULL && to > from)
+		munmap((char *)tt->rw + from, to - from);
+}
+
+void
+token_table_after_fork(struct token_table *tt, bool status_writer)
+{
+	if (tt == NULL)
+		return;
+	if (tt->fd >= 0)
+		close(tt->fd);
+	tt->fd = -1;
+	rw_drop(tt, 0, status_writer ? recs_offset() : segment_size());
+	tt->keys_rw = NULL;
+	if (!status_writer) {
+		tt->recs_rw = NULL;
+		tt->rw = NULL;
+	}
+}
+
+static void
+views_unmap(struct token_table *tt)
+{
+	if (tt->keys_rw != NULL)
+		rw_drop(tt, 0, segment_size());
+	else if (tt->recs_rw != NULL)
+		rw_drop(tt, recs_offset(), segment_size());
+	if (tt->ro != NULL)
+		munmap(tt->ro, segment_size());
 }
 
 void
@@ -333,13 +384,13 @@ token_table_destroy(struct token_table *tt)
 {
 	if (tt == NULL)
 		return;
-	if (tt->status != NULL)
-		munmap(tt->status, sizeof(*tt->status));
+	views_unmap(tt);
+	if (tt->fd >= 0)
+		close(tt->fd);
 	shared_anon_unmap(tt->secrets, sizeof(*tt->secrets));
 	for (int i = 0; i < 2; i++)
 		if (tt->wake[i] >= 0)
 			close(tt->wake[i]);
-	free(tt->status_path);
 	free(tt);
 }
 
@@ -517,9 +568,9 @@ token_table_status_put(struct token_table *tt, int slot, const struct token_stat
 	struct status_rec *r;
 	uint32_t w;
 
-	if (tt == NULL || !tt->writable || slot < 0 || slot >= TOKEN_TABLE_SLOTS)
+	if (tt == NULL || tt->recs_rw == NULL || slot < 0 || slot >= TOKEN_TABLE_SLOTS)
 		return;
-	r = &tt->status->rec[slot];
+	r = &tt->recs_rw->rec[slot];
 	w = seq_write_begin(&r->seq);
 	words_store(r->body, st, sizeof(*st));
 	seq_write_end(&r->seq, w);
@@ -531,9 +582,9 @@ token_table_status_get(const struct token_table *tt, int slot, struct token_stat
 	const struct status_rec *r;
 
 	memset(out, 0, sizeof(*out));
-	if (tt == NULL || slot < 0 || (uint32_t)slot >= atomic_load(&tt->status->hdr.n_slots))
+	if (tt == NULL || slot < 0 || (size_t)slot >= token_table_count(tt))
 		return -1;
-	r = &tt->status->rec[slot];
+	r = &tt->recs->rec[slot];
 	for (int tries = 0; tries < READ_TRIES; tries++) {
 		uint32_t s = seq_read_begin(&r->seq);
 
@@ -549,54 +600,41 @@ token_table_status_get(const struct token_table *tt, int slot, struct token_stat
 }
 
 struct token_table *
-token_table_open_status(const char *state_file)
+token_table_attach(int fd)
 {
-	struct token_table *tt;
-	char path[4096];
-	void *p;
-	int fd, saved;
+	struct token_table *tt = table_alloc();
+	void *ro = NULL;
 
-	status_path(state_file, path, sizeof(path));
-	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
-		return NULL;
-	if (lseek(fd, 0, SEEK_END) != (off_t)sizeof(struct status_file)) {
-		close(fd);
+	if (tt == NULL || (ro = sealed_memfd_map_foreign(fd, segment_size())) == NULL)
+		goto fail;
+	views_set(tt, ro, NULL);
+	if (!status_valid(tt->keys)) {
 		errno = EPROTO;
-		return NULL;
+		goto fail;
 	}
-	p = mmap(NULL, sizeof(struct status_file), PROT_READ, MAP_SHARED, fd, 0);
-	saved = errno;
 	close(fd);
-	if (p == MAP_FAILED || (tt = calloc(1, sizeof(*tt))) == NULL) {
-		if (p != MAP_FAILED)
-			munmap(p, sizeof(struct status_file));
-		errno = p == MAP_FAILED ? saved : ENOMEM;
-		return NULL;
-	}
-	tt->status = p;
-	tt->wake[0] = tt->wake[1] = -1;
-	if (!status_valid(tt->status)) {
-		token_table_destroy(tt);
-		errno = EPROTO;
-		return NULL;
-	}
 	return tt;
+fail:
+	unmap_keep_errno(ro, segment_size());
+	free(tt);
+	close_keep_errno(fd);
+	return NULL;
 }
 
 size_t
 token_table_count(const struct token_table *tt)
 {
-	return tt != NULL ? atomic_load_explicit(&tt->status->hdr.n_slots, memory_order_acquire) : 0;
+	return tt != NULL ? atomic_load_explicit(&tt->keys->hdr.n_slots, memory_order_acquire) : 0;
 }
 
 int
 token_table_slot_key(const struct token_table *tt, size_t index, char *key, size_t keylen)
 {
-	const struct status_rec *r;
+	const struct key_rec *r;
 
 	if (index >= token_table_count(tt))
 		return -1;
-	r = &tt->status->rec[index];
+	r = &tt->keys->key[index];
 	snprintf(key, keylen, "%.*s", KEY_MAX - 1, r->key);
-	return atomic_load(&r->generation) == atomic_load(&tt->status->hdr.generation) ? 0 : 1;
+	return atomic_load(&r->generation) == atomic_load(&tt->keys->hdr.generation) ? 0 : 1;
 }

@@ -5,7 +5,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/types.h>
 
 #include "config.h"
 #include "token_response.h"
@@ -19,8 +18,11 @@
  *  - the tokens: MAP_SHARED | MAP_ANONYMOUS, so only the daemon's own
  *    processes ever see them (never a file, never the state file);
  *  - their status (valid until, last refresh, last error, never a token):
- *    the file state_file + ".oauth", mode 0640 (group: the workers'), read
- *    by -s status.
+ *    a sealed memfd (sealed_memfd.h: no path, cannot be truncated), whose
+ *    read-only descriptor `smtpmuxd -s status` is handed with the health
+ *    segments (smtpmuxd/instance.c). The master writes the slots' keys,
+ *    the token helper their status records; every other process has a
+ *    read-only view only (token_table_after_fork).
  * Each slot is written under a sequence lock: the writer makes the
  * sequence odd, stores, makes it even; a reader copies and retries when
  * the sequence moved, so a worker never uses a half-written token and
@@ -39,7 +41,7 @@
 
 struct token_table;
 
-/* What anyone may know about a slot (the status file). */
+/* What anyone may know about a slot (the status segment). */
 struct token_status {
 	int64_t valid_until;             /* expiry of the current token; 0: none */
 	int64_t last_refresh;            /* when it was obtained; 0: never */
@@ -72,16 +74,20 @@ bool token_table_needed(const struct config *cfg);
 
 /*
  * Binds every downstream with a token source to its slot (ds->token_slot),
- * creating the table (*tt) when a configuration first needs it; then the
- * status file is cfg->state_file + ".oauth" (one an earlier run left is
- * removed while no configuration needs it). Slots and their tokens are
- * kept across reloads. Returns 0, or -1 with a message in err.
+ * creating the table (*tt) when a configuration first needs it (before the
+ * children that use it are forked). Slots and their tokens are kept across
+ * reloads. Returns 0, or -1 with a message in err.
  */
 int token_table_bind(struct token_table **tt, struct config *cfg, char *err, size_t errlen);
 
-/* Lets the workers' group read the status file too, as it may run
- * `smtpmuxd -s status`. 0, or -1 (errno). */
-int token_table_share_status(const struct token_table *, gid_t group);
+/* The status segment's read-only descriptor for status readers (the
+ * master's; do not close it); -1 when there is none. */
+int token_table_fd(const struct token_table *);
+
+/* In every child, first thing: closes that descriptor and drops the
+ * master's writable view of the status, all of it but the records in the
+ * token helper (status_writer), which writes them. */
+void token_table_after_fork(struct token_table *, bool status_writer);
 
 void token_table_destroy(struct token_table *);
 
@@ -124,9 +130,10 @@ void token_table_status_put(struct token_table *, int slot, const struct token_s
 
 int token_table_status_get(const struct token_table *, int slot, struct token_status *out);
 
-/* `smtpmuxd -s status`: maps state_file + ".oauth" read-only. NULL (errno)
- * when there is none: no downstream of the running daemon uses OAuth. */
-struct token_table *token_table_open_status(const char *state_file);
+/* `smtpmuxd -s status`: maps what token_table_fd() gave, read-only, after
+ * checking that it is this build's layout; takes fd. NULL (errno EPROTO:
+ * not such a segment). */
+struct token_table *token_table_attach(int fd);
 
 /* Slots in use, and each one's key ("addr user"); returns 0 for a slot
  * the running configuration uses, 1 for one only an older one used, -1

@@ -20,8 +20,10 @@
 #define BACKLOG 16
 #define SERVE_BATCH 16                 /* readers answered per wakeup */
 #define FETCH_TIMEOUT_MS 5000
-#define REPLY_SEGMENTS 'S'
-#define SEGMENTS_MAX 3                 /* health control, health live, queue figures */
+#define REPLY_SEGMENTS 'S'            /* then a byte of HAS_* bits, and the descriptors */
+#define SEGMENTS_MAX 4                 /* health control, health live, [queue], [tokens] */
+#define HAS_QUEUE 0x01
+#define HAS_TOKENS 0x02
 #define REPLY_REFUSED 'P'
 
 struct instance {
@@ -168,12 +170,14 @@ reader_allowed(int fd, const struct instance_access *access)
 	    in_groups(fd, access->service_gid);
 }
 
-/* One byte, and with REPLY_SEGMENTS the n descriptors (2 or 3). */
+/* One byte, and with REPLY_SEGMENTS which optional segments follow and
+ * the n descriptors: the health segments', then those. */
 static void
-reply(int fd, char what, const int *fds, size_t n)
+reply(int fd, char what, unsigned char has, const int *fds, size_t n)
 {
 	char cbuf[CMSG_SPACE(SEGMENTS_MAX * sizeof(int))];
-	struct iovec iov = { &what, 1 };
+	char bytes[2] = { what, (char)has };
+	struct iovec iov = { bytes, fds != NULL ? 2 : 1 };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
 	struct cmsghdr *cm;
 
@@ -191,22 +195,43 @@ reply(int fd, char what, const int *fds, size_t n)
 	(void)sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-void
-instance_serve(struct instance *in, const struct health *h, int queue_fd,
-    const struct instance_access *access)
+/* The descriptors to hand over, in order, and the HAS_* bits saying which. */
+static size_t
+segments(const struct health *h, const struct instance_extras *x, int fds[SEGMENTS_MAX],
+    unsigned char *has)
 {
-	int fds[SEGMENTS_MAX] = { -1, -1, queue_fd };
+	size_t n = 2;
 
 	health_export(h, &fds[0], &fds[1]);
+	*has = 0;
+	if (x != NULL && x->queue_fd >= 0) {
+		fds[n++] = x->queue_fd;
+		*has |= HAS_QUEUE;
+	}
+	if (x != NULL && x->token_fd >= 0) {
+		fds[n++] = x->token_fd;
+		*has |= HAS_TOKENS;
+	}
+	return n;
+}
+
+void
+instance_serve(struct instance *in, const struct health *h, const struct instance_extras *x,
+    const struct instance_access *access)
+{
+	int fds[SEGMENTS_MAX];
+	unsigned char has;
+	size_t n = segments(h, x, fds, &has);
+
 	for (int i = 0; i < SERVE_BATCH; i++) {
 		int fd = accept4(in->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 
 		if (fd < 0)
 			return;
 		if (fds[0] >= 0 && fds[1] >= 0 && reader_allowed(fd, access))
-			reply(fd, REPLY_SEGMENTS, fds, queue_fd >= 0 ? 3 : 2);
+			reply(fd, REPLY_SEGMENTS, has, fds, n);
 		else
-			reply(fd, REPLY_REFUSED, NULL, 0);
+			reply(fd, REPLY_REFUSED, 0, NULL, 0);
 		close(fd);
 	}
 }
@@ -232,46 +257,60 @@ server_trusted(int fd, uid_t service_uid, struct ucred *cred)
 	return cred->uid == 0 || cred->uid == geteuid() || cred->uid == service_uid;
 }
 
-/* Waits for the reply and takes the descriptors it carries (2 or 3). */
+/* Waits for the reply (its byte and HAS_* bits) and takes the descriptors
+ * it carries, SEGMENTS_MAX at most. Returns how many, or -1. */
 static int
-fetch_reply(int fd, char *what, int fds[SEGMENTS_MAX])
+fetch_reply(int fd, unsigned char reply[2], int fds[SEGMENTS_MAX])
 {
 	char cbuf[CMSG_SPACE(SEGMENTS_MAX * sizeof(int))];
-	struct iovec iov = { what, 1 };
+	struct iovec iov = { reply, 2 };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
 		.msg_controllen = sizeof(cbuf) };
 	struct pollfd p = { fd, POLLIN, 0 };
 	struct cmsghdr *cm;
+	ssize_t len;
+	int n = 0;
 
+	reply[0] = reply[1] = 0;
 	if (poll(&p, 1, FETCH_TIMEOUT_MS) <= 0) {
 		errno = ETIMEDOUT;
 		return -1;
 	}
-	if (recvmsg(fd, &msg, MSG_CMSG_CLOEXEC) != 1)
+	if ((len = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC)) < 1) {
+		errno = len == 0 ? ECONNRESET : errno;
 		return -1;
-	for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
-		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
-		    (cm->cmsg_len == CMSG_LEN(2 * sizeof(int)) ||
-		    cm->cmsg_len == CMSG_LEN(3 * sizeof(int))))
-			memcpy(fds, CMSG_DATA(cm), cm->cmsg_len - CMSG_LEN(0));
-		else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-			/* not what we asked for: close whatever came */
-			size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-			int *got = (int *)CMSG_DATA(cm);
+	}
+	for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+		const int *got = (const int *)CMSG_DATA(cm);
+		size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 
-			for (size_t i = 0; i < n; i++)
+		if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; i < k; i++)
+			if (n < SEGMENTS_MAX)
+				fds[n++] = got[i];
+			else
 				close(got[i]);
-		}
-	return 0;
+	}
+	return n;
 }
 
-/* The descriptors of a REPLY_SEGMENTS answer, after the server was checked. */
+/* How many descriptors a REPLY_SEGMENTS answer with these bits carries. */
+static int
+segments_expected(unsigned char has)
+{
+	return 2 + !!(has & HAS_QUEUE) + !!(has & HAS_TOKENS);
+}
+
+/* The descriptors of a REPLY_SEGMENTS answer, after the server was checked;
+ * *has: which optional ones came. */
 static int
 fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[SEGMENTS_MAX],
-    char *err, size_t errlen)
+    unsigned char *has, char *err, size_t errlen)
 {
 	struct ucred cred;
-	char what = 0;
+	unsigned char reply[2];
+	int n;
 
 	if (!server_trusted(fd, service_uid, &cred)) {
 		snprintf(err, errlen, "the socket of state file %s belongs to uid %u, which is "
@@ -279,33 +318,63 @@ fetch_from(int fd, const char *state_file, uid_t service_uid, int fds[SEGMENTS_M
 		errno = EACCES;
 		return -1;
 	}
-	if (fetch_reply(fd, &what, fds) < 0) {
+	if ((n = fetch_reply(fd, reply, fds)) < 0) {
 		snprintf(err, errlen, "smtpmuxd pid %ld (state file %s) did not answer: %s",
 		    (long)cred.pid, state_file, strerror(errno));
 		return -1;
 	}
-	if (what == REPLY_SEGMENTS && fds[0] >= 0)
+	*has = reply[1];
+	if (reply[0] == REPLY_SEGMENTS && n == segments_expected(reply[1]))
 		return 0;
+	if (reply[0] == REPLY_SEGMENTS) {
+		snprintf(err, errlen, "smtpmuxd pid %ld (state file %s) handed over %d segments "
+		    "where this smtpmuxd expects %d: another version?", (long)cred.pid, state_file,
+		    n, segments_expected(reply[1]));
+		errno = EPROTO;
+		return -1;
+	}
 	snprintf(err, errlen, "smtpmuxd (state file %s) refused: run this as root or as a "
 	    "member of the workers' group", state_file);
 	errno = EACCES;
 	return -1;
 }
 
+/* Hands out what came: the optional descriptors in the order sent. */
+static void
+segments_take(const int fds[SEGMENTS_MAX], unsigned char has, int *ctl_fd, int *live_fd,
+    struct instance_extras *x)
+{
+	int n = 2, queue_fd, token_fd;
+
+	*ctl_fd = fds[0];
+	*live_fd = fds[1];
+	queue_fd = has & HAS_QUEUE ? fds[n++] : -1;
+	token_fd = has & HAS_TOKENS ? fds[n++] : -1;
+	if (x != NULL) {
+		x->queue_fd = queue_fd;
+		x->token_fd = token_fd;
+		return;
+	}
+	if (queue_fd >= 0)
+		close(queue_fd);
+	if (token_fd >= 0)
+		close(token_fd);
+}
+
 int
 instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live_fd,
-    int *queue_fd, char *err, size_t errlen)
+    struct instance_extras *x, char *err, size_t errlen)
 {
 	struct sockaddr_un sun;
 	socklen_t len = name_addr(state_file, &sun);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), rc, saved;
-	int fds[SEGMENTS_MAX] = { -1, -1, -1 };
-
+	int fds[SEGMENTS_MAX] = { -1, -1, -1, -1 };
+	unsigned char has = 0;
 	struct timeval tv = { FETCH_TIMEOUT_MS / 1000, 0 };
 
 	*ctl_fd = *live_fd = -1;
-	if (queue_fd != NULL)
-		*queue_fd = -1;
+	if (x != NULL)
+		x->queue_fd = x->token_fd = -1;
 	if (fd < 0) {
 		snprintf(err, errlen, "socket: %s", strerror(errno));
 		return -1;
@@ -320,7 +389,7 @@ instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live
 		errno = saved;
 		return -1;
 	}
-	rc = fetch_from(fd, state_file, service_uid, fds, err, errlen);
+	rc = fetch_from(fd, state_file, service_uid, fds, &has, err, errlen);
 	saved = errno;
 	close(fd);
 	if (rc < 0) {
@@ -330,11 +399,6 @@ instance_fetch(const char *state_file, uid_t service_uid, int *ctl_fd, int *live
 		errno = saved;
 		return -1;
 	}
-	*ctl_fd = fds[0];
-	*live_fd = fds[1];
-	if (queue_fd != NULL)
-		*queue_fd = fds[2];
-	else if (fds[2] >= 0)
-		close(fds[2]);
+	segments_take(fds, has, ctl_fd, live_fd, x);
 	return 0;
 }

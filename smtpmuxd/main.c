@@ -194,39 +194,54 @@ show_queue_figures(int fd)
 	queue_stats_destroy(qs);
 }
 
+/* Only when the daemon handed it over (it has OAuth downstreams); takes fd. */
+static void
+show_token_status(int fd)
+{
+	struct token_table *tokens;
+
+	if (fd < 0)
+		return;
+	if ((tokens = token_table_attach(fd)) == NULL) {
+		fprintf(stderr, "smtpmuxd: the OAuth token status: %s\n", strerror(errno));
+		return;
+	}
+	status_oauth_print(stdout, tokens, time(NULL));
+	token_table_destroy(tokens);
+}
+
 /* -s status: the running daemon hands over its shared state, read-only. */
 static int
 show_status(const char *path)
 {
 	char err[1024];
 	struct config *cfg = config_load(path, err, sizeof(err));
-	struct token_table *tokens;
+	struct instance_extras x = { -1, -1 };
 	struct health *h = NULL;
-	int ctl_fd, live_fd, queue_fd = -1;
+	int ctl_fd, live_fd;
 
 	if (cfg == NULL) {
 		fprintf(stderr, "%s\n", err);
 		return SMTPMUXD_EXIT_CONFIG;
 	}
-	if (instance_fetch(cfg->state_file, service_uid(cfg), &ctl_fd, &live_fd, &queue_fd, err,
+	if (instance_fetch(cfg->state_file, service_uid(cfg), &ctl_fd, &live_fd, &x, err,
 	    sizeof(err)) == 0 && (h = health_attach(ctl_fd, live_fd)) == NULL)
 		snprintf(err, sizeof(err), "the shared state of state file %s: %s",
 		    cfg->state_file, strerror(errno));
 	if (h == NULL) {
-		if (queue_fd >= 0)
-			close(queue_fd);
+		if (x.queue_fd >= 0)
+			close(x.queue_fd);
+		if (x.token_fd >= 0)
+			close(x.token_fd);
 		fprintf(stderr, "smtpmuxd: %s\n", err);
 		config_free(cfg);
 		return SMTPMUXD_EXIT_RUNTIME;
 	}
 	status_print(stdout, h, &cfg->health, time(NULL));
 	status_print_cluster(stdout, cfg, h);
-	/* No token status file: the running daemon has no OAuth downstream. */
-	tokens = token_table_open_status(cfg->state_file);
-	status_oauth_print(stdout, tokens, time(NULL));
-	token_table_destroy(tokens);
+	show_token_status(x.token_fd);
 	health_destroy(h);
-	show_queue_figures(queue_fd);
+	show_queue_figures(x.queue_fd);
 	config_free(cfg);
 	return SMTPMUXD_EXIT_OK;
 }

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -474,6 +475,7 @@ master_spawn(struct master *m, enum child_kind kind)
 		/* Before anything else: no child keeps the master's writable view. */
 		health_after_fork(m->health);
 		queue_stats_after_fork(m->qstats);
+		token_table_after_fork(m->tokens, kind == CHILD_TOKENS);
 		child_reset_signals();
 		exit(run_child(m, kind, (unsigned)slot));
 	}
@@ -734,14 +736,6 @@ master_privdrop_prepare(const struct master *m, struct privdrop *priv,
  * either switches completely to the new configuration or leaves the
  * running one untouched.
  */
-/* The workers' group may run -s status: it may read the tokens' status. */
-static void
-master_share_tokens(const struct master *m, const struct privdrop *priv)
-{
-	if (priv->enabled && token_table_share_status(m->tokens, priv->gid) < 0)
-		log_warn("token status file: chown: %s", strerror(errno));
-}
-
 static struct config *
 reload_prepare(struct master *m, struct privdrop *priv, int **fds, char *err, size_t errlen)
 {
@@ -797,7 +791,6 @@ master_reload(struct master *m)
 	m->n_listen_fds = cfg->n_listen;
 	m->cfg = cfg;
 	m->priv = priv;
-	master_share_tokens(m, &m->priv);
 	m->generation++;
 	/* New workers first, so someone always accepts; then the old ones
 	 * finish their sessions under their own shutdown_timeout. */
@@ -920,7 +913,12 @@ master_serve_readers(const struct master *m)
 		.service_gid = m->priv.enabled ? m->priv.gid : getegid(),
 	};
 
-	instance_serve(m->instance, m->health, queue_stats_fd(m->qstats), &access);
+	struct instance_extras extras = {
+		.queue_fd = queue_stats_fd(m->qstats),
+		.token_fd = token_table_fd(m->tokens),
+	};
+
+	instance_serve(m->instance, m->health, &extras, &access);
 }
 
 static void
@@ -1061,6 +1059,23 @@ state_dir_create(const char *path)
 }
 
 /*
+ * Earlier versions kept the OAuth token status in the file state_file.oauth
+ * (now a sealed memfd). One left behind would only mislead: an older
+ * `-s status` would show an ended run's tokens as current. Removed once the
+ * state file is ours, so never from under a daemon that still uses it;
+ * unlink() follows no symlink.
+ */
+static void
+old_token_status_remove(const char *state_file)
+{
+	char path[PATH_MAX];
+
+	if (snprintf(path, sizeof(path), "%s.oauth", state_file) < (int)sizeof(path) &&
+	    unlink(path) == 0)
+		log_info("removed %s, which an earlier version left", path);
+}
+
+/*
  * The state file claimed for this daemon alone, the shared state created
  * (with the counters the file kept) and bound to the configuration, and
  * the file written at once: whatever can fail fails at start-up.
@@ -1075,6 +1090,7 @@ master_state_open(struct master *m, char *err, size_t errlen)
 	state_dir_create(m->state_file);
 	if ((m->instance = instance_claim(m->state_file, err, errlen)) == NULL)
 		return -1;
+	old_token_status_remove(m->state_file);
 	if ((m->health = health_create(m->state_file)) == NULL) {
 		snprintf(err, errlen, "cannot create the shared state: %s", strerror(errno));
 		return -1;
@@ -1082,7 +1098,6 @@ master_state_open(struct master *m, char *err, size_t errlen)
 	if (health_bind(m->health, m->cfg, err, errlen) < 0 ||
 	    token_table_bind(&m->tokens, m->cfg, err, errlen) < 0)
 		return -1;
-	master_share_tokens(m, &m->priv);
 	if (health_save(m->health, m->state_file, NULL) < 0) {
 		snprintf(err, errlen, "cannot write state file %s: %s", m->state_file,
 		    strerror(errno));

@@ -20,6 +20,7 @@
 
 #include "health.h"
 #include "queue_stats.h"
+#include "token_table.h"
 #include "../smtpmuxd/instance.h"
 
 #ifndef F_SEAL_FUTURE_WRITE
@@ -168,11 +169,11 @@ writable(int fd, size_t size)
 	return ftruncate(fd, 0) == 0;
 }
 
-/* The queue figures: with them, a reader must get them, read-only. */
+/* An optional segment: a reader must get it when the daemon has one,
+ * read-only, and be able to map it. */
 static int
-queue_figures(int fd, bool expected)
+optional_segment(int fd, bool expected, bool (*attaches)(int fd))
 {
-	struct queue_stats *qs;
 	struct stat st;
 
 	if ((fd >= 0) != expected)
@@ -181,29 +182,53 @@ queue_figures(int fd, bool expected)
 		return READER_OK;
 	if (fstat(fd, &st) < 0 || (geteuid() != 0 && writable(fd, (size_t)st.st_size)))
 		return READER_WRITABLE;
-	if ((qs = queue_stats_attach(fd)) == NULL)
-		return READER_OTHER;
+	return attaches(fd) ? READER_OK : READER_OTHER;
+}
+
+static bool
+queue_attaches(int fd)
+{
+	struct queue_stats *qs = queue_stats_attach(fd);
+
 	queue_stats_destroy(qs);
-	return READER_OK;
+	return qs != NULL;
+}
+
+/* The token status is sealed like the control segment: not even root maps
+ * it writable. */
+static bool
+tokens_attach(int fd)
+{
+	struct stat st;
+	struct token_table *tt;
+
+	if (fstat(fd, &st) < 0 || writable(fd, (size_t)st.st_size) ||
+	    !(fcntl(fd, F_GET_SEALS) & F_SEAL_FUTURE_WRITE))
+		return false;
+	tt = token_table_attach(fd);
+	token_table_destroy(tt);
+	return tt != NULL;
 }
 
 /* A reader of uid as, group gid, and supplementary group supp unless -1,
- * that expects the queue figures or not. */
+ * that expects the queue figures and the token status or not. */
 static int
-reader(uid_t as, gid_t gid, gid_t supp, bool queue)
+reader(uid_t as, gid_t gid, gid_t supp, bool queue, bool tokens)
 {
 	char err[512];
-	int ctl, live, qfd, rc;
+	struct instance_extras x;
+	int ctl, live, rc;
 	struct health *h;
 	struct stat st;
 
 	if (as != (uid_t)-1 && (setgroups(supp != (gid_t)-1, &supp) < 0 || setgid(gid) < 0 ||
 	    setuid(as) < 0))
 		return READER_OTHER;
-	if (instance_fetch(path, (uid_t)-1, &ctl, &live, &qfd, err, sizeof(err)) < 0)
+	if (instance_fetch(path, (uid_t)-1, &ctl, &live, &x, err, sizeof(err)) < 0)
 		return errno == EACCES ? READER_REFUSED :
 		    errno == ECONNREFUSED ? READER_NO_DAEMON : READER_OTHER;
-	if ((rc = queue_figures(qfd, queue)) != READER_OK)
+	if ((rc = optional_segment(x.queue_fd, queue, queue_attaches)) != READER_OK ||
+	    (rc = optional_segment(x.token_fd, tokens, tokens_attach)) != READER_OK)
 		return rc;
 	/* The control segment is sealed: not even root maps it writable. The
 	 * live one, which workers write anyway, only root could reopen. */
@@ -219,7 +244,7 @@ reader(uid_t as, gid_t gid, gid_t supp, bool queue)
 
 /* Runs a reader in a child while this process answers as the master. */
 static int
-read_from(struct instance *in, const struct health *h, const struct queue_stats *qs,
+read_from(struct instance *in, const struct health *h, const struct instance_extras *x,
     const struct instance_access *access, uid_t as, gid_t gid, gid_t supp)
 {
 	pid_t pid = fork();
@@ -227,17 +252,33 @@ read_from(struct instance *in, const struct health *h, const struct queue_stats 
 
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0)
-		_exit(reader(as, gid, supp, qs != NULL));
+		_exit(reader(as, gid, supp, x->queue_fd >= 0, x->token_fd >= 0));
 	for (;;) {
 		struct pollfd p = { in ? instance_fd(in) : -1, POLLIN, 0 };
 
 		if (waitpid(pid, &status, WNOHANG) == pid)
 			break;
 		if (poll(&p, 1, 50) > 0)
-			instance_serve(in, h, queue_stats_fd(qs), access);
+			instance_serve(in, h, x, access);
 	}
 	ck_assert(WIFEXITED(status));
 	return WEXITSTATUS(status);
+}
+
+/* A token table with one OAuth account, as the master makes it. */
+static struct token_table *
+token_table_one(void)
+{
+	struct token_source_cfg src = { .kind = TOKEN_SOURCE_REFRESH_TOKEN, .id = 1 };
+	struct downstream_cfg ds = { .name = "o", .addr = "smtp.example.com:587",
+		.user = "a@example.com", .token = &src, .token_slot = -1 };
+	struct user_cfg user = { .downstreams = &ds, .n_downstreams = 1 };
+	struct config cfg = { .users = &user, .n_users = 1 };
+	struct token_table *tt = NULL;
+	char err[256];
+
+	ck_assert_msg(token_table_bind(&tt, &cfg, err, sizeof(err)) == 0, "%s", err);
+	return tt;
 }
 
 START_TEST(test_status_readers)
@@ -245,24 +286,34 @@ START_TEST(test_status_readers)
 	char err[512];
 	struct health *h = health_create(NULL);
 	struct queue_stats *qs = queue_stats_create();
+	struct token_table *tt = token_table_one();
 	struct instance *in;
 	struct instance_access access = { 4242, 4243, 4244 };
+	const struct instance_extras none = { -1, -1 };
+	const struct instance_extras queue = { queue_stats_fd(qs), -1 };
+	const struct instance_extras tokens = { -1, token_table_fd(tt) };
+	const struct instance_extras both = { queue_stats_fd(qs), token_table_fd(tt) };
 
 	ck_assert_ptr_nonnull(h);
 	ck_assert_ptr_nonnull(qs);
-	ck_assert_int_eq(read_from(NULL, h, NULL, &access, (uid_t)-1, 0, 0), READER_NO_DAEMON);
+	ck_assert_int_ge(token_table_fd(tt), 0);
+	ck_assert_int_eq(read_from(NULL, h, &none, &access, (uid_t)-1, 0, 0), READER_NO_DAEMON);
 	in = instance_claim(path, err, sizeof(err));
 	ck_assert_ptr_nonnull(in);
-	ck_assert_int_eq(read_from(in, h, NULL, &access, (uid_t)-1, 0, 0), READER_OK);
-	ck_assert_int_eq(read_from(in, h, qs, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, &none, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, &queue, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, &tokens, &access, (uid_t)-1, 0, 0), READER_OK);
+	ck_assert_int_eq(read_from(in, h, &both, &access, (uid_t)-1, 0, 0), READER_OK);
 	if (geteuid() == 0) {
 		/* the workers' user, members of their group, and anyone else */
-		ck_assert_int_eq(read_from(in, h, qs, &access, 4243, 5000, -1), READER_OK);
-		ck_assert_int_eq(read_from(in, h, NULL, &access, 5000, 4244, -1), READER_OK);
-		ck_assert_int_eq(read_from(in, h, qs, &access, 5000, 5000, 4244), READER_OK);
-		ck_assert_int_eq(read_from(in, h, qs, &access, 5000, 5000, 5001), READER_REFUSED);
+		ck_assert_int_eq(read_from(in, h, &both, &access, 4243, 5000, -1), READER_OK);
+		ck_assert_int_eq(read_from(in, h, &tokens, &access, 5000, 4244, -1), READER_OK);
+		ck_assert_int_eq(read_from(in, h, &both, &access, 5000, 5000, 4244), READER_OK);
+		ck_assert_int_eq(read_from(in, h, &both, &access, 5000, 5000, 5001),
+		    READER_REFUSED);
 	}
 	instance_close(in);
+	token_table_destroy(tt);
 	queue_stats_destroy(qs);
 	health_destroy(h);
 }

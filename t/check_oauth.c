@@ -3,7 +3,7 @@
  * Unit tests of the OAuth pieces that need no network: the XOAUTH2 and
  * OAUTHBEARER encodings (against the published examples), the JSON reader
  * and the token-response parser, token_command splitting, secret files,
- * and the shared token table (sequence lock, refusals, status file).
+ * and the shared token table (sequence lock, refusals, status segment).
  */
 #include <check.h>
 #include <errno.h>
@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -585,14 +587,11 @@ START_TEST(table_not_needed)
 
 	fixture_init(&f);
 	token_table_destroy(f.tt);                      /* a run that has ended */
-	ck_assert_int_eq(access(in_dir("state.oauth"), F_OK), 0);
 	f.ds[0].token = f.ds[1].token = NULL;
 	ck_assert(!token_table_needed(&f.cfg));
 	ck_assert_int_eq(token_table_bind(&tt, &f.cfg, err, sizeof(err)), 0);
 	ck_assert_ptr_null(tt);                         /* nothing made without OAuth */
-	/* and -s status shows no tokens of the earlier run as current */
-	ck_assert_int_eq(access(in_dir("state.oauth"), F_OK), -1);
-	ck_assert_ptr_null(token_table_open_status(f.cfg.state_file));
+	ck_assert_int_eq(token_table_fd(tt), -1);       /* and nothing for -s status */
 	f.tt = NULL;
 	fixture_free(&f);
 }
@@ -695,53 +694,131 @@ START_TEST(table_rebind_keeps_slots)
 }
 END_TEST
 
-START_TEST(table_status_file)
+/* The whole segment behind fd, as a string search can scan it. */
+static bool
+segment_holds(int fd, const char *what)
+{
+	struct stat sb;
+	char *p;
+	bool found;
+
+	ck_assert_int_eq(fstat(fd, &sb), 0);
+	ck_assert_ptr_nonnull(p = malloc((size_t)sb.st_size));
+	ck_assert_int_eq(pread(fd, p, (size_t)sb.st_size, 0), sb.st_size);
+	found = memmem(p, (size_t)sb.st_size, what, strlen(what)) != NULL;
+	free(p);
+	return found;
+}
+
+START_TEST(table_status_segment)
 {
 	struct fixture f;
 	struct token_table *ro;
 	struct token_status st = { .valid_until = 1700000000, .last_refresh = 1699996400,
 	    .refreshes = 3, .source = TOKEN_SOURCE_COMMAND, .name = "a" }, got;
-	struct stat sb;
-	char key[200], cmd[300];
+	char key[200], proc[64];
+	int fd, rw;
 
 	fixture_init(&f);
 	token_table_put(f.tt, 0, "secret-token", 12, token_clock_ms() + 60000, 100);
 	token_table_status_put(f.tt, 0, &st);
-	ck_assert_int_eq(stat(in_dir("state.oauth"), &sb), 0);
-	ck_assert_int_eq(sb.st_mode & 0777, 0640);
-	ro = token_table_open_status(f.cfg.state_file);
-	ck_assert_ptr_nonnull(ro);
+	/* nothing next to the state file: the status is a memfd */
+	ck_assert_int_eq(access(in_dir("state.oauth"), F_OK), -1);
+	ck_assert_int_ge(fd = dup(token_table_fd(f.tt)), 0);
+	ck_assert_int_eq(fcntl(fd, F_GETFL) & O_ACCMODE, O_RDONLY);
+	/* sealed: whoever can reopen it writable still cannot truncate it */
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+	if ((rw = open(proc, O_RDWR)) >= 0) {
+		ck_assert_int_eq(ftruncate(rw, 0), -1);
+		ck_assert_int_eq(errno, EPERM);
+		close(rw);
+	}
+	ck_assert(!segment_holds(fd, "secret-token"));  /* never a token */
+	ck_assert_ptr_nonnull(ro = token_table_attach(fd));
 	ck_assert_uint_eq(token_table_count(ro), 2);
 	ck_assert_int_eq(token_table_slot_key(ro, 0, key, sizeof(key)), 0);
+	ck_assert_str_eq(key, "smtp.example.com:587 a@example.com");
 	ck_assert_int_eq(token_table_status_get(ro, 0, &got), 0);
 	ck_assert_int_eq(memcmp(&got, &st, sizeof(st)), 0);
-	/* a status reader has no tokens, and the file none either */
+	/* a status reader has no tokens, and cannot write the status */
 	ck_assert(!token_table_ready(ro, &f.ds[0], token_clock_ms(), key, sizeof(key)));
-	snprintf(cmd, sizeof(cmd), "! grep -q secret-token '%s'", in_dir("state.oauth"));
-	ck_assert_int_eq(system(cmd), 0);
+	token_table_status_put(ro, 0, &(struct token_status){ .refreshes = 99 });
+	ck_assert_int_eq(token_table_status_get(f.tt, 0, &got), 0);
+	ck_assert_uint_eq(got.refreshes, 3);
 	token_table_destroy(ro);
-	ck_assert_ptr_null(token_table_open_status(in_dir("none")));
+	/* something else than this segment is refused */
+	ck_assert_int_ge(fd = open(in_dir("state"), O_RDWR | O_CREAT | O_CLOEXEC, 0600), 0);
+	ck_assert_ptr_null(token_table_attach(fd));
+	ck_assert_int_eq(errno, EPROTO);
 	fixture_free(&f);
 }
 END_TEST
 
-/* A file (or link) someone put where the status file goes is replaced,
- * never written through. */
-START_TEST(table_status_file_is_its_own)
+/* The writable mappings of the status segment this process has, and the
+ * bytes they span. */
+static int
+writable_status_views(size_t *bytes)
+{
+	FILE *maps = fopen("/proc/self/maps", "r");
+	char line[512], perms[8];
+	unsigned long from, to;
+	int n = 0;
+
+	*bytes = 0;
+	if (maps == NULL)
+		return -1;
+	while (fgets(line, sizeof(line), maps) != NULL)
+		if (strstr(line, "memfd:smtpmux-oauth") != NULL &&
+		    sscanf(line, "%lx-%lx %7s", &from, &to, perms) == 3 && perms[1] == 'w') {
+			n++;
+			*bytes += to - from;
+		}
+	fclose(maps);
+	return n;
+}
+
+/* In a child after token_table_after_fork(): 0 when its views are as they
+ * must be (the token helper: only the status records writable; any other
+ * child: nothing writable) and its status writes land only when allowed. */
+static int
+child_views(struct token_table *tt, bool status_writer, size_t segment)
+{
+	size_t bytes;
+	int n;
+
+	token_table_after_fork(tt, status_writer);
+	if (token_table_fd(tt) != -1)
+		return 1;
+	n = writable_status_views(&bytes);
+	if (status_writer ? n != 1 || bytes == 0 || bytes >= segment : n != 0)
+		return 2;
+	token_table_status_put(tt, 1, &(struct token_status){ .refreshes = 7 });
+	return 0;
+}
+
+START_TEST(table_status_views_after_fork)
 {
 	struct fixture f;
+	struct token_status got;
 	struct stat sb;
-	char target[256], *victim;
+	size_t bytes;
+	int status;
+	pid_t pid;
 
-	put_file("victim", "keep");
-	snprintf(target, sizeof(target), "%s", in_dir("victim"));
-	ck_assert_int_eq(symlink(target, in_dir("state.oauth")), 0);
 	fixture_init(&f);
-	ck_assert_int_eq(lstat(in_dir("state.oauth"), &sb), 0);
-	ck_assert(S_ISREG(sb.st_mode));
-	ck_assert_str_eq(victim = secret_file_read_path(in_dir("victim"), 16, NULL, 0), "keep");
-	free(victim);
-	ck_assert_int_eq(token_table_share_status(f.tt, getgid()), 0);
+	ck_assert_int_eq(fstat(token_table_fd(f.tt), &sb), 0);
+	ck_assert_int_eq(writable_status_views(&bytes), 1);     /* the master's: all of it */
+	ck_assert_uint_eq(bytes, (size_t)sb.st_size);
+	for (int writer = 0; writer < 2; writer++) {
+		ck_assert_int_ge(pid = fork(), 0);
+		if (pid == 0)
+			_exit(child_views(f.tt, writer, (size_t)sb.st_size));
+		ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+		ck_assert(WIFEXITED(status));
+		ck_assert_int_eq(WEXITSTATUS(status), 0);
+		ck_assert_int_eq(token_table_status_get(f.tt, 1, &got), 0);
+		ck_assert_uint_eq(got.refreshes, writer ? 7 : 0);
+	}
 	fixture_free(&f);
 }
 END_TEST
@@ -834,8 +911,8 @@ oauth_suite(void)
 	tcase_add_test(tc, table_put_get);
 	tcase_add_test(tc, table_refusal_wakes_helper);
 	tcase_add_test(tc, table_rebind_keeps_slots);
-	tcase_add_test(tc, table_status_file);
-	tcase_add_test(tc, table_status_file_is_its_own);
+	tcase_add_test(tc, table_status_segment);
+	tcase_add_test(tc, table_status_views_after_fork);
 	tcase_add_test(tc, table_seqlock_race);
 	tcase_set_timeout(tc, 60);
 	suite_add_tcase(s, tc);
