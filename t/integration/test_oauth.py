@@ -392,6 +392,58 @@ class FailureTest(OAuthTestCase):
         self.revoked_forces_one_refresh("oauthbearer", "OAUTHBEARER", b"\x01")
 
 
+class SharedStatusTest(OAuthTestCase):
+    """The tokens' status is a sealed memfd handed to -s status, not a file
+    next to the state file that anyone able to write it could truncate
+    under every process that maps it (each would die of SIGBUS)."""
+
+    VALID_ROW = (r"127\.0\.0\.1:\d+ me@mail\.test\s+refresh_token\s+valid\s+"
+                 r"\d{4}-\d\d-\d\dT\S+Z\s+\d{4}-\d\d-\d\dT\S+Z\s+1\s+0\s+-$")
+
+    def metrics(self, port):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as r:
+            return r.read().decode()
+
+    def test_an_emptied_token_status_file_harms_nobody(self):
+        authority = TokenAuthority()
+        ep = self.endpoint(authority)
+        ds = self.oauth_downstream(authority)
+        status_port = free_port()
+        d = self.start([self.oauth2_entry(ds, ep)], status_listen="127.0.0.1:%d" % status_port)
+        d.wait_log("oauth downstream=oauth: new token")
+        # Where the status used to be: an empty file there now (which
+        # truncated the file every process mapped) ...
+        open(d.config["state_file"] + ".oauth", "w").close()
+        # ... and the master (which binds the slots again), the prober
+        # (/metrics) and the workers all carry on.
+        self.assertTrue(d.reload(d.config))
+        code, msg = self.send_one(d, "after the truncation")
+        self.assertEqual(code, 250)
+        self.assertEqual(self.arrived(ds), [msg])
+        self.assertRegex(self.oauth_row(d), self.VALID_ROW)
+        self.assertRegex(self.metrics(status_port),
+                         r'smtpmux_oauth_token_valid\{downstream="oauth",.*\} 1')
+        self.assertIsNone(d.proc.poll(), d.log_text())
+        self.assertNotIn("killed by signal", d.log_text())
+
+    def test_a_stale_token_status_file_is_removed_at_start(self):
+        # One an earlier version left: an older -s status would show it as
+        # current. The status itself never comes from a file any more.
+        stale = os.path.join(self.tmpdir, "smtpmuxd.state.oauth")
+        with open(stale, "w") as f:
+            f.write("left by an earlier version\n")
+        authority = TokenAuthority()
+        ep = self.endpoint(authority)
+        ds = self.oauth_downstream(authority)
+        d = self.start([self.oauth2_entry(ds, ep)])
+        self.assertEqual(d.config["state_file"] + ".oauth", stale)
+        d.wait_log("removed %s, which an earlier version left" % stale)
+        d.wait_log("oauth downstream=oauth: new token")
+        self.assertFalse(os.path.exists(stale))
+        self.assertRegex(self.oauth_row(d), self.VALID_ROW)
+        self.assertEqual(self.send_one(d, "no file")[0], 250)
+
+
 class CommandTest(OAuthTestCase):
 
     def test_token_command(self):
