@@ -215,6 +215,13 @@ fail:
 	return NULL;
 }
 
+int
+tls_client_set_keypair(struct tls_client_ctx *ctx, const char *cert, const char *key,
+    char *err, size_t errlen)
+{
+	return tls_load_keypair(ctx->cred, cert, key, err, errlen);
+}
+
 static void
 tls_resume_clear(struct tls_resume *r)
 {

@@ -37,4 +37,11 @@ struct tls_client_ctx *tls_client_new(const char *cafile, bool verify,
     const char *priority, char *err, size_t errlen);
 void tls_client_free(struct tls_client_ctx *);
 
+/*
+ * A certificate and key (PEM) the client presents when the server asks
+ * for one (Redis' tls-auth-clients). Returns -1 with a reason in err.
+ */
+int tls_client_set_keypair(struct tls_client_ctx *, const char *cert, const char *key,
+    char *err, size_t errlen);
+
 #endif
