@@ -627,7 +627,8 @@ cluster_new(struct runtime *rt)
 	cl->cfg = &rt->cfg->cluster;
 	cl->instance = rt->health != NULL ? health_instance(rt->health) : (uint64_t)self_pid();
 	health_link_set(rt->health, rt->worker_slot, HEALTH_LINK_DOWN, time(NULL));
-	if ((cl->link = link_new(rt->base, rt->dns, cl->cfg, &hooks, cl, false)) == NULL) {
+	if ((cl->link = link_new(rt->base, rt->dns, cl->cfg, rt->cfg->tmp_dir, &hooks, cl,
+	    false)) == NULL) {
 		free(cl);
 		return NULL;
 	}

@@ -21,6 +21,7 @@
 #include <hiredis/adapters/libevent.h>
 
 #include "cluster_link.h"
+#include "cluster_tls.h"
 #include "log.h"
 
 #define MIN_MAJOR 6                  /* scripts with TIME then writes; ACL users */
@@ -40,10 +41,12 @@ struct cluster_link {
 	struct event_base *base;
 	struct evdns_base *dns;
 	const struct cluster_cfg *cfg;
+	const char *tmp_dir;             /* where a rediss:// bridge listens */
 	const struct link_hooks *hooks;
 	void *arg;
 	bool quiet;
 	redisAsyncContext *ac;
+	struct cluster_tls *tls;         /* rediss://: what ac is connected to */
 	enum link_state state;
 	bool ever_up;                    /* logging: "connected" or "back" */
 	bool warned;                     /* the current outage was logged */
@@ -536,6 +539,14 @@ on_disconnect(const redisAsyncContext *ac, int status)
 	link_down(l, ac->err ? ac->errstr : "connection closed");
 }
 
+/* The bridge's Redis side failed: its reason (a certificate, say) is the
+ * one to log, not hiredis' "connection closed" that follows. */
+static void
+on_tls_failed(void *arg, const char *why)
+{
+	link_fail(arg, why);
+}
+
 static void
 attach(struct cluster_link *l, redisAsyncContext *ac)
 {
@@ -557,33 +568,60 @@ attach(struct cluster_link *l, redisAsyncContext *ac)
 	handshake(l);
 }
 
+/* rediss://: hiredis connects to a private bridge that does the TLS. */
+static void
+connect_tls(struct cluster_link *l, const struct sockaddr *sa, socklen_t salen)
+{
+	char why[256];
+
+	cluster_tls_free(l->tls);
+	l->tls = cluster_tls_new(l->base, l->tmp_dir, sa, salen, l->cfg->tls, l->cfg->url.host,
+	    l->cfg->connect_timeout_ms, on_tls_failed, l, why, sizeof(why));
+	if (l->tls == NULL) {
+		link_down(l, why);
+		return;
+	}
+	attach(l, redisAsyncConnectUnix(cluster_tls_path(l->tls)));
+}
+
+static void
+connect_addr(struct cluster_link *l, const struct evutil_addrinfo *ai)
+{
+	char ip[INET6_ADDRSTRLEN];
+	const void *a = ai->ai_family == AF_INET6 ?
+	    (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr :
+	    (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+
+	if (l->cfg->url.tls)
+		connect_tls(l, ai->ai_addr, (socklen_t)ai->ai_addrlen);
+	else if (inet_ntop(ai->ai_family, a, ip, sizeof(ip)) != NULL)
+		attach(l, redisAsyncConnect(ip, atoi(l->cfg->url.port)));
+	else
+		link_down(l, "unexpected address");
+}
+
 static void
 on_resolved(int result, struct evutil_addrinfo *res, void *arg)
 {
 	struct cluster_link *l = arg;
-	char ip[INET6_ADDRSTRLEN] = "";
 
 	l->resolving = NULL;
-	if (result == 0 && res != NULL) {
-		const void *a = res->ai_family == AF_INET6 ?
-		    (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr :
-		    (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr;
-
-		inet_ntop(res->ai_family, a, ip, sizeof(ip));
-	}
-	if (res != NULL)
-		evutil_freeaddrinfo(res);
-	if (result == EVUTIL_EAI_CANCEL)
+	if (result == EVUTIL_EAI_CANCEL) {
+		if (res != NULL)
+			evutil_freeaddrinfo(res);
 		return;
-	if (ip[0] == '\0') {
+	}
+	if (result != 0 || res == NULL) {
 		char why[160];
 
 		snprintf(why, sizeof(why), "cannot resolve %s: %s", l->cfg->url.host,
 		    result ? evutil_gai_strerror(result) : "no address");
 		link_down(l, why);
-		return;
+	} else {
+		connect_addr(l, res);
 	}
-	attach(l, redisAsyncConnect(ip, atoi(l->cfg->url.port)));
+	if (res != NULL)
+		evutil_freeaddrinfo(res);
 }
 
 static bool
@@ -614,13 +652,24 @@ link_connect(struct cluster_link *l)
 		attach(l, redisAsyncConnectUnix(u->socket));
 		return;
 	}
-	if (numeric_host(u->host) || l->dns == NULL) {
+	if (!u->tls && (numeric_host(u->host) || l->dns == NULL)) {
 		attach(l, redisAsyncConnect(u->host, atoi(u->port)));
 		return;
 	}
 	memset(&hints, 0, sizeof(hints));
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
+	if (numeric_host(u->host) || l->dns == NULL) {
+		struct evutil_addrinfo *res = NULL;
+		int rc;
+
+		/* An address is converted, never looked up (no DNS resolver:
+		 * unit tests only). */
+		hints.ai_flags = numeric_host(u->host) ? EVUTIL_AI_NUMERICHOST : 0;
+		rc = evutil_getaddrinfo(u->host, u->port, &hints, &res);
+		on_resolved(rc, res, l);
+		return;
+	}
 	l->resolving = evdns_getaddrinfo(l->dns, u->host, u->port, &hints, on_resolved, l);
 }
 
@@ -636,14 +685,15 @@ retry_cb(evutil_socket_t fd, short what, void *arg)
 
 struct cluster_link *
 link_new(struct event_base *base, struct evdns_base *dns, const struct cluster_cfg *cfg,
-    const struct link_hooks *hooks, void *arg, bool quiet)
+    const char *tmp_dir, const struct link_hooks *hooks, void *arg, bool quiet)
 {
 	struct cluster_link *l = calloc(1, sizeof(*l));
 	struct timeval now = { 0, 0 };
 
 	if (l == NULL)
 		return NULL;
-	*l = (struct cluster_link){ .base = base, .dns = dns, .cfg = cfg, .hooks = hooks,
+	*l = (struct cluster_link){ .base = base, .dns = dns, .cfg = cfg, .tmp_dir = tmp_dir,
+		.hooks = hooks,
 		.arg = arg, .quiet = quiet, .state = LINK_DOWN };
 	l->deadline = evtimer_new(base, deadline_cb, l);
 	l->retry = evtimer_new(base, retry_cb, l);
@@ -672,6 +722,7 @@ link_free(struct cluster_link *l)
 		l->ac = NULL;
 		redisAsyncFree(ac);
 	}
+	cluster_tls_free(l->tls);
 	if (l->deadline != NULL)
 		event_free(l->deadline);
 	if (l->retry != NULL)

@@ -49,9 +49,12 @@ struct link_hooks {
 /*
  * Starts connecting at once (from the loop). hooks may be NULL; quiet: no
  * log lines (`smtpmuxd -s status` reports itself). cfg must outlive it.
+ * tmp_dir: where the private socket of a rediss:// link's TLS bridge is
+ * made (cluster_tls.h).
  */
 struct cluster_link *link_new(struct event_base *base, struct evdns_base *dns,
-    const struct cluster_cfg *cfg, const struct link_hooks *hooks, void *arg, bool quiet);
+    const struct cluster_cfg *cfg, const char *tmp_dir, const struct link_hooks *hooks,
+    void *arg, bool quiet);
 /* Answers every pending call NULL, then frees. */
 void link_free(struct cluster_link *);
 

@@ -224,8 +224,8 @@ make_display(struct cluster_url *url)
 	if (url->socket != NULL)
 		snprintf(buf, sizeof(buf), "unix:%s?db=%u", url->socket, url->db);
 	else
-		snprintf(buf, sizeof(buf), "redis://%s%s%s:%s/%u", strchr(url->host, ':') ? "[" : "",
-		    url->host, strchr(url->host, ':') ? "]" : "", url->port, url->db);
+		snprintf(buf, sizeof(buf), "%s://%s%s%s:%s/%u", url->tls ? "rediss" : "redis",
+		    strchr(url->host, ':') ? "[" : "", url->host, strchr(url->host, ':') ? "]" : "", url->port, url->db);
 	return (url->display = strdup(buf)) != NULL ? 0 : -1;
 }
 
@@ -242,16 +242,16 @@ cluster_url_parse(const char *text, struct cluster_url *url, char *why, size_t w
 		if ((unsigned char)*p <= 0x20 || *p == 0x7f)
 			return failv(url, why, whylen, "blanks and control characters have no "
 			    "place in it");
-	if (strncmp(text, tls, sizeof(tls) - 1) == 0)
-		return failv(url, why, whylen, "TLS to Redis (rediss://) is not supported by "
-		    "this build: run a local TLS tunnel (stunnel, spiped, haproxy) and point "
-		    "redis:// or unix: at it (see smtpmux.yaml(5))");
-	if (strncmp(text, tcp, sizeof(tcp) - 1) == 0)
+	if (strncmp(text, tcp, sizeof(tcp) - 1) == 0) {
 		rc = parse_tcp(text + sizeof(tcp) - 1, url, why, whylen);
+	} else if (strncmp(text, tls, sizeof(tls) - 1) == 0) {
+		url->tls = true;
+		rc = parse_tcp(text + sizeof(tls) - 1, url, why, whylen);
+	}
 	else if (strncmp(text, sock, sizeof(sock) - 1) == 0)
 		rc = parse_unix(text + sizeof(sock) - 1, url, why, whylen);
 	else
-		return failv(url, why, whylen, "must start with redis:// or unix:");
+		return failv(url, why, whylen, "must start with redis://, rediss:// or unix:");
 	if (rc == 0 && make_display(url) < 0) {
 		snprintf(why, whylen, "out of memory");
 		rc = -1;

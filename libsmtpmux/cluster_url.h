@@ -11,15 +11,17 @@
  *
  *   redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]     TCP; HOST a name, an IPv4
  *                                                  address or [IPv6]; PORT 6379
+ *   rediss://...                                   the same over TLS
  *   unix:PATH[?db=DB]  unix://PATH[?db=DB]         a Unix socket (PATH absolute)
  *
- * USER and PASSWORD may be percent-encoded (%40 for "@"). rediss:// (TLS) is
- * refused with a message that says what to do instead.
+ * USER and PASSWORD may be percent-encoded (%40 for "@").
  */
 struct cluster_url {
 	char *host;                      /* NULL for a Unix socket */
 	char *port;                      /* "6379" by default */
 	char *socket;                    /* the socket's path, or NULL */
+	bool tls;                        /* rediss://: HOST is also the name the
+	                                    server's certificate must carry */
 	unsigned db;                     /* 0 by default */
 	char *username;                  /* NULL: none (Redis' "default" user) */
 	char *password;                  /* NULL: no AUTH */

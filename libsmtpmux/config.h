@@ -123,6 +123,8 @@ struct cluster_cfg {
 	unsigned timeout_ms;             /* per call; default 250 */
 	unsigned connect_timeout_ms;     /* default 1000 */
 	unsigned retry_interval;         /* s between reconnections; default 1 */
+	struct tls_client_ctx *tls;      /* rediss://: `tls_ca:`, `tls_cert:`, `tls_key:`
+	                                    loaded; NULL otherwise */
 };
 
 /* `auth:` of a downstream: how it logs in. */

@@ -5,6 +5,7 @@
 
 #include "config_cluster.h"
 #include "secret_file.h"
+#include "tls.h"
 
 #define DEFAULT_KEY_PREFIX "smtpmux:"
 #define DEFAULT_TIMEOUT_MS 250
@@ -27,6 +28,9 @@ const cyaml_schema_field_t config_cluster_fields[] = {
 	CYAML_FIELD_UINT_PTR("timeout_ms", OPT, struct raw_cluster, timeout_ms),
 	CYAML_FIELD_UINT_PTR("connect_timeout_ms", OPT, struct raw_cluster, connect_timeout_ms),
 	CYAML_FIELD_UINT_PTR("retry_interval", OPT, struct raw_cluster, retry_interval),
+	STR_OPT("tls_ca", tls_ca),
+	STR_OPT("tls_cert", tls_cert),
+	STR_OPT("tls_key", tls_key),
 	CYAML_FIELD_END
 };
 
@@ -88,6 +92,25 @@ take_url(const struct raw_cluster *raw, struct cluster_cfg *c, const char **key,
 	return 0;
 }
 
+/* The TLS keys mean something only with rediss://, and a certificate
+ * only with its key. */
+static int
+check_tls(const struct raw_cluster *raw, const struct cluster_url *url, const char **key,
+    char *why, size_t whylen)
+{
+	static const char only_tls[] = "only for a rediss:// address (TLS)";
+
+	if (!url->tls && raw->tls_ca != NULL)
+		return fail(key, "tls_ca", why, whylen, only_tls);
+	if (!url->tls && raw->tls_cert != NULL)
+		return fail(key, "tls_cert", why, whylen, only_tls);
+	if (raw->tls_cert != NULL && raw->tls_key == NULL)
+		return fail(key, "tls_cert", why, whylen, "needs tls_key (its private key)");
+	if (raw->tls_key != NULL && raw->tls_cert == NULL)
+		return fail(key, "tls_key", why, whylen, "needs tls_cert (its certificate)");
+	return 0;
+}
+
 int
 config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
     const char **key, char *why, size_t whylen, bool *inline_secret)
@@ -96,7 +119,8 @@ config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
 	if (raw == NULL)
 		return 0;
 	c->enabled = true;
-	if (take_url(raw, c, key, why, whylen, inline_secret) < 0)
+	if (take_url(raw, c, key, why, whylen, inline_secret) < 0 ||
+	    check_tls(raw, &c->url, key, why, whylen) < 0)
 		return -1;
 	if (raw->username != NULL && (c->url.username = strdup(raw->username)) == NULL)
 		return fail(key, "username", why, whylen, "out of memory");
@@ -116,11 +140,49 @@ config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
 	        &c->retry_interval, key, "retry_interval", why, whylen) ? -1 : 0;
 }
 
+/* Loaded here, in the master, so that a missing or broken file refuses the
+ * configuration (and `smtpmuxd -t` says so) rather than every link. */
+static int
+build_tls(const struct raw_cluster *raw, const char *config_dir, struct cluster_cfg *c,
+    const char **key, char *why, size_t whylen)
+{
+	char *ca = NULL, *cert = NULL, *pkey = NULL;
+	int rc = -1;
+
+	if ((raw->tls_ca != NULL && (ca = config_resolve(config_dir, raw->tls_ca)) == NULL) ||
+	    (raw->tls_cert != NULL && (cert = config_resolve(config_dir, raw->tls_cert)) == NULL) ||
+	    (raw->tls_key != NULL && (pkey = config_resolve(config_dir, raw->tls_key)) == NULL)) {
+		fail(key, "", why, whylen, "out of memory");
+		goto out;
+	}
+	why[0] = '\0';
+	if ((c->tls = tls_client_new(ca, true, TLS_DEFAULT_PRIORITY, why, whylen)) == NULL) {
+		*key = raw->tls_ca != NULL ? "tls_ca" : "redis";
+		if (why[0] == '\0')
+			snprintf(why, whylen, "cannot set up TLS");
+		goto out;
+	}
+	if (cert != NULL && tls_client_set_keypair(c->tls, cert, pkey, why, whylen) < 0) {
+		*key = "tls_cert";
+		goto out;
+	}
+	rc = 0;
+out:
+	free(ca);
+	free(cert);
+	free(pkey);
+	return rc;
+}
+
 int
 config_cluster_build(const struct raw_cluster *raw, const char *config_dir,
     struct cluster_cfg *c, const char **key, char *why, size_t whylen)
 {
-	if (raw == NULL || raw->password_file == NULL)
+	if (raw == NULL)
+		return 0;
+	if (c->url.tls && build_tls(raw, config_dir, c, key, why, whylen) < 0)
+		return -1;
+	if (raw->password_file == NULL)
 		return 0;
 	free(c->url.password);
 	if ((c->url.password = secret_file_read(raw->password_file, config_dir, why, whylen)) == NULL) {
@@ -134,6 +196,7 @@ void
 config_cluster_free(struct cluster_cfg *c)
 {
 	cluster_url_free(&c->url);
+	tls_client_free(c->tls);
 	free(c->key_prefix);
 	memset(c, 0, sizeof(*c));
 }

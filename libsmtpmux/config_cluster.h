@@ -24,6 +24,9 @@ struct raw_cluster {
 	unsigned *timeout_ms;
 	unsigned *connect_timeout_ms;
 	unsigned *retry_interval;
+	char *tls_ca;
+	char *tls_cert;
+	char *tls_key;
 };
 
 extern const cyaml_schema_field_t config_cluster_fields[];
@@ -37,7 +40,8 @@ extern const cyaml_schema_field_t config_cluster_fields[];
 int config_cluster_check(const struct raw_cluster *raw, struct cluster_cfg *c,
     const char **key, char *why, size_t whylen, bool *inline_secret);
 
-/* Reads `password_file:` (relative to config_dir or $CREDENTIALS_DIRECTORY). */
+/* Reads `password_file:` (relative to config_dir or $CREDENTIALS_DIRECTORY)
+ * and, for rediss://, loads the TLS files (relative to config_dir). */
 int config_cluster_build(const struct raw_cluster *raw, const char *config_dir,
     struct cluster_cfg *c, const char **key, char *why, size_t whylen);
 

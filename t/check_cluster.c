@@ -373,7 +373,7 @@ START_TEST(test_link_timeout_and_back)
 
 	cfg.url.socket = sock;
 	cfg.url.display = "unix:test";
-	l = link_new(lt.base, NULL, &cfg, &lt_hooks, &lt, true);
+	l = link_new(lt.base, NULL, &cfg, "/tmp", &lt_hooks, &lt, true);
 	ck_assert_ptr_nonnull(l);
 	ck_assert_int_eq(link_call(l, 1, ping, NULL, lt_reply, &lt), -1);  /* not up yet */
 	run_loop(lt.base, 10);

@@ -393,7 +393,9 @@ START_TEST(test_full)
 	ck_assert_uint_eq(cfg->cluster.url.db, 2);
 	ck_assert_str_eq(cfg->cluster.url.username, "smtpmux");
 	ck_assert_str_eq(cfg->cluster.url.password, "redis-secret");
-	ck_assert_str_eq(cfg->cluster.url.display, "redis://redis.example.com:6380/2");
+	ck_assert_str_eq(cfg->cluster.url.display, "rediss://redis.example.com:6380/2");
+	ck_assert(cfg->cluster.url.tls);
+	ck_assert_ptr_nonnull(cfg->cluster.tls);       /* tls_ca, tls_cert, tls_key loaded */
 	ck_assert_str_eq(cfg->cluster.key_prefix, "relay1:");
 	ck_assert_uint_eq(cfg->cluster.timeout_ms, 100);
 	ck_assert_uint_eq(cfg->cluster.connect_timeout_ms, 500);
@@ -990,10 +992,12 @@ static const struct bad_case bad_cases[] = {
 	  "malformed $y$ password hash (make one with smtpmuxd -H)", false },
 	{ "bad_rewrite_from.yaml", false, 7, "users[0].downstreams[0].rewrite_from",
 	  "\"Alerts <alerts@example.com>\" is not an e-mail address (or \"user\")", false },
-	{ "bad_cluster_tls.yaml", false, 7, "cluster.redis",
-	  "TLS to Redis (rediss://) is not supported by this build: run a local TLS tunnel "
-	  "(stunnel, spiped, haproxy) and point redis:// or unix: at it (see smtpmux.yaml(5))",
-	  false },
+	{ "bad_cluster_tls.yaml", false, 8, "cluster.tls_ca",
+	  "only for a rediss:// address (TLS)", false },
+	{ "bad_cluster_tls_ca.yaml", false, 8, "cluster.tls_ca",
+	  "/missing-redis-ca.pem: No such file or directory", true },
+	{ "bad_cluster_tls_key.yaml", false, 9, "cluster.tls_cert",
+	  "needs tls_key (its private key)", false },
 	{ "bad_cluster_username.yaml", false, 8, "cluster.username",
 	  "needs a password: in redis: or in password_file (ACL users log in with one)", false },
 	{ "bad_rewrite_from_user.yaml", false, 8, "users[0].downstreams[0].rewrite_from",
@@ -1129,6 +1133,36 @@ START_TEST(test_bool_words)
 }
 END_TEST
 
+/* rediss://: the CA and the client's certificate and key are loaded with
+ * the configuration (relative to it), so a broken one refuses it. */
+START_TEST(test_cluster_tls_files)
+{
+	char path[512], err[512] = "";
+	struct config *cfg;
+	const char *head = "users: [{email: a@b, password: pw, downstreams: "
+	    "[{addr: \"127.0.0.1:2526\"}]}]\ncluster:\n  redis: \"rediss://127.0.0.1:6380/1\"\n";
+	char text[1024];
+
+	/* full.yaml loads a good set. */
+	snprintf(path, sizeof(path), "%s/rediss-%d.yaml", tmpdir, (int)getpid());
+	snprintf(text, sizeof(text), "%s  tls_ca: ca.crt\n  tls_cert: server.crt\n"
+	    "  tls_key: other.key\n", head);
+	write_file(tmpdir, strrchr(path, '/') + 1, text);
+	ck_assert_ptr_null(config_load(path, err, sizeof(err)));
+	ck_assert_msg(strstr(err, ":5: cluster.tls_cert: cannot load certificate ") != NULL &&
+	    strstr(err, "other.key") != NULL, "%s", err);
+
+	/* Without TLS nothing is loaded. */
+	write_file(tmpdir, strrchr(path, '/') + 1, "users: [{email: a@b, password: pw, "
+	    "downstreams: [{addr: \"127.0.0.1:2526\"}]}]\ncluster: {redis: \"redis://h\"}\n");
+	cfg = load_ok(path);
+	ck_assert(!cfg->cluster.url.tls);
+	ck_assert_ptr_null(cfg->cluster.tls);
+	config_free(cfg);
+	unlink(path);
+}
+END_TEST
+
 /* ---- cluster.redis: the address parser ---- */
 
 struct url_case {
@@ -1136,33 +1170,43 @@ struct url_case {
 	const char *host, *port, *socket, *user, *password, *display;
 	unsigned db;
 	const char *error;               /* NULL: parses */
+	bool tls;
 };
 
 static const struct url_case url_cases[] = {
 	{ "redis://127.0.0.1", "127.0.0.1", "6379", NULL, NULL, NULL,
-	  "redis://127.0.0.1:6379/0", 0, NULL },
+	  "redis://127.0.0.1:6379/0", 0, NULL, false },
 	{ "redis://:s3cr%40t@redis.example.com:6380/3", "redis.example.com", "6380", NULL, NULL,
-	  "s3cr@t", "redis://redis.example.com:6380/3", 3, NULL },
+	  "s3cr@t", "redis://redis.example.com:6380/3", 3, NULL, false },
 	{ "redis://relay:pw@[::1]:7000/1", "::1", "7000", NULL, "relay", "pw",
-	  "redis://[::1]:7000/1", 1, NULL },
-	{ "redis://pw@host", "host", "6379", NULL, NULL, "pw", "redis://host:6379/0", 0, NULL },
+	  "redis://[::1]:7000/1", 1, NULL, false },
+	{ "redis://pw@host", "host", "6379", NULL, NULL, "pw", "redis://host:6379/0", 0, NULL, false },
 	{ "unix:/run/redis/redis.sock", NULL, NULL, "/run/redis/redis.sock", NULL, NULL,
-	  "unix:/run/redis/redis.sock?db=0", 0, NULL },
+	  "unix:/run/redis/redis.sock?db=0", 0, NULL, false },
 	{ "unix:///run/redis.sock?db=5", NULL, NULL, "/run/redis.sock", NULL, NULL,
-	  "unix:/run/redis.sock?db=5", 5, NULL },
-	{ "rediss://host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "TLS to Redis" },
-	{ "http://host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "must start with" },
-	{ "redis://host:0", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port" },
-	{ "redis://host:99999", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port" },
-	{ "redis://host/x", NULL, NULL, NULL, NULL, NULL, NULL, 0, "database" },
-	{ "redis://", NULL, NULL, NULL, NULL, NULL, NULL, 0, "no host" },
-	{ "redis://[::1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "missing ]" },
-	{ "redis://:%4@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode" },
-	{ "redis://:%00@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode" },
-	{ "redis://ho st", NULL, NULL, NULL, NULL, NULL, NULL, 0, "blanks" },
-	{ "redis://host?db=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "/N" },
-	{ "unix:relative.sock", NULL, NULL, NULL, NULL, NULL, NULL, 0, "absolute path" },
-	{ "unix:/s?x=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "?db=N" },
+	  "unix:/run/redis.sock?db=5", 5, NULL, false },
+	{ "rediss://127.0.0.1:6380", "127.0.0.1", "6380", NULL, NULL, NULL,
+	  "rediss://127.0.0.1:6380/0", 0, NULL, true },
+	{ "rediss://relay:p%40ss@redis.example.com/2", "redis.example.com", "6379", NULL, "relay",
+	  "p@ss", "rediss://redis.example.com:6379/2", 2, NULL, true },
+	{ "rediss://[::1]:7000", "::1", "7000", NULL, NULL, NULL, "rediss://[::1]:7000/0", 0, NULL,
+	  true },
+	{ "rediss://", NULL, NULL, NULL, NULL, NULL, NULL, 0, "no host", false },
+	{ "rediss:/host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "must start with", false },
+	{ "rediss://host:0", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port", false },
+	{ "rediss://host?db=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "/N", false },
+	{ "http://host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "must start with", false },
+	{ "redis://host:0", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port", false },
+	{ "redis://host:99999", NULL, NULL, NULL, NULL, NULL, NULL, 0, "port", false },
+	{ "redis://host/x", NULL, NULL, NULL, NULL, NULL, NULL, 0, "database", false },
+	{ "redis://", NULL, NULL, NULL, NULL, NULL, NULL, 0, "no host", false },
+	{ "redis://[::1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "missing ]", false },
+	{ "redis://:%4@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode", false },
+	{ "redis://:%00@host", NULL, NULL, NULL, NULL, NULL, NULL, 0, "percent-encode", false },
+	{ "redis://ho st", NULL, NULL, NULL, NULL, NULL, NULL, 0, "blanks", false },
+	{ "redis://host?db=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "/N", false },
+	{ "unix:relative.sock", NULL, NULL, NULL, NULL, NULL, NULL, 0, "absolute path", false },
+	{ "unix:/s?x=1", NULL, NULL, NULL, NULL, NULL, NULL, 0, "?db=N", false },
 };
 
 static void
@@ -1197,6 +1241,7 @@ START_TEST(test_cluster_url)
 	ck_str_or_null(u.password, c->password, "password");
 	ck_str_or_null(u.display, c->display, "display");
 	ck_assert_uint_eq(u.db, c->db);
+	ck_assert_msg(u.tls == c->tls, "%s: tls %d", c->text, u.tls);
 	cluster_url_free(&u);
 }
 END_TEST
@@ -1403,6 +1448,7 @@ config_suite(void)
 	tcase_add_loop_test(tc, test_no_users_is_not_configured, 0,
 	    (int)(sizeof(no_users_files) / sizeof(no_users_files[0])));
 	tcase_add_loop_test(tc, test_bad, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
+	tcase_add_test(tc, test_cluster_tls_files);
 	tcase_add_loop_test(tc, test_cluster_url, 0, (int)(sizeof(url_cases) / sizeof(url_cases[0])));
 	tcase_add_test(tc, test_unreadable);
 	tcase_add_test(tc, test_alias_bomb);

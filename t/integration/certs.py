@@ -29,14 +29,15 @@ class TestCA:
         _certtool("--generate-self-signed", "--load-privkey", self.key, "--template", tmpl,
                   "--outfile", self.cert)
 
-    def issue(self, stem, dns_names=(), ips=()):
-        """Returns (cert, key) paths for a server certificate."""
+    def issue(self, stem, dns_names=(), ips=(), client=False):
+        """Returns (cert, key) paths for a server certificate (a client's
+        with client=True)."""
         key = os.path.join(self.dir, stem + ".key")
         cert = os.path.join(self.dir, stem + ".pem")
         tmpl = os.path.join(self.dir, stem + ".tmpl")
         names = list(dns_names) or ["localhost"]
-        lines = ['cn = "%s"' % names[0], "tls_www_server", "encryption_key", "signing_key",
-                 "expiration_days = 2"]
+        lines = ['cn = "%s"' % names[0], "tls_www_client" if client else "tls_www_server",
+                 "encryption_key", "signing_key", "expiration_days = 2"]
         lines += ['dns_name = "%s"' % n for n in names]
         lines += ['ip_address = "%s"' % ip for ip in ips]
         _template(tmpl, lines)

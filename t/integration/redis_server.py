@@ -9,6 +9,7 @@ test that started it.
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 
@@ -52,30 +53,58 @@ def _read(f):
     raise RespError("unexpected reply %r" % line)
 
 
-def command(port, *args, timeout=5.0):
-    """One command on a fresh connection; returns the decoded reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(_encode(args))
-        return _read(s.makefile("rb"))
+def command(port, *args, timeout=5.0, tls=None, password=None):
+    """One command on a fresh connection; returns the decoded reply.
+    tls: an ssl context for a TLS-only server."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        if tls is not None:
+            s = tls.wrap_socket(s, server_hostname="127.0.0.1")
+        with s.makefile("rb") as f:
+            if password:
+                s.sendall(_encode(["AUTH", password]))
+                _read(f)
+            s.sendall(_encode(args))
+            return _read(f)
+    finally:
+        s.close()
 
 
 class RedisServer:
-    def __init__(self, tmpdir, port=None, password=None):
+    """tls: a certs.TestCA; the server then listens with TLS only, with a
+    certificate for 127.0.0.1 from that CA, and with auth_clients asks the
+    clients for one too (the test's own client presents one)."""
+
+    def __init__(self, tmpdir, port=None, password=None, tls=None, auth_clients=False):
         self.dir = os.path.join(tmpdir, "redis")
         os.makedirs(self.dir, exist_ok=True)
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
+        self.auth_clients = auth_clients
         self.proc = None
+        self.ssl = None
+        if tls is not None:
+            self.cert, self.key = tls.issue("redis", ["localhost"], ["127.0.0.1"])
+            self.ssl = ssl.create_default_context(cafile=tls.cert)
+            if auth_clients:
+                self.ssl.load_cert_chain(*tls.issue("redis-client", ["client"], client=True))
 
     @property
     def url(self):
         auth = ":%s@" % self.password if self.password else ""
-        return "redis://%s127.0.0.1:%d/0" % (auth, self.port)
+        return "%s://%s127.0.0.1:%d/0" % ("rediss" if self.tls else "redis", auth, self.port)
 
     def start(self):
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [REDIS_SERVER, "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.dir,
                 "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert,
+                     "--tls-key-file", self.key, "--tls-ca-cert-file", self.tls.cert,
+                     "--tls-auth-clients", "yes" if self.auth_clients else "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -92,13 +121,7 @@ class RedisServer:
             return False
 
     def command(self, *args):
-        if self.password:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall(_encode(["AUTH", self.password]) + _encode(args))
-                f = s.makefile("rb")
-                _read(f)
-                return _read(f)
-        return command(self.port, *args)
+        return command(self.port, *args, tls=self.ssl, password=self.password)
 
     def kill(self, sig=signal.SIGKILL):
         if self.proc is not None and self.proc.poll() is None:

@@ -12,6 +12,7 @@ import re
 import signal
 import unittest
 
+from certs import TestCA
 from harness import (Daemon, DaemonTestCase, free_port, make_message, plain_downstream,
                      send, user_entry, wait_until)
 from redis_server import RedisServer
@@ -191,6 +192,64 @@ class TestRedisDown(ClusterTestCase):
         self.wait_linked(a)
         self.assertEqual(self.send_to(a, 2)[0], 250)
         self.assertEqual(ds.handler.count(), 3)
+
+
+class TestTLS(ClusterTestCase):
+    """rediss://: a redis-server that speaks only TLS, reached through the
+    link's GnuTLS bridge."""
+
+    def setUp(self):
+        super().setUp()
+        self.ca = TestCA(os.path.join(self.tmpdir, "ca"))
+
+    def test_shared_quota_over_tls_is_exact_across_instances(self):
+        redis = self.redis(tls=self.ca)
+        ds = self.downstream()
+        users = [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=4)])]
+        # Where the bridges' private sockets are made (a /tmp for `nobody`).
+        tmp = os.path.join(self.tmpdir, "tmp")
+        os.makedirs(tmp)
+        os.chmod(tmp, 0o1777)
+        a, b = self.pair(redis, users, queue={"enabled": False}, tmp_dir=tmp,
+                         cluster=self.cluster(redis, tls_ca=self.ca.cert))
+        a.wait_log("cluster: connected to rediss://127.0.0.1:%d/0 (Redis " % redis.port)
+        codes = [self.send_to(a if i % 2 == 0 else b, i)[0] for i in range(10)]
+        self.assertEqual(codes.count(250), 4, codes)
+        self.assertEqual(codes.count(451), 6, codes)
+        self.assertEqual(ds.handler.count(), 4)
+        self.assertEqual(redis.command("ZCARD", "smtpmux:ds:{%s}:hour" % ds.addr), 4)
+        # Each socket went away once hiredis was connected to it.
+        self.assertEqual(os.listdir(tmp), [])
+
+    def test_untrusted_certificate_keeps_the_link_down_and_mail_flowing(self):
+        redis = self.redis(tls=self.ca)
+        other = TestCA(os.path.join(self.tmpdir, "other"), "untrusted CA")
+        ds = self.downstream()
+        users = [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=1)])]
+        a = self.instance("a", {"allow_insecure_auth": True, "workers": 1, "users": users,
+                                "queue": {"enabled": False},
+                                "cluster": self.cluster(redis, tls_ca=other.cert)})
+        a.wait_log("cluster: cannot reach %s (TLS to 127.0.0.1: certificate verify failed"
+                   % redis.url)
+        self.assertIn("link down in 0 of 1 workers", a.status())
+        # Decided locally: the instance's own quota, nothing in Redis.
+        self.assertEqual([self.send_to(a, i)[0] for i in range(2)], [250, 451])
+        self.assertEqual(ds.handler.count(), 1)
+        self.assertEqual(redis.command("DBSIZE"), 0)
+        self.assertNotIn("cluster: connected", a.log_text())
+
+    def test_client_certificate_for_tls_auth_clients(self):
+        redis = self.redis(tls=self.ca, auth_clients=True)
+        cert, key = self.ca.issue("smtpmux-client", ["smtpmux"], client=True)
+        ds = self.downstream()
+        users = [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_hour=5)])]
+        a = self.instance("a", {"allow_insecure_auth": True, "workers": 1, "users": users,
+                                "cluster": self.cluster(redis, tls_ca=self.ca.cert,
+                                                        tls_cert=cert, tls_key=key)})
+        self.wait_linked(a)
+        self.assertEqual(self.send_to(a, 0)[0], 250)
+        self.assertEqual(ds.handler.count(), 1)
+        self.assertEqual(redis.command("ZCARD", "smtpmux:ds:{%s}:hour" % ds.addr), 1)
 
 
 if __name__ == "__main__":
