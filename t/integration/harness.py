@@ -201,6 +201,13 @@ class Daemon:
         os.chmod(tmpdir, 0o711)
         self.config_path = os.path.join(tmpdir, "smtpmux.yaml")
         self.log_path = os.path.join(tmpdir, "smtpmuxd.log")
+        # valgrind opens a report per process, also in a child that an
+        # unprivileged helper forks (a token_command before its exec):
+        # a folder every user may add to.
+        self.vg_dir = os.path.join(tmpdir, "vg")
+        if os.environ.get("SMTPMUX_VALGRIND") and not os.path.isdir(self.vg_dir):
+            os.mkdir(self.vg_dir)
+            os.chmod(self.vg_dir, 0o1733)
         self.env = dict(os.environ, SMTPMUX_SELECTOR_PATH=SELECTORS)
         self.env.pop("USE_INSECURE_AUTH", None)
         if env:
@@ -224,17 +231,15 @@ class Daemon:
                    "--trace-children-skip=/bin/*,/usr/bin/*,/usr/local/bin/*", "--leak-check=full",
                    "--suppressions=%s" % os.path.join(SRCDIR, "t", "valgrind.supp"),
                    "--errors-for-leak-kinds=definite", "--error-exitcode=99",
-                   "--log-file=%s.vg.%%p" % self.log_path] + cmd
+                   "--log-file=%s/smtpmuxd.vg.%%p" % self.vg_dir] + cmd
         return cmd
 
     def valgrind_reports(self):
         """What valgrind said about the processes of this daemon, if it ran them."""
-        folder, prefix = os.path.split(self.log_path + ".vg.")
         text = ""
-        for name in sorted(os.listdir(folder)):
-            if name.startswith(prefix):
-                with open(os.path.join(folder, name), errors="replace") as f:
-                    text += "\n%s:\n%s" % (name, f.read())
+        for name in sorted(os.listdir(self.vg_dir)) if os.path.isdir(self.vg_dir) else []:
+            with open(os.path.join(self.vg_dir, name), errors="replace") as f:
+                text += "\n%s:\n%s" % (name, f.read())
         return text
 
     def start(self, timeout=READY_TIMEOUT):
@@ -422,8 +427,9 @@ class DaemonTestCase(unittest.TestCase):
         (what its threads held is "lost": nothing runs its clean-up); with d,
         also the reports of the processes its master saw killed by signal 6."""
         killed = set(re.findall(r"pid=(\d+) slot=\d+ killed by signal 6", d.log_text())) if d else set()
-        for name in os.listdir(self.tmpdir):
-            path = os.path.join(self.tmpdir, name)
+        vg_dir = os.path.join(self.tmpdir, "vg")
+        for name in os.listdir(vg_dir) if os.path.isdir(vg_dir) else []:
+            path = os.path.join(vg_dir, name)
             if ".vg." not in name:
                 continue
             with open(path, errors="replace") as f:
@@ -443,10 +449,10 @@ class DaemonTestCase(unittest.TestCase):
             # A sanitizer build (./configure --enable-sanitizers) reports to
             # stderr, which is this log, from the master and every worker.
             self.assertNotRegex(d.log_text(), r"ERROR: \w+Sanitizer|runtime error:")
-        if os.environ.get("SMTPMUX_VALGRIND"):
-            for name in os.listdir(self.tmpdir):
+        if os.environ.get("SMTPMUX_VALGRIND") and os.path.isdir(d.vg_dir):
+            for name in os.listdir(d.vg_dir):
                 if ".vg." in name:
-                    with open(os.path.join(self.tmpdir, name)) as f:
+                    with open(os.path.join(d.vg_dir, name)) as f:
                         report = f.read()
                     # --quiet: only errors are reported; any leak record or
                     # memory error fails the test.
