@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "health_layout.h"
+#include "fd_write.h"
 #include "log.h"
 
 struct image_layout {
@@ -125,22 +126,6 @@ health_image(const struct health *h, size_t *len)
 	return img;
 }
 
-static int
-write_all(int fd, const unsigned char *p, size_t len)
-{
-	while (len > 0) {
-		ssize_t n = write(fd, p, len);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /*
  * A new file next to path, renamed over it: never a half-written state
  * file, and never a write through a symlink or into a file someone else
@@ -159,7 +144,7 @@ file_replace(const char *path, const unsigned char *img, size_t len, struct stat
 	}
 	if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0)
 		return -1;
-	if (write_all(fd, img, len) < 0 || fstat(fd, st) < 0 || close(fd) < 0) {
+	if (fd_write_all(fd, img, len) < 0 || fstat(fd, st) < 0 || close(fd) < 0) {
 		saved = errno;
 		close(fd);
 		unlink(tmp);

@@ -11,6 +11,7 @@
 #include <event2/buffer.h>
 
 #include "msgbody.h"
+#include "fd_write.h"
 
 /*
  * A body lives in an evbuffer until it would pass the threshold; then the
@@ -91,25 +92,6 @@ msgbody_free(struct msgbody *b)
 }
 
 static int
-write_all(int fd, const void *data, size_t len)
-{
-	const char *p = data;
-	ssize_t n;
-
-	while (len > 0) {
-		n = write(fd, p, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int
 open_unlinked_tmp(const char *dir)
 {
 	char path[PATH_MAX];
@@ -144,7 +126,7 @@ spill_to_file(struct msgbody *b)
 		if (n > 16)
 			n = 16;
 		for (i = 0; i < n; i++) {
-			if (write_all(fd, vec[i].iov_base, vec[i].iov_len) == -1)
+			if (fd_write_all(fd, vec[i].iov_base, vec[i].iov_len) == -1)
 				goto fail;
 			evbuffer_drain(b->mem, vec[i].iov_len);
 		}
@@ -178,7 +160,7 @@ msgbody_append(struct msgbody *b, const void *data, size_t len)
 			errno = ENOMEM;
 			return -1;
 		}
-	} else if (write_all(b->fd, data, len) == -1)
+	} else if (fd_write_all(b->fd, data, len) == -1)
 		return -1;
 	b->size += len;
 	return 0;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "auth.h"
+#include "fd_write.h"
 #include "secret_file.h"
 
 static const char *
@@ -102,22 +103,6 @@ secret_file_read(const char *name, const char *config_dir, char *why, size_t why
 	return secret_file_read_path(path, SECRET_MAX, why, whylen);
 }
 
-static int
-write_all(int fd, const char *p, size_t len)
-{
-	while (len > 0) {
-		ssize_t n = write(fd, p, len);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -1;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /* The rename is durable only once the folder's entry is on disk too. */
 static int
 sync_folder(const char *path)
@@ -153,8 +138,8 @@ secret_file_replace(const char *path, const char *value, char *why, size_t whyle
 		snprintf(why, whylen, "cannot write %s: %s", tmp, strerror(errno));
 		return -1;
 	}
-	if (fchmod(fd, 0600) < 0 || write_all(fd, value, strlen(value)) < 0 ||
-	    write_all(fd, "\n", 1) < 0 || fsync(fd) < 0) {
+	if (fchmod(fd, 0600) < 0 || fd_write_all(fd, value, strlen(value)) < 0 ||
+	    fd_write_all(fd, "\n", 1) < 0 || fsync(fd) < 0) {
 		saved = errno;
 		close(fd);
 		unlink(tmp);

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "queue_sched.h"
+#include "fd_write.h"
 #include "spool_int.h"
 
 /*
@@ -441,24 +442,6 @@ spool_scan(struct spool *sp, void (*fn)(const char *name, bool bad, void *arg), 
 
 /* --- the runner's updates */
 
-int
-spool_write_all(int fd, const void *data, size_t len)
-{
-	const char *p = data;
-	ssize_t n;
-
-	while (len > 0) {
-		n = write(fd, p, len);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -1;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /*
  * Not fsync()ed: a state lost to a power cut only brings the message back
  * sooner, with fewer attempts counted; never lost or doubled.
@@ -481,7 +464,7 @@ spool_write_state(struct spool *sp, const char *id, const struct spool_env *env)
 		free(text);
 		return -1;
 	}
-	rc = spool_write_all(fd, text, len);
+	rc = fd_write_all(fd, text, len);
 	saved = errno;
 	free(text);
 	if (close(fd) < 0 && rc == 0) {

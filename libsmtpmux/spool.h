@@ -66,8 +66,6 @@ int spool_publish(struct spool *, const char *tmpname, char id[SPOOL_ID_LEN + 1]
 /* Undoes spool_publish() for a message whose commit failed afterwards. */
 void spool_unpublish(struct spool *, const char *id);
 void spool_tmp_remove(struct spool *, const char *name);
-/* write() until all is written; -1 (errno) on error. */
-int spool_write_all(int fd, const void *data, size_t len);
 /* fsync() of msg/: makes the renames durable. */
 int spool_sync(struct spool *);
 

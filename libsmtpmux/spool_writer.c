@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "queue_sched.h"
+#include "fd_write.h"
 #include "spool.h"
 #include "spool_writer.h"
 
@@ -112,7 +113,7 @@ copy_body(int to, int from, uint64_t off, uint64_t size)
 				errno = EIO;         /* the body file is shorter than it said */
 			return -1;
 		}
-		if (spool_write_all(to, buf, (size_t)n) < 0)
+		if (fd_write_all(to, buf, (size_t)n) < 0)
 			return -1;
 		off += (uint64_t)n;
 		size -= (uint64_t)n;
@@ -144,8 +145,8 @@ write_one(struct spool_writer *w, struct spool_job *j, uint64_t *batch_bytes)
 		job_fail(j, "create");
 		return;
 	}
-	if (spool_write_all(j->fd, j->head, j->head_len) < 0 ||
-	    (j->mem != NULL ? spool_write_all(j->fd, j->mem, (size_t)j->body_size) :
+	if (fd_write_all(j->fd, j->head, j->head_len) < 0 ||
+	    (j->mem != NULL ? fd_write_all(j->fd, j->mem, (size_t)j->body_size) :
 	    copy_body(j->fd, j->body_fd, j->body_off, j->body_size)) < 0) {
 		job_fail(j, "write");
 		return;

@@ -27,6 +27,7 @@
 #include "msgbody.h"
 #include "queue_sched.h"
 #include "queue_stats.h"
+#include "fd_write.h"
 #include "spool.h"
 #include "spool_format.h"
 #include "spool_writer.h"
@@ -912,7 +913,7 @@ START_TEST(test_reuse)
 	ck_assert_int_ge(locked = open(path, O_RDONLY), 0);
 	ck_assert_int_eq(flock(locked, LOCK_EX | LOCK_NB), -1);           /* the writer's */
 	close(locked);
-	ck_assert_int_eq(spool_write_all(fd, "new", 3), 0);
+	ck_assert_int_eq(fd_write_all(fd, "new", 3), 0);
 	ck_assert_int_eq(spool_publish(writer, "w1-0", id, &rng), 0);
 	close(fd);
 	ck_assert_int_eq(inode_of("msg", id), ino);
