@@ -128,12 +128,12 @@ state_int(const redisReply *r, size_t i)
 	    r->element[i]->integer : 0;
 }
 
-/* A reply of BEGIN, END or MERGE: verdict, trial, window, STATE. */
+/* A reply of BEGIN, END or MERGE: verdict, trial, window, STATE, reopens. */
 static bool
 reply_shape(const redisReply *r)
 {
 	return r != NULL && r->type == REDIS_REPLY_ARRAY &&
-	    r->elements == CLUSTER_R_STATE + CLUSTER_S_FIELDS;
+	    r->elements == CLUSTER_R_FIELDS;
 }
 
 /* A time of the server's clock on ours (seconds, rounded up). */
@@ -143,6 +143,15 @@ local_time(int64_t srv, int64_t srv_now, time_t now)
 	int64_t d = srv - srv_now;
 
 	return now + (time_t)(d > 0 ? (d + 999) / 1000 : -((-d) / 1000));
+}
+
+/* Field i of a reply, a time of the server's clock, on ours (0 stays 0). */
+static time_t
+server_time(const redisReply *r, size_t i)
+{
+	int64_t t = state_int(r, i);
+
+	return t > 0 ? local_time(t, state_int(r, CLUSTER_R_STATE + CLUSTER_S_NOW), time(NULL)) : 0;
 }
 
 static void
@@ -323,6 +332,8 @@ on_begin(void *arg, redisReply *r)
 			c->att->trial = state_int(r, CLUSTER_R_TRIAL) == 1;
 			c->admit(c->arg, CLUSTER_ADMIT_OK, NULL);
 		} else {
+			if (v == CLUSTER_OVER_QUOTA)
+				c->att->reopens = server_time(r, CLUSTER_R_REOPENS);
 			c->admit(c->arg, v == CLUSTER_OVER_QUOTA ? CLUSTER_ADMIT_OVER_QUOTA :
 			    CLUSTER_ADMIT_LATER, refusal(v));
 		}

@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <event2/event.h>
 
@@ -57,6 +58,8 @@ struct cluster_attempt {
 	bool shared;                     /* admitted by the cluster: its END goes there */
 	bool uncertain;                  /* BEGIN sent, no answer: Redis may hold its place */
 	bool trial;                      /* it holds the cluster's half-open trial */
+	time_t reopens;                  /* refused over quota: when the cluster's full
+	                                    windows have room again (our clock; 0: unknown) */
 };
 
 enum cluster_admit {

@@ -36,19 +36,38 @@
 "  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)\n" \
 "  return redis.call('ZCARD', k)\n" \
 "end\n" \
-"local function reply(verdict, trial, win, h, now, c)\n" \
+"local function reply(verdict, trial, win, h, now, c, reopens)\n" \
 "  local tu = 0\n" \
 "  if held(h, now) then tu = h.trial_until end\n" \
 "  return {verdict, trial, win, now, h.open_until, h.cooldown, tu, h.throttled_until,\n" \
-"    h.fails, c[1], c[2], c[3]}\n" \
+"    h.fails, c[1], c[2], c[3], reopens or 0}\n" \
 "end\n"
 
+/*
+ * When every full window has room again: in each, the entry whose end
+ * leaves count - limit + 1 fewer stops counting (its score), the latest
+ * over the windows. An entry still under way (a lease longer than the
+ * window) has no known end: 0, as health_quota_reopens() says then.
+ */
 static const char begin_lua[] = PROLOGUE
+"local function reopening(c, limit, now)\n"
+"  local at = 0\n"
+"  for w = 1, 3 do\n"
+"    if c[w] >= 0 and c[w] >= limit[w] then\n"
+"      local i = c[w] - limit[w]\n"
+"      local e = redis.call('ZRANGE', KEYS[w + 1], i, i, 'WITHSCORES')\n"
+"      local s = tonumber(e[2])\n"
+"      if not s or s > now + SPAN[w] then return 0 end\n"
+"      if s > at then at = s end\n"
+"    end\n"
+"  end\n"
+"  return at\n"
+"end\n"
 "local now = clock(ARGV[1])\n"
 "local gated, member, lease = ARGV[2] == '1', ARGV[3], tonumber(ARGV[4])\n"
 "local limit = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}\n"
 "local h = hload(KEYS[1])\n"
-"local c, verdict, trial, win = {-1, -1, -1}, 0, 0, 0\n"
+"local c, verdict, trial, win, at = {-1, -1, -1}, 0, 0, 0, 0\n"
 "if gated and h.throttled_until > now then verdict = 2\n"
 "elseif h.open_until > 0 and now < h.open_until then\n"
 "  if gated then verdict = 1 end\n"
@@ -62,7 +81,7 @@ static const char begin_lua[] = PROLOGUE
 "    c[w] = counted(KEYS[w + 1], limit[w], now)\n"
 "    if c[w] >= 0 and c[w] >= limit[w] and win == 0 then win = w end\n"
 "  end\n"
-"  if win > 0 then verdict, trial = 4, 0 else\n"
+"  if win > 0 then verdict, trial, at = 4, 0, reopening(c, limit, now) else\n"
 "    for w = 1, 3 do\n"
 "      if limit[w] > 0 then\n"
 "        redis.call('ZADD', KEYS[w + 1], now + lease, member)\n"
@@ -76,7 +95,7 @@ static const char begin_lua[] = PROLOGUE
 "    end\n"
 "  end\n"
 "end\n"
-"return reply(verdict, trial, win, h, now, c)\n";
+"return reply(verdict, trial, win, h, now, c, at)\n";
 
 static const char end_lua[] = PROLOGUE
 "local now = clock(ARGV[1])\n"

@@ -29,7 +29,9 @@
  *   when any of them is full.
  *   Reply: verdict (0 admitted, 1 circuit open, 2 throttled, 3 trial taken,
  *   4 over quota), trial (1: member holds the half-open trial), full window
- *   (1..3 or 0), then the STATE below.
+ *   (1..3 or 0), then the STATE below, then REOPENS: over quota, when every
+ *   full window has room again (the latest moment an entry that frees it
+ *   stops counting; 0 when one of them is an attempt still under way).
  *
  * END (same KEYS; ARGV now member outcome ago_ms mode limit_minute
  *   limit_hour limit_day calendar fail_threshold cooldown max_cooldown
@@ -39,12 +41,12 @@
  *   counts consecutive failures and moves the circuit as health.c does;
  *   replay (an attempt decided while the link was down) only resolves the
  *   half-open trial member may hold; probe is a prober's verdict (no
- *   member, no quota). Reply: 0, trial, 0, STATE.
+ *   member, no quota). Reply: 0, trial, 0, STATE, 0.
  *
  * MERGE (KEYS health; ARGV now open_in_ms cooldown throttled_in_ms):
  *   this instance's open circuit (open_in_ms > 0) and throttle, found
  *   while the link was down, join the shared ones: the later end wins.
- *   Reply: 0, 0, 0, STATE.
+ *   Reply: 0, 0, 0, STATE, 0.
  *
  * REPUBLISH (KEYS one window; ARGV now span_ms lease_ms, then member and
  *   expiry_in_ms pairs): Redis lost its data (its epoch key changed): the
@@ -73,6 +75,9 @@ enum cluster_state_field {
 	CLUSTER_S_THROTTLED_UNTIL, CLUSTER_S_FAILS, CLUSTER_S_COUNT, CLUSTER_S_FIELDS =
 	    CLUSTER_S_COUNT + 3
 };
+/* After the STATE: when BEGIN refused for full windows, the moment they
+ * all have room again (0: unknown, or not refused for a quota). */
+enum { CLUSTER_R_REOPENS = CLUSTER_R_STATE + CLUSTER_S_FIELDS, CLUSTER_R_FIELDS };
 
 enum cluster_verdict {
 	CLUSTER_ADMITTED, CLUSTER_DOWN, CLUSTER_THROTTLED, CLUSTER_TRIAL_TAKEN,

@@ -482,11 +482,18 @@ attempt_done(void *arg, const struct upstream_result *res)
 	evtimer_add(r->kick, &now);
 }
 
-/* A downstream skipped for its quota: when may it take a message again? */
+/*
+ * A downstream skipped for its quota: when may it take a message again?
+ * When this instance's windows and the cluster's (cluster_reopens, 0 when
+ * it did not refuse) both have room: the later of the two.
+ */
 static void
-note_quota(struct relay *r, const struct downstream_cfg *ds, time_t now)
+note_quota(struct relay *r, const struct downstream_cfg *ds, time_t now, time_t cluster_reopens)
 {
 	time_t reopens = health_quota_reopens(ds->health, ds, now);
+
+	if (cluster_reopens > reopens)
+		reopens = cluster_reopens;
 
 	if (reopens > 0 && (r->quota_reopens == 0 || reopens < r->quota_reopens))
 		r->quota_reopens = reopens;
@@ -617,10 +624,11 @@ attempt_go(struct relay *r, const struct downstream_cfg *ds, size_t idx, time_t 
 	return false;
 }
 
-/* Acts on an admission; true when an attempt is under way. */
+/* Acts on an admission; true when an attempt is under way. cluster_reopens:
+ * the cluster refused it over quota, its windows have room then. */
 static bool
 admit_apply(struct relay *r, const struct downstream_cfg *ds, size_t idx, enum admit a,
-    const char *why, time_t now)
+    const char *why, time_t cluster_reopens, time_t now)
 {
 	switch (a) {
 	case ADMIT_GO:
@@ -631,7 +639,7 @@ admit_apply(struct relay *r, const struct downstream_cfg *ds, size_t idx, enum a
 	case ADMIT_SKIP:
 		log_skipped(r, ds, "connect", why != NULL ? why : refusal_reason(r, ds, now));
 		r->retry_later = true;   /* the quota comes back; so may the message */
-		note_quota(r, ds, now);
+		note_quota(r, ds, now, cluster_reopens);
 		return false;
 	default:
 		return true;
@@ -646,6 +654,7 @@ admitted(void *arg, enum cluster_admit verdict, const char *why)
 	const struct downstream_cfg *ds = &r->user->downstreams[r->cand];
 	struct timeval zero = { 0, 0 };
 	enum admit a = ADMIT_GO;
+	time_t reopens = 0;
 
 	r->pending = NULL;
 	if (verdict != CLUSTER_ADMIT_OK)
@@ -659,13 +668,14 @@ admitted(void *arg, enum cluster_admit verdict, const char *why)
 		break;
 	case CLUSTER_ADMIT_OVER_QUOTA:
 		a = ADMIT_SKIP;
+		reopens = r->att.reopens;
 		break;
 	case CLUSTER_ADMIT_LOCAL:
 		a = admit_local(r, ds, r->cand_last_resort, r->cand_now);
 		why = NULL;
 		break;
 	}
-	if (!admit_apply(r, ds, r->cand, a, why, r->cand_now))
+	if (!admit_apply(r, ds, r->cand, a, why, reopens, r->cand_now))
 		evtimer_add(r->kick, &zero);
 }
 
@@ -710,7 +720,7 @@ relay_step(evutil_socket_t fd, short what, void *arg)
 		}
 		if (!last_resort && !token_ready(r, ds))
 			continue;
-		if (admit_apply(r, ds, idx, admit(r, ds, idx, last_resort, now), NULL, now))
+		if (admit_apply(r, ds, idx, admit(r, ds, idx, last_resort, now), NULL, 0, now))
 			return;
 	}
 	finish(r, false);

@@ -113,14 +113,22 @@ ms(long long t, char buf[32])
 	return buf;
 }
 
+/* BEGIN at t (lease 300 s, no day limit); the reply (free it). */
+static redisReply *
+begin_reply(long long t, bool gated, const char *member, const char *minute, const char *hour)
+{
+	char now[32];
+	const char *args[] = { ms(t, now), gated ? "1" : "0", member, "300000", minute, hour, "0" };
+
+	return run(CLUSTER_BEGIN, 7, args);
+}
+
 /* BEGIN at t; returns the verdict, *trial the trial flag. */
 static long long
 begin(long long t, bool gated, const char *member, const char *minute, const char *hour,
     int *trial)
 {
-	char now[32];
-	const char *args[] = { ms(t, now), gated ? "1" : "0", member, "300000", minute, hour, "0" };
-	redisReply *r = run(CLUSTER_BEGIN, 7, args);
+	redisReply *r = begin_reply(t, gated, member, minute, hour);
 	long long v = field(r, CLUSTER_R_VERDICT);
 
 	if (trial != NULL)
@@ -198,6 +206,58 @@ START_TEST(test_calendar_window)
 	freeReplyObject(r);
 	ck_assert_int_eq(begin(minute_end - 1, true, "c1", "1", "0", NULL), CLUSTER_OVER_QUOTA);
 	ck_assert_int_eq(begin(minute_end, true, "c1", "1", "0", NULL), CLUSTER_ADMITTED);
+}
+END_TEST
+
+/* BEGIN at t over quota: when its full windows have room again. */
+static long long
+reopens(long long t, const char *member, const char *minute, const char *hour)
+{
+	redisReply *r = begin_reply(t, true, member, minute, hour);
+	long long at;
+
+	ck_assert_int_eq(field(r, CLUSTER_R_VERDICT), CLUSTER_OVER_QUOTA);
+	ck_assert_uint_eq(r->elements, CLUSTER_R_FIELDS);
+	at = field(r, CLUSTER_R_REOPENS);
+	freeReplyObject(r);
+	return at;
+}
+
+/* A refusal for full windows says when the queue may try again: the
+ * latest moment over the full windows that one of their entries stops
+ * counting (the oldest, or the one past the limit after a smaller limit). */
+START_TEST(test_over_quota_reopens)
+{
+	redisReply *r;
+
+	ck_assert_int_eq(begin(T, true, "q0", "2", "5", NULL), CLUSTER_ADMITTED);
+	end_free(T + 1000, "q0", "ok", "2", "5");        /* minute: until T+61000 */
+	ck_assert_int_eq(begin(T + 2000, true, "q1", "2", "5", NULL), CLUSTER_ADMITTED);
+	end_free(T + 3000, "q1", "ok", "2", "5");        /* minute: until T+63000 */
+	ck_assert_int_eq(reopens(T + 4000, "q2", "2", "5"), T + 61000);
+	/* a limit lowered below the count: the entry that brings it under */
+	ck_assert_int_eq(reopens(T + 4000, "q2", "1", "5"), T + 63000);
+	/* the hour full too: its entry ends last */
+	ck_assert_int_eq(reopens(T + 4000, "q2", "2", "2"), T + 1000 + 3600000);
+	/* the minute empty again, the hour still full */
+	ck_assert_int_eq(reopens(T + 63000, "q2", "2", "2"), T + 1000 + 3600000);
+	/* admitted, END and MERGE say 0 */
+	r = begin_reply(T + 63000, true, "q3", "2", "3");
+	ck_assert_int_eq(field(r, CLUSTER_R_VERDICT), CLUSTER_ADMITTED);
+	ck_assert_int_eq(field(r, CLUSTER_R_REOPENS), 0);
+	freeReplyObject(r);
+	r = end(T + 63000, "q3", "cancelled", "full", "2", "3", false);
+	ck_assert_uint_eq(r->elements, CLUSTER_R_FIELDS);
+	ck_assert_int_eq(field(r, CLUSTER_R_REOPENS), 0);
+	freeReplyObject(r);
+}
+END_TEST
+
+/* A window full of an attempt under way: when it ends is not known. */
+START_TEST(test_over_quota_under_way)
+{
+	ck_assert_int_eq(begin(T, true, "u0", "1", "0", NULL), CLUSTER_ADMITTED);
+	ck_assert_int_eq(reopens(T + 1000, "u1", "1", "0"), 0);
 }
 END_TEST
 
@@ -417,6 +477,8 @@ cluster_suite(void)
 	tcase_add_test(tc, test_rolling_window);
 	tcase_add_test(tc, test_calendar_window);
 	tcase_add_test(tc, test_pending_lease);
+	tcase_add_test(tc, test_over_quota_reopens);
+	tcase_add_test(tc, test_over_quota_under_way);
 	tcase_add_test(tc, test_circuit_and_one_trial);
 	tcase_add_test(tc, test_throttle);
 	tcase_add_test(tc, test_replay);

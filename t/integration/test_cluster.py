@@ -10,10 +10,12 @@ import copy
 import os
 import re
 import signal
+import subprocess
+import time
 import unittest
 
 from certs import TestCA
-from harness import (Daemon, DaemonTestCase, free_port, make_message, plain_downstream,
+from harness import (SMTPMUXD, Daemon, DaemonTestCase, free_port, make_message, plain_downstream,
                      send, user_entry, wait_until)
 from redis_server import RedisServer
 
@@ -67,6 +69,17 @@ class ClusterTestCase(DaemonTestCase):
     def send_to(self, daemon, i):
         return send(daemon.port, USER, PASSWORD, msg=make_message(subject="message %d" % i))
 
+    def tool(self, daemon, *args):
+        res = subprocess.run([SMTPMUXD, "-c", daemon.config_path] + list(args), env=daemon.env,
+                             capture_output=True, text=True, timeout=60)
+        return res.returncode, res.stdout + res.stderr
+
+    def due_in(self, daemon, qid):
+        """Seconds until the queued message qid's next attempt (`-s queue`)."""
+        code, out = self.tool(daemon, "-s", "queue")
+        self.assertEqual(code, 0, out)
+        return int(re.search(r"\bin (-?\d+)s\b", out.split(qid)[1]).group(1))
+
 
 class TestSharedQuota(ClusterTestCase):
     def test_max_per_hour_is_exact_across_instances(self):
@@ -98,12 +111,62 @@ class TestSharedQuota(ClusterTestCase):
         code, text = self.send_to(b, 1)
         self.assertEqual(code, 250)
         self.assertIn(b"queued as", text)
-        # Two retries by b's runner, each refused by the cluster's window.
-        b.wait_log("deferred: next attempt in", count=2)
+        qid = text.split(b"queued as ")[1].split()[0].decode()
+        # Due when the cluster's window has room (a's delivery leaves the
+        # hour), not after min_backoff: b's own window is empty.
+        self.assertAlmostEqual(self.due_in(b, qid), 3600, delta=5)
+        # A retry now by b's runner is refused by the cluster's window too,
+        # and waits for the same moment.
+        code, out = self.tool(b, "-s", "flush", qid)
+        self.assertEqual(code, 0, out)
+        line = b.wait_log("id=%s deferred: next attempt in" % qid) and \
+            re.search(r"id=%s deferred: next attempt in (\d+) s \(([^)]*)\)" % qid, b.log_text())
+        self.assertEqual(line.group(2), "when a quota window reopens")
+        self.assertAlmostEqual(int(line.group(1)), 3600, delta=5)
         self.assertEqual(ds.handler.count(), 1)
         self.assertEqual(redis.command("ZCARD", "smtpmux:ds:{%s}:hour" % ds.addr), 1)
         spooled = os.listdir(os.path.join(b.config["queue"]["dir"], "msg"))
         self.assertEqual(len([n for n in spooled if not n.endswith(".state")]), 1, spooled)
+
+    def test_queued_by_the_cluster_quota_is_delivered_when_its_window_reopens(self):
+        """Two a minute for both instances, four messages sent alternately:
+        the two each instance queues behind the cluster's full window (its
+        own holds one of two) are delivered the moment the cluster's window
+        has room, not after min_backoff (300 s), and no 60 s see a third."""
+        redis = self.redis()
+        ds = self.downstream()
+        arrivals = []
+        data = ds.handler.handle_DATA
+
+        async def timed(server, session, envelope):
+            reply = await data(server, session, envelope)
+            arrivals.append(time.time())
+            return reply
+        ds.handler.handle_DATA = timed
+        a, b = self.pair(redis, [user_entry(USER, PASSWORD, [plain_downstream(ds, max_per_minute=2)])],
+                         queue={"min_backoff": 300, "max_backoff": 300})
+        replies = [self.send_to(a if i % 2 == 0 else b, i) for i in range(4)]
+        self.assertEqual([c for c, _ in replies], [250] * 4, replies)
+        self.assertEqual([b"deferred" in t for _, t in replies], [False, False, True, True], replies)
+        queued = [(d, t.split(b"queued as ")[1].split()[0].decode())
+                  for d, (_, t) in zip((a, b), replies[2:])]
+        self.assertEqual(len(arrivals), 2)
+        # Each scheduled for when the first delivery leaves the cluster's window.
+        for d, qid in queued:
+            self.assertLessEqual(self.due_in(d, qid), 61)
+        wait_until(lambda: len(arrivals) == 4, timeout=120, what="the cluster's window to reopen")
+        got = sorted(int(re.search(rb"Subject: message (\d+)", m["data"]).group(1))
+                     for m in ds.messages)
+        self.assertEqual(got, [0, 1, 2, 3])
+        for i in (0, 1):
+            # the cluster counts in milliseconds, the runner wakes on whole seconds
+            self.assertGreater(arrivals[i + 2] - arrivals[i], 59.5, arrivals)
+            self.assertLess(arrivals[i + 2] - arrivals[i], 60 + 5, arrivals)
+        # A runner whose retry found the window full again (another instance
+        # took the place first) waited for the cluster's next reopening too.
+        for d in (a, b):
+            self.assertNotIn("(backoff)", d.log_text())
+        self.assertEqual(redis.command("ZCARD", "smtpmux:ds:{%s}:minute" % ds.addr), 2)
 
 
 class TestSharedHealth(ClusterTestCase):
