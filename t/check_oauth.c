@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -861,10 +862,22 @@ START_TEST(table_seqlock_race)
 
 	fixture_init(&f);
 	ck_assert_int_eq(pthread_create(&t, NULL, race_reader, &r), 0);
-	/* at least 20000 tokens, and until the reader has read many of them */
-	for (uint64_t n = 1; n <= 20000 || (atomic_load(&r.seen) < 2000 && n < 5000000); n++) {
+	/*
+	 * At least 20000 tokens, and until the reader has read many of them.
+	 * A reader that races a writer writing without pause gives up after
+	 * a few tries (that is the design), and on a loaded machine it can
+	 * lose nearly every race: every 1000 tokens the writer waits until
+	 * the reader has read one more, so the reads add up whatever the load.
+	 */
+	unsigned seen_before = 0;
+	for (uint64_t n = 1; n <= 20000 || atomic_load(&r.seen) < 2000; n++) {
 		memset(tok, 'a' + (int)(n % 26), sizeof(tok));
 		token_table_put(f.tt, 0, tok, TOKEN_MAX - n % 100, token_clock_ms() + 60000, 100);
+		if (n % 1000 == 0) {
+			while (atomic_load(&r.seen) == seen_before)
+				sched_yield();
+			seen_before = atomic_load(&r.seen);
+		}
 	}
 	r.stop = 1;
 	pthread_join(t, NULL);
