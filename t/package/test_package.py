@@ -322,6 +322,16 @@ class DebianPackageTest(unittest.TestCase):
         self.assertEqual(proc_status(master)["Uid"].split(), ["0"] * 4)
         workers = children(master)
         self.assertTrue(workers, "no workers")
+
+        def dropped(pid):
+            try:
+                return proc_status(pid)["Uid"].split() == [str(smtpmux.pw_uid)] * 4
+            except OSError:
+                return True              # gone: not ours to judge
+        # One greeting means one worker is ready: a child forked a moment
+        # ago (another worker, the queue runner) is still root until its
+        # set-up drops its privileges.
+        wait_until(lambda: all(dropped(w) for w in workers), what="every child to drop root")
         for w in workers:
             st = proc_status(w)
             self.assertEqual({int(u) for u in st["Uid"].split()}, {smtpmux.pw_uid}, st)
