@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include <event2/event.h>
+#include <event2/event_struct.h>
 
 #include "delivery.h"
 #include "log.h"
@@ -26,7 +27,7 @@ struct delivery {
 	struct spool_job *job;           /* the queue write, while it runs */
 	const char *mode;                /* "fallback", "always" or "shutdown", for the log */
 	struct relay_result result;      /* reported from the loop by ev_report */
-	struct event *ev_report;
+	struct event ev_report;          /* inside: no allocation of its own per message */
 };
 
 static bool
@@ -43,8 +44,7 @@ report_cb(evutil_socket_t fd, short what, void *arg)
 	void *done_arg = d->arg;
 	struct relay_result res = d->result;
 
-	event_free(d->ev_report);
-	free(d);
+	free(d);                         /* ev_report is not pending: it just ran */
 	done(done_arg, &res);
 }
 
@@ -54,7 +54,7 @@ static void
 report(struct delivery *d, const struct relay_result *res)
 {
 	d->result = *res;
-	event_active(d->ev_report, EV_TIMEOUT, 0);
+	event_active(&d->ev_report, EV_TIMEOUT, 0);
 }
 
 static void
@@ -186,7 +186,7 @@ delivery_new(struct runtime *rt, const struct user_cfg *user, const char *client
 	d->rt = rt;
 	d->user = user;
 	snprintf(d->client, sizeof(d->client), "%s", client_addr != NULL ? client_addr : "");
-	if ((d->ev_report = event_new(rt->base, -1, 0, report_cb, d)) == NULL) {
+	if (event_assign(&d->ev_report, rt->base, -1, 0, report_cb, d) != 0) {
 		free(d);
 		return NULL;
 	}
@@ -227,7 +227,6 @@ delivery_start(struct runtime *rt, const struct user_cfg *user,
 	d->mode = "fallback";
 	d->relay = relay_start(rt, user, msg, size, client_addr, relayed, d);
 	if (d->relay == NULL) {
-		event_free(d->ev_report);
 		free(d);
 		return NULL;
 	}
@@ -297,6 +296,6 @@ delivery_cancel(struct delivery *d)
 		log_info("id=%s client gone while the message was being queued: "
 		    "it stays queued if the write completes", d->msg->id);
 	}
-	event_free(d->ev_report);
+	event_del(&d->ev_report);        /* a report made active, not yet run */
 	free(d);
 }
